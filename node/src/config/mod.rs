@@ -1,0 +1,398 @@
+//! The node's configuration schema: the single source of truth for the TOML file the node reads,
+//! the `CHAT_*` environment overrides, and the `spec.config` block the operator embeds in the CRD.
+//! This module holds types and validation only; it must not do I/O (see `load` for that).
+
+#[cfg(feature = "server")]
+pub mod load;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Configuration of one chat node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Name of this node in logs, metrics and `welcome` frames. Defaults to `$POD_NAME`, then the
+    /// host name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// Address of the client port (WebSocket `/ws`, health, metrics and the web page).
+    #[schemars(with = "String")]
+    pub listen: SocketAddr,
+    /// Directory of static assets served at `/`. Files here override the built-in web page
+    /// (`index.html`, `app.js`, `style.css`, `logo.svg`); changes on disk, including a kubelet
+    /// ConfigMap `..data` swap, are served at once without a restart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub assets_dir: Option<PathBuf>,
+    pub history: HistoryConfig,
+    pub limits: LimitsConfig,
+    pub auth: AuthConfig,
+    pub drain: DrainConfig,
+    pub log: LogConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            node_id: None,
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            assets_dir: None,
+            history: HistoryConfig::default(),
+            limits: LimitsConfig::default(),
+            auth: AuthConfig::default(),
+            drain: DrainConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// Room history kept for `history` requests and for resume after reconnect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// Messages kept per room (a ring: the oldest is dropped first). 0 disables history and resume.
+    #[schemars(range(max = 100000))]
+    pub size: usize,
+    /// Seconds a room with no subscribers keeps its history before it is forgotten.
+    #[schemars(range(min = 1))]
+    pub empty_room_ttl_secs: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self { size: 100, empty_room_ttl_secs: 300 }
+    }
+}
+
+/// Limits that protect the node from heavy, slow or abusive clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Open client connections per node; more are refused with HTTP 503 at the handshake.
+    #[schemars(range(min = 1))]
+    pub max_connections: usize,
+    /// Largest WebSocket message a client may send, in bytes (close 1009 above it).
+    #[schemars(range(min = 256, max = 16777216))]
+    pub max_message_bytes: usize,
+    /// Rooms one connection may be joined to at once.
+    #[schemars(range(min = 1))]
+    pub max_rooms_per_connection: usize,
+    /// Sustained publishes per second allowed per connection.
+    #[schemars(range(min = 1))]
+    pub publish_rate_per_sec: u32,
+    /// Publishes allowed in a burst above the sustained rate.
+    #[schemars(range(min = 1))]
+    pub publish_burst: u32,
+    /// Consecutive rate-limited publishes after which the connection is closed (code 4003).
+    #[schemars(range(min = 1))]
+    pub rate_limit_strikes: u32,
+    /// Frames queued for one client before it counts as a slow consumer and is closed (code 4001).
+    #[schemars(range(min = 16))]
+    pub outbound_queue_frames: usize,
+    /// Bytes queued for one client before it counts as a slow consumer and is closed (code 4001).
+    #[schemars(range(min = 4096))]
+    pub outbound_queue_bytes: usize,
+    /// Seconds between server pings.
+    #[schemars(range(min = 1))]
+    pub ping_interval_secs: u64,
+    /// Seconds without any frame from the client (pongs count) before it is closed (code 4002).
+    #[schemars(range(min = 2))]
+    pub idle_timeout_secs: u64,
+    /// Seconds a client may take to finish the WebSocket handshake.
+    #[schemars(range(min = 1))]
+    pub handshake_timeout_secs: u64,
+    /// Read buffer per connection in bytes (tungstenite allocates it eagerly; its default is
+    /// 128 KiB, which costs ~1 GiB at 10 000 connections).
+    #[schemars(range(min = 512, max = 1048576))]
+    pub ws_read_buffer_bytes: usize,
+    /// Bytes buffered before a write goes to the socket; frames are always flushed when the
+    /// outbound queue runs empty.
+    #[schemars(range(max = 1048576))]
+    pub ws_write_buffer_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_message_bytes: 16 * 1024,
+            max_rooms_per_connection: 64,
+            publish_rate_per_sec: 20,
+            publish_burst: 40,
+            rate_limit_strikes: 20,
+            outbound_queue_frames: 1024,
+            outbound_queue_bytes: 1024 * 1024,
+            ping_interval_secs: 25,
+            idle_timeout_secs: 60,
+            handshake_timeout_secs: 10,
+            ws_read_buffer_bytes: 4096,
+            ws_write_buffer_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// How clients prove who they are at the handshake, and which roles may do what.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// File holding the HS256 key (the operator mounts a Secret here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// The HS256 key inline; prefer `jwt_secret_file` or the `CHAT_AUTH__JWT_SECRET` variable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_secret: Option<String>,
+    /// Required `iss` claim, if set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// Required `aud` claim, if set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp`/`nbf`, in seconds.
+    pub leeway_secs: u64,
+    /// Roles of which a client needs at least one to connect at all (empty: any valid token).
+    pub connect_roles: Vec<String>,
+    /// Per-room rules; the first rule whose pattern matches the room applies. A room no rule
+    /// matches is open to every connected client.
+    pub rooms: Vec<RoomRule>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::Jwt,
+            jwt_secret_file: None,
+            jwt_secret: None,
+            issuer: None,
+            audience: None,
+            leeway_secs: 30,
+            connect_roles: Vec::new(),
+            rooms: Vec::new(),
+        }
+    }
+}
+
+/// `jwt` requires an HS256 token; `anonymous` (local development only) lets anyone in, named by
+/// the `name` query parameter, with no roles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Jwt,
+    Anonymous,
+}
+
+/// Which roles may join and publish in the rooms whose name matches `pattern`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoomRule {
+    /// Room name pattern: `*` matches any run of characters, `?` one character.
+    pub pattern: String,
+    /// Roles of which a client needs one to join (empty: anyone).
+    #[serde(default)]
+    pub join_roles: Vec<String>,
+    /// Roles of which a client needs one to publish (empty: anyone who may join).
+    #[serde(default)]
+    pub publish_roles: Vec<String>,
+}
+
+/// Graceful shutdown on SIGTERM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct DrainConfig {
+    /// Seconds `/readyz` reports not-ready before clients are disconnected, so load balancers
+    /// stop sending new clients first.
+    pub lb_grace_secs: u64,
+    /// Clients disconnected per second with close code 4000 ("reconnect elsewhere"), to spread
+    /// the reconnect load over the remaining nodes.
+    #[schemars(range(min = 1))]
+    pub rate_per_sec: u32,
+    /// Seconds after SIGTERM by which the process exits whatever is left.
+    #[schemars(range(min = 1))]
+    pub deadline_secs: u64,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self { lb_grace_secs: 0, rate_per_sec: 500, deadline_secs: 25 }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// `tracing` filter directives, e.g. `info` or `chat_node=debug`; `RUST_LOG` wins if set.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Human, filter: "info".to_owned() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// A config value that parses but cannot work, named by its dotted path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid config: {field}: {message}")]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError { field: field.to_owned(), message: message.into() }
+}
+
+impl NodeConfig {
+    /// Checks what the types cannot express; the first problem found is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let positive = [
+            ("limits.max_connections", l.max_connections as u64),
+            ("limits.max_rooms_per_connection", l.max_rooms_per_connection as u64),
+            ("limits.publish_rate_per_sec", u64::from(l.publish_rate_per_sec)),
+            ("limits.publish_burst", u64::from(l.publish_burst)),
+            ("limits.rate_limit_strikes", u64::from(l.rate_limit_strikes)),
+            ("limits.ping_interval_secs", l.ping_interval_secs),
+            ("limits.handshake_timeout_secs", l.handshake_timeout_secs),
+            ("history.empty_room_ttl_secs", self.history.empty_room_ttl_secs),
+            ("drain.rate_per_sec", u64::from(self.drain.rate_per_sec)),
+            ("drain.deadline_secs", self.drain.deadline_secs),
+        ];
+        if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(invalid(field, "must be at least 1"));
+        }
+        if !(256..=16 * 1024 * 1024).contains(&l.max_message_bytes) {
+            return Err(invalid("limits.max_message_bytes", "must be between 256 and 16777216"));
+        }
+        if l.outbound_queue_frames < 16 {
+            return Err(invalid("limits.outbound_queue_frames", "must be at least 16"));
+        }
+        if l.outbound_queue_bytes < 4096 {
+            return Err(invalid("limits.outbound_queue_bytes", "must be at least 4096"));
+        }
+        if !(512..=1024 * 1024).contains(&l.ws_read_buffer_bytes) {
+            return Err(invalid("limits.ws_read_buffer_bytes", "must be between 512 and 1048576"));
+        }
+        if l.ws_write_buffer_bytes > 1024 * 1024 {
+            return Err(invalid("limits.ws_write_buffer_bytes", "must be at most 1048576"));
+        }
+        if l.idle_timeout_secs <= l.ping_interval_secs {
+            return Err(invalid(
+                "limits.idle_timeout_secs",
+                format!("must be greater than limits.ping_interval_secs ({})", l.ping_interval_secs),
+            ));
+        }
+        if self.history.size > 100_000 {
+            return Err(invalid("history.size", "must be at most 100000"));
+        }
+        if self.drain.lb_grace_secs >= self.drain.deadline_secs {
+            return Err(invalid("drain.lb_grace_secs", "must be less than drain.deadline_secs"));
+        }
+        if let Some(id) = &self.node_id
+            && (id.is_empty() || id.len() > 253)
+        {
+            return Err(invalid("node_id", "must be 1 to 253 characters"));
+        }
+        self.auth.validate()
+    }
+}
+
+impl AuthConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.mode == AuthMode::Jwt {
+            match (&self.jwt_secret_file, &self.jwt_secret) {
+                (None, None) => {
+                    return Err(invalid(
+                        "auth.jwt_secret_file",
+                        "required when auth.mode is \"jwt\" (or set auth.jwt_secret / CHAT_AUTH__JWT_SECRET, or use auth.mode = \"anonymous\" for local development)",
+                    ));
+                }
+                (Some(_), Some(_)) => {
+                    return Err(invalid("auth.jwt_secret", "set either auth.jwt_secret or auth.jwt_secret_file, not both"));
+                }
+                (None, Some(secret)) if secret.len() < 16 => {
+                    return Err(invalid("auth.jwt_secret", "must be at least 16 bytes"));
+                }
+                _ => {}
+            }
+        }
+        for (i, rule) in self.rooms.iter().enumerate() {
+            if rule.pattern.is_empty() {
+                return Err(invalid(&format!("auth.rooms[{i}].pattern"), "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// JSON Schema of [`NodeConfig`], as embedded in the ChatCluster CRD.
+pub fn json_schema() -> schemars::Schema {
+    schemars::schema_for!(NodeConfig)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn anonymous() -> NodeConfig {
+        let mut cfg = NodeConfig::default();
+        cfg.auth.mode = AuthMode::Anonymous;
+        cfg
+    }
+
+    #[test]
+    fn defaults_require_a_jwt_key() {
+        let err = NodeConfig::default().validate().unwrap_err();
+        assert_eq!(err.field, "auth.jwt_secret_file");
+        assert!(anonymous().validate().is_ok());
+    }
+
+    #[test]
+    fn idle_timeout_must_exceed_ping_interval() {
+        let mut cfg = anonymous();
+        cfg.limits.idle_timeout_secs = cfg.limits.ping_interval_secs;
+        assert_eq!(cfg.validate().unwrap_err().field, "limits.idle_timeout_secs");
+    }
+
+    #[test]
+    fn zero_limits_are_named() {
+        let mut cfg = anonymous();
+        cfg.limits.publish_burst = 0;
+        let err = cfg.validate().unwrap_err();
+        assert_eq!(err.to_string(), "invalid config: limits.publish_burst: must be at least 1");
+    }
+
+    #[test]
+    fn toml_round_trip_and_unknown_fields() {
+        let cfg: NodeConfig = toml::from_str(
+            "listen = \"127.0.0.1:9000\"\n[auth]\nmode = \"anonymous\"\n[[auth.rooms]]\npattern = \"ops-*\"\njoin_roles = [\"ops\"]\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.listen.port(), 9000);
+        assert_eq!(cfg.auth.rooms[0].join_roles, vec!["ops".to_owned()]);
+        let again: NodeConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(cfg, again);
+        let err = toml::from_str::<NodeConfig>("lissen = \"x\"").unwrap_err();
+        assert!(err.to_string().contains("lissen"), "{err}");
+    }
+
+    #[test]
+    fn schema_describes_fields() {
+        let schema = serde_json::to_value(json_schema()).unwrap();
+        let text = schema.to_string();
+        assert!(text.contains("max_message_bytes"));
+        assert!(text.contains("Messages kept per room"));
+    }
+}

@@ -1,0 +1,76 @@
+//! The client port on warp: `/ws` (handshake checks, then the WebSocket is handed to the hub),
+//! `/healthz`, `/readyz`, `/metrics` and the static assets.
+
+pub mod assets;
+mod upgrade;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use warp::Filter;
+use warp::http::{Response, StatusCode, header};
+
+use crate::hub::Hub;
+use assets::Assets;
+
+/// What the HTTP handlers share.
+pub struct AppState {
+    pub hub: Arc<Hub>,
+    pub assets: Assets,
+    /// Set once start-up is done; `/readyz` stays 503 before that and while draining.
+    pub started: AtomicBool,
+}
+
+impl AppState {
+    pub fn is_ready(&self) -> bool {
+        self.started.load(Ordering::Acquire) && !self.hub.is_draining()
+    }
+}
+
+pub(crate) fn plain(status: StatusCode, body: &'static str) -> Response<Bytes> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Bytes::from_static(body.as_bytes()))
+        .unwrap_or_else(|_| Response::new(Bytes::new()))
+}
+
+/// Every route of the client port.
+pub fn routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Response<Bytes>,), Error = Infallible> + Clone + Send + Sync + 'static {
+    let with_state = warp::any().map(move || state.clone());
+
+    let healthz = warp::path!("healthz").map(|| plain(StatusCode::OK, "ok\n"));
+    let readyz = warp::path!("readyz").and(with_state.clone()).map(|state: Arc<AppState>| {
+        if state.is_ready() {
+            plain(StatusCode::OK, "ready\n")
+        } else if state.hub.is_draining() {
+            plain(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        } else {
+            plain(StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+        }
+    });
+    let metrics = warp::path!("metrics").and(with_state.clone()).map(|state: Arc<AppState>| {
+        let metrics = state.hub.metrics();
+        metrics.rooms.set(state.hub.room_count() as i64);
+        Response::builder()
+            .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
+            .body(Bytes::from(metrics.render()))
+            .unwrap_or_else(|_| Response::new(Bytes::new()))
+    });
+    let ws = warp::path!("ws")
+        .and(warp::header::headers_cloned())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::ext::optional::<hyper::upgrade::OnUpgrade>())
+        .and(with_state.clone())
+        .map(upgrade::handshake);
+    let static_files = warp::path::tail().and(with_state).then(|tail: warp::path::Tail, state: Arc<AppState>| async move {
+        state.assets.response(tail.as_str()).await
+    });
+
+    let get_routes = warp::get().and(healthz.or(readyz).unify().or(metrics).unify().or(ws).unify().or(static_files).unify());
+    get_routes.or(warp::any().map(|| plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"))).unify()
+}

@@ -1,0 +1,165 @@
+//! The WebSocket handshake on `/ws`: every refusal is a plain HTTP status with a JSON body,
+//! decided before the upgrade; an accepted socket gets tungstenite with the node's buffer sizes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use warp::http::{HeaderMap, Response, StatusCode, header};
+
+use super::AppState;
+use crate::protocol::SUBPROTOCOL;
+use crate::transport::websocket::{WsConnection, websocket_config};
+
+fn refuse(status: StatusCode, code: &str, message: &str) -> Response<Bytes> {
+    let body = serde_json::json!({ "code": code, "message": message }).to_string();
+    let mut builder = Response::builder().status(status).header(header::CONTENT_TYPE, "application/json");
+    if status == StatusCode::UNAUTHORIZED {
+        builder = builder.header(header::WWW_AUTHENTICATE, "Bearer");
+    }
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        builder = builder.header(header::RETRY_AFTER, "5");
+    }
+    builder.body(Bytes::from(body)).unwrap_or_else(|_| Response::new(Bytes::new()))
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// The subprotocol to answer with: `Ok(None)` when the client offered none (spoken to in v1).
+fn negotiate_subprotocol(headers: &HeaderMap) -> Result<Option<&'static str>, ()> {
+    let offered: Vec<&str> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    match offered.is_empty() {
+        true => Ok(None),
+        false if offered.contains(&SUBPROTOCOL) => Ok(Some(SUBPROTOCOL)),
+        false => Err(()),
+    }
+}
+
+/// `token` and `name` from the query string.
+fn query_params(query: &str) -> (Option<String>, Option<String>) {
+    let (mut token, mut name) = (None, None);
+    for (key, value) in form_urlencoded_pairs(query) {
+        match key.as_str() {
+            "token" => token = Some(value),
+            "name" => name = Some(value),
+            _ => {}
+        }
+    }
+    (token, name)
+}
+
+fn form_urlencoded_pairs(query: &str) -> Vec<(String, String)> {
+    serde_urlencoded::from_str::<Vec<(String, String)>>(query).unwrap_or_default()
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+}
+
+pub(super) fn handshake(headers: HeaderMap, query: String, on_upgrade: Option<OnUpgrade>, state: Arc<AppState>) -> Response<Bytes> {
+    let hub = &state.hub;
+    let metrics = hub.metrics();
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
+    let is_upgrade = header_has_token(&headers, header::CONNECTION, "upgrade")
+        && header_has_token(&headers, header::UPGRADE, "websocket")
+        && headers.get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13");
+    let (Some(key), true, Some(on_upgrade)) = (key, is_upgrade, on_upgrade) else {
+        metrics.reject_handshake("bad_handshake");
+        return refuse(StatusCode::BAD_REQUEST, "bad_handshake", "expected a WebSocket upgrade (version 13) on /ws");
+    };
+    let Ok(subprotocol) = negotiate_subprotocol(&headers) else {
+        metrics.reject_handshake("unsupported_subprotocol");
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "unsupported_subprotocol",
+            &format!("this server speaks the subprotocol {SUBPROTOCOL}"),
+        );
+    };
+    let permit = match hub.admit() {
+        Ok(permit) => permit,
+        Err(refusal) => {
+            metrics.reject_handshake(refusal.code());
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, refusal.code(), &refusal.to_string());
+        }
+    };
+    let (query_token, name) = query_params(&query);
+    let token = bearer(&headers).or(query_token);
+    let identity = match hub.authenticator().authenticate(token.as_deref(), name.as_deref()) {
+        Ok(identity) => identity,
+        Err(err) => {
+            metrics.auth_failures.get_or_create(&[("reason", err.code())]).inc();
+            metrics.reject_handshake(err.code());
+            let status = StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::UNAUTHORIZED);
+            return refuse(status, err.code(), &err.to_string());
+        }
+    };
+
+    let config = websocket_config(&hub.config().limits);
+    let timeout = Duration::from_secs(hub.config().limits.handshake_timeout_secs);
+    let hub = hub.clone();
+    tokio::spawn(async move {
+        let upgraded = match tokio::time::timeout(timeout, on_upgrade).await {
+            Ok(Ok(upgraded)) => upgraded,
+            Ok(Err(err)) => return tracing::debug!(%err, "upgrade failed"),
+            Err(_) => return tracing::debug!("upgrade timed out"),
+        };
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+        hub.serve(WsConnection::new(ws), identity, permit).await;
+    });
+
+    let mut response = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(key.as_bytes()));
+    if let Some(protocol) = subprotocol {
+        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
+    response.body(Bytes::new()).unwrap_or_else(|_| Response::new(Bytes::new()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warp::http::HeaderValue;
+
+    #[test]
+    fn subprotocol_negotiation() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(negotiate_subprotocol(&headers), Ok(None));
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("mqtt, chatcluster.v1.json"));
+        assert_eq!(negotiate_subprotocol(&headers), Ok(Some(SUBPROTOCOL)));
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("mqtt"));
+        assert_eq!(negotiate_subprotocol(&headers), Err(()));
+    }
+
+    #[test]
+    fn token_from_header_or_query() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer abc.def"));
+        assert_eq!(bearer(&headers).as_deref(), Some("abc.def"));
+        let (token, name) = query_params("token=x%2Ey&name=Ann%20B");
+        assert_eq!((token.as_deref(), name.as_deref()), (Some("x.y"), Some("Ann B")));
+    }
+}

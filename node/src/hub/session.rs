@@ -1,0 +1,322 @@
+//! One client connection inside the hub: its task loop (inbound frames, outbound queue,
+//! heartbeats, close requests) and the handlers for each protocol request.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde::Deserialize;
+use tokio::time::{Instant, MissedTickBehavior, interval_at};
+
+use super::outbox::{Inbox, Outbox, outbox};
+use super::room::{Room, encode};
+use super::{Hub, Permit};
+use crate::auth::Identity;
+use crate::protocol::{
+    ClientFrame, ErrorCode, MAX_REQUEST_ID, SUBPROTOCOL, ServerFrame, StreamPosition, close, validate_room_name,
+};
+use crate::transport::{Connection, Frame, Inbound};
+
+pub(super) async fn run<C: Connection>(hub: Arc<Hub>, mut conn: C, identity: Identity, _permit: Permit) {
+    let limits = &hub.config.limits;
+    let (out, mut inbox) = outbox(limits.outbound_queue_frames, limits.outbound_queue_bytes, hub.metrics.clone());
+    let conn_id = hub.register(out.signal().clone());
+    let mut session = Session {
+        hub: &hub,
+        conn_id,
+        identity,
+        outbox: out,
+        rooms: HashMap::new(),
+        limiter: None,
+        strikes: 0,
+    };
+    let code = session.drive(&mut conn, &mut inbox).await;
+    session.leave_all();
+    hub.unregister(conn_id);
+    hub.metrics.disconnected(code);
+    tracing::debug!(conn_id, code, "connection closed");
+}
+
+struct Session<'h> {
+    hub: &'h Hub,
+    conn_id: u64,
+    identity: Identity,
+    outbox: Outbox,
+    rooms: HashMap<String, Arc<Room>>,
+    /// Created on the first publish: most connections only read.
+    limiter: Option<Box<DefaultDirectRateLimiter>>,
+    strikes: u32,
+}
+
+/// How a session ends: with a close we send, or because the client went away.
+enum End {
+    Close(u16),
+    Gone(u16),
+}
+
+fn close_reason(code: u16) -> &'static str {
+    match code {
+        close::MESSAGE_TOO_BIG => "message too big",
+        close::RECONNECT_ELSEWHERE => "node draining: reconnect elsewhere",
+        close::SLOW_CONSUMER => "slow consumer: outbound queue overflowed",
+        close::IDLE_TIMEOUT => "idle timeout",
+        close::TOO_MANY_REQUESTS => "too many requests",
+        close::TOKEN_EXPIRED => "token expired",
+        close::UNSUPPORTED_DATA => "binary frames are not supported",
+        _ => "",
+    }
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn error(id: Option<String>, code: ErrorCode, message: impl Into<String>) -> Frame {
+    encode(&ServerFrame::Error { id, code, message: message.into() })
+}
+
+impl Session<'_> {
+    async fn drive<C: Connection>(&mut self, conn: &mut C, inbox: &mut Inbox) -> u16 {
+        let limits = &self.hub.config.limits;
+        let welcome = encode(&ServerFrame::Welcome {
+            session_id: format!("{:032x}", rand::random::<u128>()),
+            node_id: self.hub.node_id.clone(),
+            user: self.identity.user.clone(),
+            roles: self.identity.roles.clone(),
+            protocol: SUBPROTOCOL.to_owned(),
+            ping_interval_secs: limits.ping_interval_secs,
+        });
+        if conn.feed(welcome).await.is_err() || conn.flush().await.is_err() {
+            return 1006;
+        }
+        let ping_every = Duration::from_secs(limits.ping_interval_secs);
+        let idle_timeout = Duration::from_secs(limits.idle_timeout_secs);
+        let mut heartbeat = interval_at(Instant::now() + ping_every, ping_every);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut last_seen = Instant::now();
+        let signal = inbox.signal().clone();
+        let mut replies = Vec::new();
+        loop {
+            let end = tokio::select! {
+                code = signal.closed() => Some(End::Close(code)),
+                inbound = conn.recv() => {
+                    last_seen = Instant::now();
+                    match inbound {
+                        Inbound::Text(text) => {
+                            self.hub.metrics.frames_in.inc();
+                            let end = self.handle(&text, &mut replies);
+                            if write_all(conn, &mut replies).await.is_err() {
+                                Some(End::Gone(1006))
+                            } else {
+                                end.map(End::Close)
+                            }
+                        }
+                        Inbound::Activity => None,
+                        Inbound::Binary => Some(End::Close(close::UNSUPPORTED_DATA)),
+                        Inbound::TooBig => Some(End::Close(close::MESSAGE_TOO_BIG)),
+                        Inbound::Closed => {
+                            // Lets the transport finish the close handshake it started.
+                            let _ = conn.flush().await;
+                            Some(End::Gone(close::NORMAL))
+                        }
+                    }
+                }
+                frame = inbox.recv() => match frame {
+                    Some(frame) => forward(conn, inbox, frame).await.err().map(|_| End::Gone(1006)),
+                    None => Some(End::Close(close::INTERNAL_ERROR)),
+                },
+                _ = heartbeat.tick() => {
+                    if last_seen.elapsed() >= idle_timeout {
+                        Some(End::Close(close::IDLE_TIMEOUT))
+                    } else if self.identity.expires_at.is_some_and(|exp| unix_millis() / 1000 >= exp) {
+                        Some(End::Close(close::TOKEN_EXPIRED))
+                    } else {
+                        conn.ping().await.err().map(|_| End::Gone(1006))
+                    }
+                }
+            };
+            match end {
+                None => continue,
+                Some(End::Gone(code)) => return code,
+                Some(End::Close(code)) => {
+                    // Anything already queued for this client goes out before the close.
+                    while let Some(frame) = inbox.try_recv() {
+                        if conn.feed(frame).await.is_err() {
+                            break;
+                        }
+                    }
+                    conn.close(code, close_reason(code)).await;
+                    return code;
+                }
+            }
+        }
+    }
+
+    /// Dispatches one client frame; replies go to `replies`. Returns a close code if the
+    /// connection must end.
+    fn handle(&mut self, text: &[u8], replies: &mut Vec<Frame>) -> Option<u16> {
+        let frame = match serde_json::from_slice::<ClientFrame>(text) {
+            Ok(frame) => frame,
+            Err(err) => {
+                replies.push(parse_error(text, &err));
+                return None;
+            }
+        };
+        let id = frame.request_id().map(str::to_owned);
+        if id.as_ref().is_some_and(|id| id.len() > MAX_REQUEST_ID) {
+            replies.push(error(None, ErrorCode::BadRequest, "id must be at most 64 characters"));
+            return None;
+        }
+        match frame {
+            ClientFrame::Join { room, since, .. } => self.join(id, room, since, replies),
+            ClientFrame::Leave { room, .. } => self.leave(id, room, replies),
+            ClientFrame::Publish { room, body, .. } => return self.publish(id, room, body, replies),
+            ClientFrame::History { room, since, limit, .. } => match self.rooms.get(&room) {
+                Some(joined) => {
+                    let (epoch, messages, complete) = joined.history(since.as_ref(), limit);
+                    replies.push(encode(&ServerFrame::History { id, room, epoch, messages, complete }));
+                }
+                None => replies.push(not_joined(id, &room)),
+            },
+            ClientFrame::Presence { room, .. } => match self.rooms.get(&room) {
+                Some(joined) => replies.push(encode(&ServerFrame::Presence { id, users: joined.presence(), room })),
+                None => replies.push(not_joined(id, &room)),
+            },
+            ClientFrame::Ping { .. } => replies.push(encode(&ServerFrame::Pong { id })),
+        }
+        None
+    }
+
+    fn join(&mut self, id: Option<String>, room: String, since: Option<StreamPosition>, replies: &mut Vec<Frame>) {
+        let refusal = if let Err(why) = validate_room_name(&room) {
+            Some((ErrorCode::InvalidRoom, why.to_owned()))
+        } else if self.hub.is_draining() {
+            Some((ErrorCode::Draining, "node draining: reconnect elsewhere".to_owned()))
+        } else if self.rooms.contains_key(&room) {
+            Some((ErrorCode::AlreadyJoined, format!("already joined {room}")))
+        } else if self.rooms.len() >= self.hub.config.limits.max_rooms_per_connection {
+            Some((ErrorCode::TooManyRooms, format!("at most {} rooms per connection", self.rooms.len())))
+        } else if !self.hub.auth.may_join(&self.identity, &room) {
+            Some((ErrorCode::Forbidden, format!("your roles may not join {room}")))
+        } else {
+            None
+        };
+        if let Some((code, message)) = refusal {
+            replies.push(error(id, code, message));
+            return;
+        }
+        // A room forgotten by the sweeper between lookup and join is looked up again.
+        for _ in 0..3 {
+            let target = self.hub.room(&room);
+            if let Some(outcome) = target.join(self.conn_id, self.outbox.clone(), &self.identity.user, since.as_ref()) {
+                replies.extend(outcome.missed);
+                replies.push(encode(&ServerFrame::Joined {
+                    id,
+                    room: room.clone(),
+                    epoch: outcome.epoch,
+                    offset: outcome.offset,
+                    recovered: outcome.recovered,
+                }));
+                self.rooms.insert(room, target);
+                return;
+            }
+        }
+        replies.push(error(id, ErrorCode::Internal, "room is being recreated; retry"));
+    }
+
+    fn leave(&mut self, id: Option<String>, room: String, replies: &mut Vec<Frame>) {
+        match self.rooms.remove(&room) {
+            Some(joined) => {
+                joined.leave(self.conn_id, &self.identity.user);
+                replies.push(encode(&ServerFrame::Left { id, room }));
+            }
+            None => replies.push(not_joined(id, &room)),
+        }
+    }
+
+    fn publish(&mut self, id: Option<String>, room: String, body: String, replies: &mut Vec<Frame>) -> Option<u16> {
+        let Some(target) = self.rooms.get(&room) else {
+            replies.push(not_joined(id, &room));
+            return None;
+        };
+        if !self.hub.auth.may_publish(&self.identity, &room) {
+            replies.push(error(id, ErrorCode::Forbidden, format!("your roles may not publish in {room}")));
+            return None;
+        }
+        let limits = &self.hub.config.limits;
+        let limiter = self.limiter.get_or_insert_with(|| {
+            let rate = NonZeroU32::new(limits.publish_rate_per_sec).unwrap_or(NonZeroU32::MIN);
+            let burst = NonZeroU32::new(limits.publish_burst).unwrap_or(NonZeroU32::MIN);
+            Box::new(RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)))
+        });
+        if limiter.check().is_err() {
+            self.hub.metrics.rate_limited.inc();
+            self.strikes += 1;
+            if self.strikes >= limits.rate_limit_strikes {
+                return Some(close::TOO_MANY_REQUESTS);
+            }
+            replies.push(error(id, ErrorCode::RateLimited, format!("at most {} messages per second", limits.publish_rate_per_sec)));
+            return None;
+        }
+        self.strikes = 0;
+        let (offset, epoch, _) = target.publish(&self.identity.user, body, unix_millis(), self.hub.config.history.size);
+        self.hub.metrics.publishes.inc();
+        replies.push(encode(&ServerFrame::Ack { id, room, offset, epoch }));
+        None
+    }
+
+    fn leave_all(&mut self) {
+        for (_, room) in self.rooms.drain() {
+            room.leave(self.conn_id, &self.identity.user);
+        }
+    }
+}
+
+fn not_joined(id: Option<String>, room: &str) -> Frame {
+    error(id, ErrorCode::NotJoined, format!("join {room} first"))
+}
+
+/// An error frame for input that is not a valid client frame: `unknown_type` when the `type`
+/// is a string we do not know, `bad_request` otherwise, echoing the `id` when there is one.
+fn parse_error(text: &[u8], err: &serde_json::Error) -> Frame {
+    #[derive(Deserialize)]
+    struct Envelope {
+        #[serde(rename = "type")]
+        kind: Option<serde_json::Value>,
+        id: Option<serde_json::Value>,
+    }
+    const KNOWN: [&str; 6] = ["join", "leave", "publish", "history", "presence", "ping"];
+    let envelope = serde_json::from_slice::<Envelope>(text).ok();
+    let id = envelope.as_ref().and_then(|e| e.id.as_ref()).and_then(|v| v.as_str()).map(str::to_owned);
+    match envelope.and_then(|e| e.kind).as_ref().and_then(|k| k.as_str().map(str::to_owned)) {
+        Some(kind) if !KNOWN.contains(&kind.as_str()) => {
+            error(id, ErrorCode::UnknownType, format!("unknown message type {kind:?}"))
+        }
+        _ => error(id, ErrorCode::BadRequest, format!("invalid frame: {err}")),
+    }
+}
+
+async fn write_all<C: Connection>(conn: &mut C, replies: &mut Vec<Frame>) -> Result<(), crate::transport::TransportError> {
+    if replies.is_empty() {
+        return Ok(());
+    }
+    for frame in replies.drain(..) {
+        conn.feed(frame).await?;
+    }
+    conn.flush().await
+}
+
+/// Writes `first` and whatever else is already queued, then flushes once.
+async fn forward<C: Connection>(conn: &mut C, inbox: &mut Inbox, first: Frame) -> Result<(), crate::transport::TransportError> {
+    conn.feed(first).await?;
+    // Bounded so a busy room cannot starve this connection's reads and heartbeats.
+    for _ in 0..256 {
+        match inbox.try_recv() {
+            Some(frame) => conn.feed(frame).await?,
+            None => break,
+        }
+    }
+    conn.flush().await
+}

@@ -1,0 +1,1 @@
+//! Hub behaviour driven through the in-memory transport: no sockets, no HTTP.

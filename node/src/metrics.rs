@@ -1,0 +1,106 @@
+//! Prometheus metrics of one node, exposed as text at `/metrics`. Counters are plain atomics,
+//! cheap enough for the broadcast path; label sets are small and fixed.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+type Reason = [(&'static str, &'static str); 1];
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Gauge,
+    pub connections_accepted: Counter,
+    pub rooms: Gauge,
+    pub frames_in: Counter,
+    pub frames_out: Counter,
+    pub publishes: Counter,
+    pub slow_consumer_disconnects: Counter,
+    pub dropped_frames: Counter,
+    pub rate_limited: Counter,
+    pub auth_failures: Family<Reason, Counter>,
+    pub handshake_rejections: Family<Reason, Counter>,
+    pub disconnects: Family<[(&'static str, String); 1], Counter>,
+    pub draining: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut m = Metrics {
+            connections: Gauge::default(),
+            connections_accepted: Counter::default(),
+            rooms: Gauge::default(),
+            frames_in: Counter::default(),
+            frames_out: Counter::default(),
+            publishes: Counter::default(),
+            slow_consumer_disconnects: Counter::default(),
+            dropped_frames: Counter::default(),
+            rate_limited: Counter::default(),
+            auth_failures: Family::default(),
+            handshake_rejections: Family::default(),
+            disconnects: Family::default(),
+            draining: Gauge::default(),
+            registry: Registry::with_prefix("chat"),
+        };
+        let registry = &mut m.registry;
+        registry.register("connections", "Open client connections", m.connections.clone());
+        registry.register("connections_accepted", "Client connections accepted", m.connections_accepted.clone());
+        registry.register("rooms", "Rooms held by this node", m.rooms.clone());
+        registry.register("messages_in", "Frames received from clients", m.frames_in.clone());
+        registry.register("messages_out", "Frames queued to clients", m.frames_out.clone());
+        registry.register("publishes", "Messages published by clients on this node", m.publishes.clone());
+        registry.register(
+            "slow_consumer_disconnects",
+            "Clients closed because their outbound queue overflowed",
+            m.slow_consumer_disconnects.clone(),
+        );
+        registry.register("dropped_frames", "Frames not delivered because a queue was full", m.dropped_frames.clone());
+        registry.register("rate_limited", "Publishes refused by the rate limit", m.rate_limited.clone());
+        registry.register("auth_failures", "Handshakes refused by authentication", m.auth_failures.clone());
+        registry.register("handshake_rejections", "Handshakes refused, by reason", m.handshake_rejections.clone());
+        registry.register("disconnects", "Client connections closed, by close code", m.disconnects.clone());
+        registry.register("draining", "1 while the node drains for shutdown", m.draining.clone());
+        m
+    }
+
+    pub fn reject_handshake(&self, reason: &'static str) {
+        self.handshake_rejections.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    pub fn disconnected(&self, code: u16) {
+        self.disconnects.get_or_create(&[("code", code.to_string())]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::new();
+        m.connections.set(3);
+        m.reject_handshake("too_many_connections");
+        m.disconnected(4001);
+        let text = m.render();
+        assert!(text.contains("chat_connections 3"), "{text}");
+        assert!(text.contains("chat_handshake_rejections_total{reason=\"too_many_connections\"} 1"), "{text}");
+        assert!(text.contains("chat_disconnects_total{code=\"4001\"} 1"), "{text}");
+    }
+}

@@ -1,0 +1,137 @@
+//! Wires a node together: binds the client port, serves HTTP/WebSocket connections, sweeps idle
+//! rooms, and drains on shutdown (not ready → grace → rate-limited disconnects → exit by deadline).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+
+use crate::auth::KeyError;
+use crate::config::NodeConfig;
+use crate::http::assets::Assets;
+use crate::http::{AppState, routes};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+/// A bound, not yet running node.
+pub struct Server {
+    listener: TcpListener,
+    state: Arc<AppState>,
+}
+
+/// The node's id: the configured one, else `$POD_NAME`, else the host name.
+pub fn node_id(config: &NodeConfig) -> String {
+    config
+        .node_id
+        .clone()
+        .or_else(|| std::env::var("POD_NAME").ok().filter(|n| !n.is_empty()))
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| "chat-node".to_owned())
+}
+
+impl Server {
+    pub async fn bind(config: NodeConfig) -> Result<Server, ServerError> {
+        let addr = config.listen;
+        let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
+        let assets = Assets::new(config.assets_dir.clone());
+        let hub = Hub::new(node_id(&config), config, Arc::new(Metrics::new()))?;
+        let state = Arc::new(AppState { hub, assets, started: AtomicBool::new(false) });
+        Ok(Server { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or_else(|_| self.state.hub.config().listen)
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.state.hub
+    }
+
+    /// Serves until `shutdown` resolves, then drains and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Server { listener, state } = self;
+        let hub = state.hub.clone();
+        let accept = tokio::spawn(accept_loop(listener, state.clone()));
+        let sweeper = tokio::spawn(sweep_rooms(hub.clone()));
+        state.started.store(true, Ordering::Release);
+        shutdown.await;
+        drain(&hub).await;
+        accept.abort();
+        sweeper.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<AppState>) {
+    let service = warp::service(routes(state.clone()));
+    let header_timeout = Duration::from_secs(state.hub.config().limits.handshake_timeout_secs);
+    loop {
+        let (tcp, _peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of file descriptors or a connection reset before accept: back off briefly
+                // instead of spinning.
+                tracing::warn!(%err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Chat frames are small and latency matters more than packet count.
+        let _ = tcp.set_nodelay(true);
+        let service = TowerToHyperService::new(service.clone());
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            if let Err(err) = conn.await {
+                tracing::debug!(%err, "HTTP connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn sweep_rooms(hub: Arc<Hub>) {
+    let every = Duration::from_secs(hub.config().history.empty_room_ttl_secs.clamp(1, 60));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let forgotten = hub.sweep_rooms(std::time::Instant::now());
+        if forgotten > 0 {
+            tracing::debug!(forgotten, "forgot idle rooms");
+        }
+    }
+}
+
+/// Drains within `drain.deadline_secs`: whatever is not done by then is cut off.
+async fn drain(hub: &Arc<Hub>) {
+    let drain = &hub.config().drain;
+    let deadline = Duration::from_secs(drain.deadline_secs);
+    let started = tokio::time::Instant::now();
+    hub.start_draining();
+    tracing::info!(connections = hub.open_connections(), "draining: not ready, refusing new connections");
+    let orderly = async {
+        tokio::time::sleep(Duration::from_secs(drain.lb_grace_secs)).await;
+        hub.disconnect_all(drain.rate_per_sec).await;
+        while hub.open_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    match tokio::time::timeout(deadline, orderly).await {
+        Ok(()) => tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained"),
+        Err(_) => tracing::warn!(left = hub.open_connections(), "drain deadline reached; exiting anyway"),
+    }
+}
