@@ -1,1 +1,276 @@
 //! Hub behaviour driven through the in-memory transport: no sockets, no HTTP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::Hub;
+use crate::auth::Identity;
+use crate::config::{AuthMode, NodeConfig, RoomRule};
+use crate::metrics::Metrics;
+use crate::protocol::{UserInfo, close};
+use crate::transport::Inbound;
+use crate::transport::memory::{MemoryClient, pair};
+
+fn config() -> NodeConfig {
+    let mut config = NodeConfig::default();
+    config.auth.mode = AuthMode::Anonymous;
+    config
+}
+
+fn hub(config: NodeConfig) -> Arc<Hub> {
+    Hub::new("test-node".into(), config, Arc::new(Metrics::new())).unwrap()
+}
+
+fn identity(user: &str, roles: &[&str]) -> Identity {
+    Identity {
+        user: UserInfo { id: user.into(), name: user.to_uppercase() },
+        roles: roles.iter().map(|r| r.to_string()).collect(),
+        expires_at: None,
+    }
+}
+
+async fn connect_as(hub: &Arc<Hub>, identity: Identity) -> MemoryClient {
+    let (conn, mut client) = pair(64);
+    let permit = hub.admit().unwrap();
+    tokio::spawn(hub.clone().serve(conn, identity, permit));
+    let welcome = client.next_json().await.unwrap();
+    assert_eq!(welcome["type"], "welcome");
+    assert_eq!(welcome["node_id"], "test-node");
+    client
+}
+
+async fn connect(hub: &Arc<Hub>, user: &str) -> MemoryClient {
+    connect_as(hub, identity(user, &[])).await
+}
+
+async fn send(client: &MemoryClient, frame: Value) {
+    assert!(client.send_text(&frame.to_string()).await);
+}
+
+async fn next(client: &mut MemoryClient) -> Value {
+    tokio::time::timeout(Duration::from_secs(5), client.next_json()).await.expect("a frame in time").expect("open")
+}
+
+async fn expect(client: &mut MemoryClient, kind: &str) -> Value {
+    let frame = next(client).await;
+    assert_eq!(frame["type"], kind, "{frame}");
+    frame
+}
+
+async fn join(client: &mut MemoryClient, room: &str) -> Value {
+    send(client, json!({"type": "join", "room": room})).await;
+    expect(client, "joined").await
+}
+
+#[tokio::test]
+async fn two_clients_chat_in_order() {
+    let hub = hub(config());
+    let (mut ann, mut bob) = (connect(&hub, "ann").await, connect(&hub, "bob").await);
+    let joined = join(&mut ann, "lobby").await;
+    assert_eq!((joined["offset"].as_u64(), joined["recovered"].as_bool()), (Some(0), Some(false)));
+    join(&mut bob, "lobby").await;
+    assert_eq!(expect(&mut ann, "user_joined").await["user"]["id"], "bob");
+
+    for (i, body) in ["one", "two"].iter().enumerate() {
+        send(&ann, json!({"type": "publish", "id": format!("p{i}"), "room": "lobby", "body": body})).await;
+        let ack = expect(&mut ann, "ack").await;
+        assert_eq!((ack["id"].as_str(), ack["offset"].as_u64()), (Some(format!("p{i}").as_str()), Some(i as u64 + 1)));
+        let mine = expect(&mut ann, "message").await;
+        let theirs = expect(&mut bob, "message").await;
+        assert_eq!(mine, theirs);
+        assert_eq!((theirs["body"].as_str(), theirs["sender"]["name"].as_str()), (Some(*body), Some("ANN")));
+        assert_eq!(theirs["epoch"], ack["epoch"]);
+    }
+}
+
+#[tokio::test]
+async fn resume_delivers_exactly_what_was_missed() {
+    let hub = hub(config());
+    let mut ann = connect(&hub, "ann").await;
+    let epoch = join(&mut ann, "r").await["epoch"].clone();
+    for body in ["a", "b", "c"] {
+        send(&ann, json!({"type": "publish", "room": "r", "body": body})).await;
+        expect(&mut ann, "ack").await;
+        expect(&mut ann, "message").await;
+    }
+    let mut bob = connect(&hub, "bob").await;
+    send(&bob, json!({"type": "join", "room": "r", "since": {"epoch": epoch, "offset": 1}})).await;
+    assert_eq!(expect(&mut bob, "message").await["body"], "b");
+    assert_eq!(expect(&mut bob, "message").await["body"], "c");
+    let joined = expect(&mut bob, "joined").await;
+    assert_eq!((joined["recovered"].as_bool(), joined["offset"].as_u64()), (Some(true), Some(3)));
+
+    let mut eve = connect(&hub, "eve").await;
+    send(&eve, json!({"type": "join", "room": "r", "since": {"epoch": "stale", "offset": 1}})).await;
+    for _ in 0..3 {
+        expect(&mut eve, "message").await;
+    }
+    assert_eq!(expect(&mut eve, "joined").await["recovered"], false);
+}
+
+#[tokio::test]
+async fn history_is_a_bounded_ring() {
+    let mut cfg = config();
+    cfg.history.size = 3;
+    let hub = hub(cfg);
+    let mut ann = connect(&hub, "ann").await;
+    let epoch = join(&mut ann, "r").await["epoch"].clone();
+    for i in 0..5 {
+        send(&ann, json!({"type": "publish", "room": "r", "body": i.to_string()})).await;
+        expect(&mut ann, "ack").await;
+        expect(&mut ann, "message").await;
+    }
+    send(&ann, json!({"type": "history", "id": "h", "room": "r"})).await;
+    let history = expect(&mut ann, "history").await;
+    let offsets: Vec<u64> = history["messages"].as_array().unwrap().iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    assert_eq!(offsets, vec![3, 4, 5]);
+    assert_eq!(history["complete"], false);
+
+    let mut bob = connect(&hub, "bob").await;
+    send(&bob, json!({"type": "join", "room": "r", "since": {"epoch": epoch, "offset": 1}})).await;
+    for _ in 0..3 {
+        expect(&mut bob, "message").await;
+    }
+    assert_eq!(expect(&mut bob, "joined").await["recovered"], false, "offset 2 fell out of the ring");
+}
+
+#[tokio::test]
+async fn presence_counts_users_not_connections() {
+    let hub = hub(config());
+    let mut watcher = connect(&hub, "watcher").await;
+    join(&mut watcher, "r").await;
+    let mut tab1 = connect(&hub, "ann").await;
+    let mut tab2 = connect(&hub, "ann").await;
+    join(&mut tab1, "r").await;
+    assert_eq!(expect(&mut watcher, "user_joined").await["user"]["id"], "ann");
+    join(&mut tab2, "r").await;
+    send(&watcher, json!({"type": "presence", "room": "r"})).await;
+    let presence = expect(&mut watcher, "presence").await;
+    assert_eq!(presence["users"].as_array().unwrap().len(), 2, "{presence}");
+
+    send(&tab2, json!({"type": "leave", "room": "r"})).await;
+    expect(&mut tab2, "left").await;
+    drop(tab1); // the last connection of ann goes away
+    assert_eq!(expect(&mut watcher, "user_left").await["user"]["id"], "ann", "left once, after the last tab");
+}
+
+#[tokio::test]
+async fn bad_input_gets_errors_not_panics() {
+    let hub = hub(config());
+    let mut ann = connect(&hub, "ann").await;
+    ann.send_text("{not json").await;
+    assert_eq!(expect(&mut ann, "error").await["code"], "bad_request");
+    send(&ann, json!({"type": "shout", "id": "7"})).await;
+    let err = expect(&mut ann, "error").await;
+    assert_eq!((err["code"].as_str(), err["id"].as_str()), (Some("unknown_type"), Some("7")));
+    send(&ann, json!({"type": "publish", "room": "r"})).await;
+    assert_eq!(expect(&mut ann, "error").await["code"], "bad_request");
+    send(&ann, json!({"type": "join", "room": "no spaces"})).await;
+    assert_eq!(expect(&mut ann, "error").await["code"], "invalid_room");
+    send(&ann, json!({"type": "publish", "room": "r", "body": "x"})).await;
+    assert_eq!(expect(&mut ann, "error").await["code"], "not_joined");
+    join(&mut ann, "r").await;
+    send(&ann, json!({"type": "join", "room": "r"})).await;
+    assert_eq!(expect(&mut ann, "error").await["code"], "already_joined");
+    send(&ann, json!({"type": "ping", "id": "p"})).await;
+    assert_eq!(expect(&mut ann, "pong").await["id"], "p");
+
+    ann.inbound.send(Inbound::Binary).await.unwrap();
+    assert_eq!(ann.close_code().await, Some(close::UNSUPPORTED_DATA));
+    let mut bob = connect(&hub, "bob").await;
+    bob.inbound.send(Inbound::TooBig).await.unwrap();
+    assert_eq!(bob.close_code().await, Some(close::MESSAGE_TOO_BIG));
+}
+
+#[tokio::test]
+async fn room_rules_and_limits() {
+    let mut cfg = config();
+    cfg.auth.rooms = vec![RoomRule { pattern: "ops-*".into(), join_roles: vec!["ops".into()], publish_roles: vec!["lead".into()] }];
+    cfg.limits.max_rooms_per_connection = 2;
+    let hub = hub(cfg);
+    let mut guest = connect(&hub, "guest").await;
+    send(&guest, json!({"type": "join", "room": "ops-eu"})).await;
+    assert_eq!(expect(&mut guest, "error").await["code"], "forbidden");
+    join(&mut guest, "a").await;
+    join(&mut guest, "b").await;
+    send(&guest, json!({"type": "join", "room": "c"})).await;
+    assert_eq!(expect(&mut guest, "error").await["code"], "too_many_rooms");
+
+    let mut ops = connect_as(&hub, identity("op", &["ops"])).await;
+    join(&mut ops, "ops-eu").await;
+    send(&ops, json!({"type": "publish", "room": "ops-eu", "body": "x"})).await;
+    assert_eq!(expect(&mut ops, "error").await["code"], "forbidden");
+    let mut lead = connect_as(&hub, identity("lead", &["ops", "lead"])).await;
+    join(&mut lead, "ops-eu").await;
+    send(&lead, json!({"type": "publish", "room": "ops-eu", "body": "x"})).await;
+    expect(&mut lead, "ack").await;
+}
+
+#[tokio::test]
+async fn sustained_rate_abuse_is_closed() {
+    let mut cfg = config();
+    cfg.limits.publish_rate_per_sec = 1;
+    cfg.limits.publish_burst = 2;
+    cfg.limits.rate_limit_strikes = 3;
+    let hub = hub(cfg);
+    let mut ann = connect(&hub, "ann").await;
+    join(&mut ann, "r").await;
+    for _ in 0..5 {
+        send(&ann, json!({"type": "publish", "room": "r", "body": "spam"})).await;
+    }
+    let mut kinds = Vec::new();
+    while let Some(frame) = ann.next_json().await {
+        kinds.push(frame["code"].as_str().unwrap_or(frame["type"].as_str().unwrap_or("")).to_owned());
+    }
+    assert_eq!(kinds, ["ack", "message", "ack", "message", "rate_limited", "rate_limited"]);
+    assert_eq!(hub.metrics().rate_limited.get(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn silent_clients_time_out() {
+    let mut cfg = config();
+    cfg.limits.ping_interval_secs = 1;
+    cfg.limits.idle_timeout_secs = 3;
+    let hub = hub(cfg);
+    let mut ann = connect(&hub, "ann").await;
+    assert_eq!(ann.close_code().await, Some(close::IDLE_TIMEOUT));
+}
+
+#[tokio::test]
+async fn drain_refuses_new_work_and_asks_clients_to_reconnect() {
+    let mut cfg = config();
+    cfg.limits.max_connections = 2;
+    let hub = hub(cfg);
+    let mut ann = connect(&hub, "ann").await;
+    let mut bob = connect(&hub, "bob").await;
+    assert_eq!(hub.admit().err(), Some(super::Refusal::Full));
+    hub.start_draining();
+    assert_eq!(hub.admit().err(), Some(super::Refusal::Draining));
+    send(&bob, json!({"type": "join", "room": "r"})).await;
+    assert_eq!(expect(&mut bob, "error").await["code"], "draining");
+    hub.disconnect_all(1000).await;
+    assert_eq!(ann.close_code().await, Some(close::RECONNECT_ELSEWHERE));
+    assert_eq!(bob.close_code().await, Some(close::RECONNECT_ELSEWHERE));
+    for _ in 0..100 {
+        if hub.open_connections() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(hub.open_connections(), 0);
+}
+
+#[tokio::test]
+async fn idle_rooms_are_forgotten_with_a_new_epoch() {
+    let hub = hub(config());
+    let mut ann = connect(&hub, "ann").await;
+    let first = join(&mut ann, "r").await["epoch"].clone();
+    send(&ann, json!({"type": "leave", "room": "r"})).await;
+    expect(&mut ann, "left").await;
+    let later = std::time::Instant::now() + Duration::from_secs(301);
+    assert_eq!(hub.sweep_rooms(later), 1);
+    assert_eq!(hub.room_count(), 0);
+    assert_ne!(join(&mut ann, "r").await["epoch"], first);
+}
