@@ -156,7 +156,8 @@ impl Authenticator {
     fn anonymous(&self, name: Option<&str>) -> Identity {
         let n = self.anonymous_ids.fetch_add(1, Ordering::Relaxed);
         let id = format!("anon-{:x}-{n}", rand::random::<u32>());
-        let name = name.map(str::trim).filter(|n| !n.is_empty()).map_or_else(|| format!("guest-{n}"), |n| truncate(n, 64));
+        let name =
+            name.map(str::trim).filter(|n| !n.is_empty()).map_or_else(|| format!("guest-{n}"), |n| truncate(n, 64));
         Identity { user: UserInfo { id, name }, roles: Vec::new(), expires_at: None }
     }
 

@@ -42,6 +42,8 @@ enum LogFormatArg {
 enum Command {
     /// Print the JSON Schema of the config file.
     Schema,
+    /// Print the configuration reference (Markdown) generated from the schema.
+    ConfigReference,
     /// Validate the config and print the effective result as TOML.
     CheckConfig,
     /// Print an HS256 token signed with the configured key, for testing.
@@ -66,9 +68,10 @@ fn main() -> ExitCode {
         anonymous: cli.anonymous,
         log_json: matches!(cli.log_format, Some(LogFormatArg::Json)),
     };
-    if let Some(Command::Schema) = cli.command {
-        println!("{}", serde_json::to_string_pretty(&json_schema()).unwrap_or_default());
-        return ExitCode::SUCCESS;
+    match cli.command {
+        Some(Command::Schema) => return print_out(&serde_json::to_string_pretty(&json_schema()).unwrap_or_default()),
+        Some(Command::ConfigReference) => return print_out(&chat_node::config::reference::markdown()),
+        _ => {}
     }
     let mut config = match load(cli.config.as_deref(), &overrides) {
         Ok(config) => config,
@@ -83,7 +86,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::CheckConfig) => toml::to_string(&config).map(|t| print!("{t}")).context("render config"),
         Some(Command::Token { sub, name, roles, ttl_secs }) => mint_token(&config, &sub, name, roles, ttl_secs),
-        Some(Command::Schema) | None => run(config),
+        Some(Command::Schema | Command::ConfigReference) | None => run(config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -91,6 +94,16 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error worth a panic.
+fn print_out(text: &str) -> ExitCode {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{}", text.trim_end()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
     }
 }
 
@@ -107,7 +120,11 @@ fn run(config: chat_node::config::NodeConfig) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let server = Server::bind(config).await?;
         let addr = server.local_addr();
-        let page = if addr.ip().is_unspecified() { format!("http://127.0.0.1:{}/", addr.port()) } else { format!("http://{addr}/") };
+        let page = if addr.ip().is_unspecified() {
+            format!("http://127.0.0.1:{}/", addr.port())
+        } else {
+            format!("http://{addr}/")
+        };
         tracing::info!(node_id = server.hub().node_id(), "listening on http://{addr}");
         println!("chat-node {} listening on http://{addr} — web chat: {page}", server.hub().node_id());
         server.run(shutdown_signal()).await;
@@ -131,15 +148,28 @@ async fn shutdown_signal() {
     }
 }
 
-fn mint_token(config: &chat_node::config::NodeConfig, sub: &str, name: Option<String>, roles: Vec<String>, ttl_secs: u64) -> anyhow::Result<()> {
+fn mint_token(
+    config: &chat_node::config::NodeConfig,
+    sub: &str,
+    name: Option<String>,
+    roles: Vec<String>,
+    ttl_secs: u64,
+) -> anyhow::Result<()> {
     let secret = match (&config.auth.jwt_secret_file, &config.auth.jwt_secret) {
-        (Some(path), _) => std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?.trim_end().to_owned(),
+        (Some(path), _) => {
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?.trim_end().to_owned()
+        }
         (None, Some(secret)) => secret.clone(),
         (None, None) => anyhow::bail!("no auth.jwt_secret_file or auth.jwt_secret configured"),
     };
     let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + ttl_secs;
-    let claims = serde_json::json!({ "sub": sub, "name": name.unwrap_or_else(|| sub.to_owned()), "roles": roles, "exp": exp });
-    let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()))?;
+    let claims =
+        serde_json::json!({ "sub": sub, "name": name.unwrap_or_else(|| sub.to_owned()), "roles": roles, "exp": exp });
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?;
     println!("{token}");
     Ok(())
 }

@@ -143,9 +143,15 @@ pub enum ServerFrame {
         complete: bool,
     },
     /// A user's first connection joined the room.
-    UserJoined { room: String, user: UserInfo },
+    UserJoined {
+        room: String,
+        user: UserInfo,
+    },
     /// A user's last connection left the room.
-    UserLeft { room: String, user: UserInfo },
+    UserLeft {
+        room: String,
+        user: UserInfo,
+    },
     Presence {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<String>,
@@ -235,10 +241,9 @@ mod tests {
 
     #[test]
     fn parses_client_frames() {
-        let f: ClientFrame = serde_json::from_str(
-            r#"{"type":"join","id":"1","room":"lobby","since":{"epoch":"e1","offset":7}}"#,
-        )
-        .unwrap();
+        let f: ClientFrame =
+            serde_json::from_str(r#"{"type":"join","id":"1","room":"lobby","since":{"epoch":"e1","offset":7}}"#)
+                .unwrap();
         assert_eq!(
             f,
             ClientFrame::Join {
@@ -247,8 +252,7 @@ mod tests {
                 since: Some(StreamPosition { epoch: "e1".into(), offset: 7 })
             }
         );
-        let p: ClientFrame =
-            serde_json::from_str(r#"{"type":"publish","room":"r","body":"hi"}"#).unwrap();
+        let p: ClientFrame = serde_json::from_str(r#"{"type":"publish","room":"r","body":"hi"}"#).unwrap();
         assert_eq!(p.request_id(), None);
         assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"publish","room":"r"}"#).is_err());
         assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"nope"}"#).is_err());
@@ -257,10 +261,7 @@ mod tests {
     #[test]
     fn server_frames_are_tagged() {
         let f = ServerFrame::Ack { id: Some("9".into()), room: "r".into(), offset: 3, epoch: "e".into() };
-        assert_eq!(
-            serde_json::to_string(&f).unwrap(),
-            r#"{"type":"ack","id":"9","room":"r","offset":3,"epoch":"e"}"#
-        );
+        assert_eq!(serde_json::to_string(&f).unwrap(), r#"{"type":"ack","id":"9","room":"r","offset":3,"epoch":"e"}"#);
         let m = ServerFrame::Message(ChatMessage {
             room: "r".into(),
             offset: 1,

@@ -38,7 +38,9 @@ pub fn node_id(config: &NodeConfig) -> String {
         .node_id
         .clone()
         .or_else(|| std::env::var("POD_NAME").ok().filter(|n| !n.is_empty()))
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty())
+        })
         .unwrap_or_else(|| "chat-node".to_owned())
 }
 

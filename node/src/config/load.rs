@@ -30,11 +30,7 @@ pub struct Overrides {
 /// own use) are not config and are left alone.
 fn top_level_fields() -> Vec<String> {
     let schema = super::json_schema();
-    schema
-        .get("properties")
-        .and_then(|p| p.as_object())
-        .map(|p| p.keys().cloned().collect())
-        .unwrap_or_default()
+    schema.get("properties").and_then(|p| p.as_object()).map(|p| p.keys().cloned().collect()).unwrap_or_default()
 }
 
 pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<NodeConfig, LoadError> {

@@ -4,6 +4,7 @@
 
 #[cfg(feature = "server")]
 pub mod load;
+pub mod reference;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -155,8 +156,8 @@ pub struct AuthConfig {
     pub leeway_secs: u64,
     /// Roles of which a client needs at least one to connect at all (empty: any valid token).
     pub connect_roles: Vec<String>,
-    /// Per-room rules; the first rule whose pattern matches the room applies. A room no rule
-    /// matches is open to every connected client.
+    /// Per-room rules `{pattern, join_roles, publish_roles}`; the first rule whose pattern matches
+    /// the room applies. A room no rule matches is open to every connected client.
     pub rooms: Vec<RoomRule>,
 }
 
@@ -235,6 +236,7 @@ impl Default for LogConfig {
     }
 }
 
+/// `human`: readable lines; `json`: one JSON object per line, for log collectors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -320,7 +322,10 @@ impl AuthConfig {
                     ));
                 }
                 (Some(_), Some(_)) => {
-                    return Err(invalid("auth.jwt_secret", "set either auth.jwt_secret or auth.jwt_secret_file, not both"));
+                    return Err(invalid(
+                        "auth.jwt_secret",
+                        "set either auth.jwt_secret or auth.jwt_secret_file, not both",
+                    ));
                 }
                 (None, Some(secret)) if secret.len() < 16 => {
                     return Err(invalid("auth.jwt_secret", "must be at least 16 bytes"));

@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use warp::http::{Response, StatusCode, header};
 use bytes::Bytes;
+use warp::http::{Response, StatusCode, header};
 
 /// The built-in web chat page.
 const BUILTIN: &[(&str, &[u8])] = &[

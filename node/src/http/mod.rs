@@ -67,10 +67,11 @@ pub fn routes(
         .and(warp::ext::optional::<hyper::upgrade::OnUpgrade>())
         .and(with_state.clone())
         .map(upgrade::handshake);
-    let static_files = warp::path::tail().and(with_state).then(|tail: warp::path::Tail, state: Arc<AppState>| async move {
-        state.assets.response(tail.as_str()).await
-    });
+    let static_files = warp::path::tail()
+        .and(with_state)
+        .then(|tail: warp::path::Tail, state: Arc<AppState>| async move { state.assets.response(tail.as_str()).await });
 
-    let get_routes = warp::get().and(healthz.or(readyz).unify().or(metrics).unify().or(ws).unify().or(static_files).unify());
+    let get_routes =
+        warp::get().and(healthz.or(readyz).unify().or(metrics).unify().or(ws).unify().or(static_files).unify());
     get_routes.or(warp::any().map(|| plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"))).unify()
 }

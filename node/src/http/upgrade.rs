@@ -77,7 +77,12 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
 }
 
-pub(super) fn handshake(headers: HeaderMap, query: String, on_upgrade: Option<OnUpgrade>, state: Arc<AppState>) -> Response<Bytes> {
+pub(super) fn handshake(
+    headers: HeaderMap,
+    query: String,
+    on_upgrade: Option<OnUpgrade>,
+    state: Arc<AppState>,
+) -> Response<Bytes> {
     let hub = &state.hub;
     let metrics = hub.metrics();
     let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();

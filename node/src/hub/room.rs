@@ -78,7 +78,13 @@ impl Room {
 
     /// Subscribes `conn` and returns what it missed after `since`; `None` if the room was
     /// forgotten meanwhile (look it up again).
-    pub fn join(&self, conn: u64, outbox: Outbox, user: &UserInfo, since: Option<&StreamPosition>) -> Option<JoinOutcome> {
+    pub fn join(
+        &self,
+        conn: u64,
+        outbox: Outbox,
+        user: &UserInfo,
+        since: Option<&StreamPosition>,
+    ) -> Option<JoinOutcome> {
         let mut st = self.lock();
         if st.removed {
             return None;

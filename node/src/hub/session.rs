@@ -23,15 +23,8 @@ pub(super) async fn run<C: Connection>(hub: Arc<Hub>, mut conn: C, identity: Ide
     let limits = &hub.config.limits;
     let (out, mut inbox) = outbox(limits.outbound_queue_frames, limits.outbound_queue_bytes, hub.metrics.clone());
     let conn_id = hub.register(out.signal().clone());
-    let mut session = Session {
-        hub: &hub,
-        conn_id,
-        identity,
-        outbox: out,
-        rooms: HashMap::new(),
-        limiter: None,
-        strikes: 0,
-    };
+    let mut session =
+        Session { hub: &hub, conn_id, identity, outbox: out, rooms: HashMap::new(), limiter: None, strikes: 0 };
     let code = session.drive(&mut conn, &mut inbox).await;
     session.leave_all();
     hub.unregister(conn_id);
@@ -257,7 +250,11 @@ impl Session<'_> {
             if self.strikes >= limits.rate_limit_strikes {
                 return Some(close::TOO_MANY_REQUESTS);
             }
-            replies.push(error(id, ErrorCode::RateLimited, format!("at most {} messages per second", limits.publish_rate_per_sec)));
+            replies.push(error(
+                id,
+                ErrorCode::RateLimited,
+                format!("at most {} messages per second", limits.publish_rate_per_sec),
+            ));
             return None;
         }
         self.strikes = 0;
@@ -298,7 +295,10 @@ fn parse_error(text: &[u8], err: &serde_json::Error) -> Frame {
     }
 }
 
-async fn write_all<C: Connection>(conn: &mut C, replies: &mut Vec<Frame>) -> Result<(), crate::transport::TransportError> {
+async fn write_all<C: Connection>(
+    conn: &mut C,
+    replies: &mut Vec<Frame>,
+) -> Result<(), crate::transport::TransportError> {
     if replies.is_empty() {
         return Ok(());
     }
@@ -309,7 +309,11 @@ async fn write_all<C: Connection>(conn: &mut C, replies: &mut Vec<Frame>) -> Res
 }
 
 /// Writes `first` and whatever else is already queued, then flushes once.
-async fn forward<C: Connection>(conn: &mut C, inbox: &mut Inbox, first: Frame) -> Result<(), crate::transport::TransportError> {
+async fn forward<C: Connection>(
+    conn: &mut C,
+    inbox: &mut Inbox,
+    first: Frame,
+) -> Result<(), crate::transport::TransportError> {
     conn.feed(first).await?;
     // Bounded so a busy room cannot starve this connection's reads and heartbeats.
     for _ in 0..256 {

@@ -18,7 +18,9 @@ pub fn websocket_config(limits: &LimitsConfig) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(limits.ws_read_buffer_bytes)
         .write_buffer_size(limits.ws_write_buffer_bytes)
-        .max_write_buffer_size(limits.ws_write_buffer_bytes.max(limits.max_message_bytes) * 4 + limits.outbound_queue_bytes)
+        .max_write_buffer_size(
+            limits.ws_write_buffer_bytes.max(limits.max_message_bytes) * 4 + limits.outbound_queue_bytes,
+        )
         .max_message_size(Some(limits.max_message_bytes))
         .max_frame_size(Some(limits.max_message_bytes))
 }
@@ -50,9 +52,9 @@ where
             Some(Ok(Message::Binary(_))) => Inbound::Binary,
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Inbound::Activity,
             Some(Ok(Message::Close(_))) | None => Inbound::Closed,
-            Some(Err(WsError::Capacity(
-                CapacityError::MessageTooLong { .. } | CapacityError::TooManyHeaders,
-            ))) => Inbound::TooBig,
+            Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. } | CapacityError::TooManyHeaders))) => {
+                Inbound::TooBig
+            }
             Some(Err(_)) => Inbound::Closed,
         }
     }
