@@ -24,6 +24,9 @@ pub struct Metrics {
     pub handshake_rejections: Family<Reason, Counter>,
     pub disconnects: Family<[(&'static str, String); 1], Counter>,
     pub draining: Gauge,
+    pub cluster_members: Gauge,
+    pub peer_links_established: Counter,
+    pub peer_auth_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -48,6 +51,9 @@ impl Metrics {
             handshake_rejections: Family::default(),
             disconnects: Family::default(),
             draining: Gauge::default(),
+            cluster_members: Gauge::default(),
+            peer_links_established: Counter::default(),
+            peer_auth_failures: Counter::default(),
             registry: Registry::with_prefix("chat"),
         };
         let registry = &mut m.registry;
@@ -68,6 +74,21 @@ impl Metrics {
         registry.register("handshake_rejections", "Handshakes refused, by reason", m.handshake_rejections.clone());
         registry.register("disconnects", "Client connections closed, by close code", m.disconnects.clone());
         registry.register("draining", "1 while the node drains for shutdown", m.draining.clone());
+        registry.register(
+            "cluster_members",
+            "Nodes in this node's view of the cluster, itself included",
+            m.cluster_members.clone(),
+        );
+        registry.register(
+            "peer_links_established",
+            "Authenticated peer links set up",
+            m.peer_links_established.clone(),
+        );
+        registry.register(
+            "peer_auth_failures",
+            "Peer links refused for a bad HMAC proof",
+            m.peer_auth_failures.clone(),
+        );
         m
     }
 

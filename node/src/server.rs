@@ -8,11 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
 use crate::auth::KeyError;
+use crate::cluster::{Cluster, ClusterError, discovery};
 use crate::config::NodeConfig;
+use crate::http::RemoteAddr;
 use crate::http::assets::Assets;
 use crate::http::{AppState, routes};
 use crate::hub::Hub;
@@ -24,12 +25,19 @@ pub enum ServerError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
 /// A bound, not yet running node.
 pub struct Server {
     listener: TcpListener,
+    peer_listener: Option<TcpListener>,
     state: Arc<AppState>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
 }
 
 /// The node's id: the configured one, else `$POD_NAME`, else the host name.
@@ -46,12 +54,19 @@ pub fn node_id(config: &NodeConfig) -> String {
 
 impl Server {
     pub async fn bind(config: NodeConfig) -> Result<Server, ServerError> {
-        let addr = config.listen;
-        let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
+        let listener = bind(config.listen).await?;
         let assets = Assets::new(config.assets_dir.clone());
-        let hub = Hub::new(node_id(&config), config, Arc::new(Metrics::new()))?;
-        let state = Arc::new(AppState { hub, assets, started: AtomicBool::new(false) });
-        Ok(Server { listener, state })
+        let metrics = Arc::new(Metrics::new());
+        let id = node_id(&config);
+        let (cluster, peer_listener) = if config.cluster.enabled() {
+            let cluster = Cluster::new(id.clone(), config.cluster.clone(), metrics.clone())?;
+            (Some(cluster), Some(bind(config.cluster.peer_listen).await?))
+        } else {
+            (None, None)
+        };
+        let hub = Hub::new(id, config, metrics)?;
+        let state = Arc::new(AppState { hub, assets, cluster, started: AtomicBool::new(false) });
+        Ok(Server { listener, peer_listener, state })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -64,23 +79,42 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then drains and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Server { listener, state } = self;
+        let Server { listener, peer_listener, state } = self;
         let hub = state.hub.clone();
-        let accept = tokio::spawn(accept_loop(listener, state.clone()));
-        let sweeper = tokio::spawn(sweep_rooms(hub.clone()));
+        let header_timeout = Duration::from_secs(hub.config().limits.handshake_timeout_secs);
+        let mut tasks = vec![
+            tokio::spawn(accept_loop(listener, routes(state.clone()), header_timeout)),
+            tokio::spawn(sweep_rooms(hub.clone())),
+        ];
+        if let (Some(cluster), Some(peer_listener)) = (&state.cluster, peer_listener) {
+            tasks.push(tokio::spawn(accept_loop(
+                peer_listener,
+                crate::http::peer::routes(cluster.clone()),
+                header_timeout,
+            )));
+            tasks.push(tokio::spawn(discovery::run(cluster.clone())));
+        }
         state.started.store(true, Ordering::Release);
         shutdown.await;
         drain(&hub).await;
-        accept.abort();
-        sweeper.abort();
+        for task in tasks {
+            task.abort();
+        }
     }
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<AppState>) {
-    let service = warp::service(routes(state.clone()));
-    let header_timeout = Duration::from_secs(state.hub.config().limits.handshake_timeout_secs);
+/// Serves HTTP/1.1 (with upgrades) on every accepted connection, with `RemoteAddr` on each request.
+async fn accept_loop<F>(listener: TcpListener, routes: F, header_timeout: Duration)
+where
+    F: warp::Filter<Extract = (warp::http::Response<bytes::Bytes>,), Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    let service = warp::service(routes);
     loop {
-        let (tcp, _peer) = match listener.accept().await {
+        let (tcp, remote) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(err) => {
                 // Out of file descriptors or a connection reset before accept: back off briefly
@@ -92,7 +126,11 @@ async fn accept_loop(listener: TcpListener, state: Arc<AppState>) {
         };
         // Chat frames are small and latency matters more than packet count.
         let _ = tcp.set_nodelay(true);
-        let service = TowerToHyperService::new(service.clone());
+        let service = service.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(RemoteAddr(remote));
+            tower_service::Service::call(&mut service.clone(), request)
+        });
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

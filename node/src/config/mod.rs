@@ -6,7 +6,7 @@
 pub mod load;
 pub mod reference;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use schemars::JsonSchema;
@@ -32,6 +32,7 @@ pub struct NodeConfig {
     pub limits: LimitsConfig,
     pub auth: AuthConfig,
     pub drain: DrainConfig,
+    pub cluster: ClusterConfig,
     pub log: LogConfig,
 }
 
@@ -45,6 +46,7 @@ impl Default for NodeConfig {
             limits: LimitsConfig::default(),
             auth: AuthConfig::default(),
             drain: DrainConfig::default(),
+            cluster: ClusterConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -221,6 +223,124 @@ impl Default for DrainConfig {
     }
 }
 
+/// How nodes find and trust each other. The node runs alone unless `dns_name` or `static_peers`
+/// is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Address of the peer port (WebSocket `/peer`, for other nodes only). Every node uses the
+    /// same port number.
+    #[schemars(with = "String")]
+    pub peer_listen: SocketAddr,
+    /// DNS name whose A/AAAA records are the peers: the headless Service, e.g.
+    /// `chat-peers.default.svc.cluster.local`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns_name: Option<String>,
+    /// DNS server to ask (`IP:port`); the system resolver configuration when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub dns_server: Option<SocketAddr>,
+    /// Peer ports (`host:port`) to use instead of DNS, for local runs.
+    pub static_peers: Vec<String>,
+    /// This node's own address, left out of the DNS answers. Defaults to `$POD_IP`, then the
+    /// IP of `peer_listen` when it is not a wildcard.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub advertise_ip: Option<IpAddr>,
+    /// Seconds between DNS lookups.
+    #[schemars(range(min = 1))]
+    pub discovery_interval_secs: u64,
+    /// Nodes that must hold a message before it is acked (capped by the cluster size).
+    #[schemars(range(min = 1, max = 5))]
+    pub replication: usize,
+    /// File holding the shared cluster secret (the operator mounts the peer Secret here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    /// The shared cluster secret inline; prefer `secret_file` or `CHAT_CLUSTER__SECRET`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Milliseconds between heartbeats on a peer link.
+    #[schemars(range(min = 50))]
+    pub heartbeat_ms: u64,
+    /// Milliseconds without a frame after which a peer link counts as dead.
+    #[schemars(range(min = 200))]
+    pub peer_timeout_ms: u64,
+    /// Seconds a starting node waits for its peers before it reports ready anyway.
+    #[schemars(range(min = 1))]
+    pub ready_timeout_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            peer_listen: SocketAddr::from(([0, 0, 0, 0], 8081)),
+            dns_name: None,
+            dns_server: None,
+            static_peers: Vec::new(),
+            advertise_ip: None,
+            discovery_interval_secs: 5,
+            replication: 2,
+            secret_file: None,
+            secret: None,
+            heartbeat_ms: 1000,
+            peer_timeout_ms: 5000,
+            ready_timeout_secs: 10,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether this node looks for peers at all.
+    pub fn enabled(&self) -> bool {
+        self.dns_name.is_some() || !self.static_peers.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        match (&self.secret_file, &self.secret) {
+            (None, None) => {
+                return Err(invalid(
+                    "cluster.secret_file",
+                    "required when peers are configured (or set cluster.secret / CHAT_CLUSTER__SECRET)",
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid("cluster.secret", "set either cluster.secret or cluster.secret_file, not both"));
+            }
+            (None, Some(secret)) if secret.len() < 16 => {
+                return Err(invalid("cluster.secret", "must be at least 16 bytes"));
+            }
+            _ => {}
+        }
+        if !(1..=5).contains(&self.replication) {
+            return Err(invalid("cluster.replication", "must be between 1 and 5"));
+        }
+        if self.discovery_interval_secs == 0 {
+            return Err(invalid("cluster.discovery_interval_secs", "must be at least 1"));
+        }
+        if self.heartbeat_ms < 50 {
+            return Err(invalid("cluster.heartbeat_ms", "must be at least 50"));
+        }
+        if self.peer_timeout_ms <= self.heartbeat_ms * 2 {
+            return Err(invalid("cluster.peer_timeout_ms", "must be more than twice cluster.heartbeat_ms"));
+        }
+        if self.ready_timeout_secs == 0 {
+            return Err(invalid("cluster.ready_timeout_secs", "must be at least 1"));
+        }
+        if let Some((i, _)) = self
+            .static_peers
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.rsplit_once(':').is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err()))
+        {
+            return Err(invalid(&format!("cluster.static_peers[{i}]"), "must be host:port"));
+        }
+        Ok(())
+    }
+}
+
 /// Log output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
@@ -307,7 +427,8 @@ impl NodeConfig {
         {
             return Err(invalid("node_id", "must be 1 to 253 characters"));
         }
-        self.auth.validate()
+        self.auth.validate()?;
+        self.cluster.validate()
     }
 }
 
@@ -391,6 +512,17 @@ mod tests {
         assert_eq!(cfg, again);
         let err = toml::from_str::<NodeConfig>("lissen = \"x\"").unwrap_err();
         assert!(err.to_string().contains("lissen"), "{err}");
+    }
+
+    #[test]
+    fn peers_need_a_secret() {
+        let mut cfg = anonymous();
+        cfg.cluster.static_peers = vec!["127.0.0.3:8081".into()];
+        assert_eq!(cfg.validate().unwrap_err().field, "cluster.secret_file");
+        cfg.cluster.secret = Some("0123456789abcdef".into());
+        assert!(cfg.validate().is_ok());
+        cfg.cluster.static_peers.push("no-port".into());
+        assert_eq!(cfg.validate().unwrap_err().field, "cluster.static_peers[1]");
     }
 
     #[test]

@@ -45,7 +45,11 @@ fn rows(root: &Value, node: &Value, prefix: &str, defaults: &Value, out: &mut St
             Value::Null => "—".to_owned(),
             other => format!("`{other}`"),
         };
-        out.push_str(&format!("| `{path}` | {} | {default} | {} |\n", type_name(root, target), description.replace('|', "\\|")));
+        out.push_str(&format!(
+            "| `{path}` | {} | {default} | {} |\n",
+            type_name(root, target),
+            description.replace('|', "\\|")
+        ));
     }
 }
 

@@ -2,6 +2,7 @@
 //! `/healthz`, `/readyz`, `/metrics` and the static assets.
 
 pub mod assets;
+pub mod peer;
 mod upgrade;
 
 use std::convert::Infallible;
@@ -12,20 +13,28 @@ use bytes::Bytes;
 use warp::Filter;
 use warp::http::{Response, StatusCode, header};
 
+use crate::cluster::Cluster;
 use crate::hub::Hub;
 use assets::Assets;
+
+/// The client's address, put on every request by the accept loop.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteAddr(pub std::net::SocketAddr);
 
 /// What the HTTP handlers share.
 pub struct AppState {
     pub hub: Arc<Hub>,
     pub assets: Assets,
+    pub cluster: Option<Arc<Cluster>>,
     /// Set once start-up is done; `/readyz` stays 503 before that and while draining.
     pub started: AtomicBool,
 }
 
 impl AppState {
     pub fn is_ready(&self) -> bool {
-        self.started.load(Ordering::Acquire) && !self.hub.is_draining()
+        self.started.load(Ordering::Acquire)
+            && !self.hub.is_draining()
+            && self.cluster.as_ref().is_none_or(|c| c.is_ready())
     }
 }
 
@@ -61,6 +70,20 @@ pub fn routes(
             .body(Bytes::from(metrics.render()))
             .unwrap_or_else(|_| Response::new(Bytes::new()))
     });
+    let cluster = warp::path!("cluster").and(with_state.clone()).map(|state: Arc<AppState>| {
+        let body = match &state.cluster {
+            Some(cluster) => serde_json::to_vec_pretty(&cluster.status()),
+            None => serde_json::to_vec_pretty(&serde_json::json!({
+                "node_id": state.hub.node_id(),
+                "members": [],
+                "clustered": false,
+            })),
+        };
+        Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Bytes::from(body.unwrap_or_default()))
+            .unwrap_or_else(|_| Response::new(Bytes::new()))
+    });
     let ws = warp::path!("ws")
         .and(warp::header::headers_cloned())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
@@ -71,7 +94,8 @@ pub fn routes(
         .and(with_state)
         .then(|tail: warp::path::Tail, state: Arc<AppState>| async move { state.assets.response(tail.as_str()).await });
 
-    let get_routes =
-        warp::get().and(healthz.or(readyz).unify().or(metrics).unify().or(ws).unify().or(static_files).unify());
+    let get_routes = warp::get().and(
+        healthz.or(readyz).unify().or(metrics).unify().or(cluster).unify().or(ws).unify().or(static_files).unify(),
+    );
     get_routes.or(warp::any().map(|| plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"))).unify()
 }

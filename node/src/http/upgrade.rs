@@ -10,13 +10,13 @@ use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
-use warp::http::{HeaderMap, Response, StatusCode, header};
+use warp::http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 
 use super::AppState;
 use crate::protocol::SUBPROTOCOL;
 use crate::transport::websocket::{WsConnection, websocket_config};
 
-fn refuse(status: StatusCode, code: &str, message: &str) -> Response<Bytes> {
+pub(crate) fn refuse(status: StatusCode, code: &str, message: &str) -> Response<Bytes> {
     let body = serde_json::json!({ "code": code, "message": message }).to_string();
     let mut builder = Response::builder().status(status).header(header::CONTENT_TYPE, "application/json");
     if status == StatusCode::UNAUTHORIZED {
@@ -85,11 +85,7 @@ pub(super) fn handshake(
 ) -> Response<Bytes> {
     let hub = &state.hub;
     let metrics = hub.metrics();
-    let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
-    let is_upgrade = header_has_token(&headers, header::CONNECTION, "upgrade")
-        && header_has_token(&headers, header::UPGRADE, "websocket")
-        && headers.get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13");
-    let (Some(key), true, Some(on_upgrade)) = (key, is_upgrade, on_upgrade) else {
+    let (Some(key), Some(on_upgrade)) = (websocket_key(&headers), on_upgrade) else {
         metrics.reject_handshake("bad_handshake");
         return refuse(StatusCode::BAD_REQUEST, "bad_handshake", "expected a WebSocket upgrade (version 13) on /ws");
     };
@@ -133,6 +129,19 @@ pub(super) fn handshake(
         hub.serve(WsConnection::new(ws), identity, permit).await;
     });
 
+    switching_protocols(&key, subprotocol)
+}
+
+/// The `Sec-WebSocket-Key` of a well-formed WebSocket upgrade request (version 13), if it is one.
+pub(crate) fn websocket_key(headers: &HeaderMap) -> Option<HeaderValue> {
+    let is_upgrade = header_has_token(headers, header::CONNECTION, "upgrade")
+        && header_has_token(headers, header::UPGRADE, "websocket")
+        && headers.get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13");
+    headers.get(header::SEC_WEBSOCKET_KEY).filter(|_| is_upgrade).cloned()
+}
+
+/// The 101 response that completes a WebSocket handshake.
+pub(crate) fn switching_protocols(key: &HeaderValue, subprotocol: Option<&str>) -> Response<Bytes> {
     let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
@@ -147,7 +156,6 @@ pub(super) fn handshake(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use warp::http::HeaderValue;
 
     #[test]
     fn subprotocol_negotiation() {

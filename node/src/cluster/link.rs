@@ -1,0 +1,250 @@
+//! One WebSocket link to a peer: the authenticated handshake (both directions), then a loop that
+//! sends queued frames, answers and measures heartbeats, and declares the link dead when the
+//! peer goes quiet.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+use super::Cluster;
+use super::auth::{nonce, sign, verify};
+use super::wire::{CLOSE_AUTH_FAILED, CLOSE_DIAL_BACK, CLOSE_REPLACED, PeerFrame};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Frames queued to one peer before sends fail (the link is then too slow to be useful).
+const PEER_QUEUE: usize = 65_536;
+
+/// tungstenite settings for peer links: larger buffers than clients, there are few links.
+pub fn peer_ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(64 * 1024)
+        .write_buffer_size(64 * 1024)
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20))
+}
+
+pub enum DialOutcome {
+    /// Linked; the link ran and has ended.
+    Ran,
+    /// The address is this node.
+    Itself,
+    /// The peer's id sorts lower: it dials us.
+    DialBack(String),
+    Failed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("peer link: {0}")]
+    Ws(#[from] tokio_tungstenite::tungstenite::Error),
+    #[error("peer handshake timed out")]
+    Timeout,
+    #[error("unexpected frame in peer handshake: {0}")]
+    Unexpected(String),
+    #[error("peer closed during the handshake")]
+    Closed,
+}
+
+async fn send_frame<S>(ws: &mut WebSocketStream<S>, frame: &PeerFrame) -> Result<(), HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let text = serde_json::to_string(frame).map_err(|e| HandshakeError::Unexpected(e.to_string()))?;
+    ws.send(Message::text(text)).await?;
+    Ok(())
+}
+
+async fn recv_frame<S>(ws: &mut WebSocketStream<S>) -> Result<PeerFrame, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let next = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => return Ok(text),
+                Some(Ok(Message::Close(_))) | None => return Err(HandshakeError::Closed),
+                Some(Ok(_)) => continue,
+                Some(Err(err)) => return Err(err.into()),
+            }
+        }
+    })
+    .await
+    .map_err(|_| HandshakeError::Timeout)??;
+    serde_json::from_str(&next).map_err(|_| HandshakeError::Unexpected(next.to_string()))
+}
+
+async fn close<S>(ws: &mut WebSocketStream<S>, code: u16, reason: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = ws.close(Some(CloseFrame { code: CloseCode::from(code), reason: Utf8Bytes::from(reason) })).await;
+}
+
+/// Dials the peer port at `addr`, authenticates both ways and runs the link until it ends.
+pub async fn dial(cluster: Arc<Cluster>, addr: SocketAddr) -> DialOutcome {
+    let url = format!("ws://{addr}/peer");
+    let connect = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(peer_ws_config()), true);
+    let mut ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect).await {
+        Ok(Ok((ws, _))) => ws,
+        Ok(Err(err)) => return DialOutcome::Failed(err.to_string()),
+        Err(_) => return DialOutcome::Failed("connect timed out".into()),
+    };
+    let (peer_id, acceptor_nonce) = match recv_frame(&mut ws).await {
+        Ok(PeerFrame::Challenge { node_id, nonce }) => (node_id, nonce),
+        Ok(other) => return DialOutcome::Failed(format!("expected a challenge, got {other:?}")),
+        Err(err) => return DialOutcome::Failed(err.to_string()),
+    };
+    let me = cluster.node_id().to_owned();
+    if peer_id == me {
+        close(&mut ws, 1000, "that is me").await;
+        return DialOutcome::Itself;
+    }
+    if peer_id < me {
+        close(&mut ws, CLOSE_DIAL_BACK, "the lower node id dials").await;
+        return DialOutcome::DialBack(peer_id);
+    }
+    let my_nonce = nonce();
+    let hello = PeerFrame::Hello {
+        node_id: me.clone(),
+        peer_addr: cluster.advertised().to_owned(),
+        nonce: my_nonce.clone(),
+        mac: sign(cluster.secret(), "dialer", &acceptor_nonce, &me, &peer_id),
+    };
+    if let Err(err) = send_frame(&mut ws, &hello).await {
+        return DialOutcome::Failed(err.to_string());
+    }
+    match recv_frame(&mut ws).await {
+        Ok(PeerFrame::Accepted { mac }) if verify(cluster.secret(), "acceptor", &my_nonce, &peer_id, &me, &mac) => {}
+        Ok(_) => {
+            cluster.metrics().peer_auth_failures.inc();
+            tracing::warn!(%addr, peer = peer_id, "peer failed authentication (wrong cluster secret?)");
+            close(&mut ws, CLOSE_AUTH_FAILED, "authentication failed").await;
+            return DialOutcome::Failed("peer failed authentication".into());
+        }
+        Err(err) => return DialOutcome::Failed(err.to_string()),
+    }
+    run(cluster, peer_id, addr.to_string(), ws).await;
+    DialOutcome::Ran
+}
+
+/// Runs the acceptor side of the handshake on an upgraded `/peer` socket, then the link.
+pub async fn accept<S>(cluster: Arc<Cluster>, mut ws: WebSocketStream<S>, remote: Option<SocketAddr>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let me = cluster.node_id().to_owned();
+    let my_nonce = nonce();
+    let challenge = PeerFrame::Challenge { node_id: me.clone(), nonce: my_nonce.clone() };
+    if send_frame(&mut ws, &challenge).await.is_err() {
+        return;
+    }
+    let (peer_id, peer_addr, dialer_nonce) = match recv_frame(&mut ws).await {
+        Ok(PeerFrame::Hello { node_id, peer_addr, nonce, mac })
+            if verify(cluster.secret(), "dialer", &my_nonce, &node_id, &me, &mac) =>
+        {
+            (node_id, peer_addr, nonce)
+        }
+        Ok(PeerFrame::Hello { node_id, .. }) => {
+            cluster.metrics().peer_auth_failures.inc();
+            tracing::warn!(?remote, claimed = node_id, "rejected a peer with a bad HMAC proof (wrong cluster secret?)");
+            close(&mut ws, CLOSE_AUTH_FAILED, "authentication failed").await;
+            return;
+        }
+        Ok(other) => {
+            tracing::warn!(?remote, ?other, "unexpected frame from a dialing peer");
+            close(&mut ws, CLOSE_AUTH_FAILED, "expected hello").await;
+            return;
+        }
+        // Dialers that find out they should be dialed instead just close: not an error.
+        Err(_) => return,
+    };
+    if peer_id >= me {
+        close(&mut ws, CLOSE_DIAL_BACK, "the lower node id dials").await;
+        return;
+    }
+    let accepted = PeerFrame::Accepted { mac: sign(cluster.secret(), "acceptor", &dialer_nonce, &me, &peer_id) };
+    if send_frame(&mut ws, &accepted).await.is_err() {
+        return;
+    }
+    run(cluster, peer_id, peer_addr, ws).await;
+}
+
+/// Microseconds since `origin`, carried in pings to measure round trips.
+fn stamp(origin: Instant) -> Bytes {
+    Bytes::copy_from_slice(&(origin.elapsed().as_micros() as u64).to_be_bytes())
+}
+
+async fn run<S>(cluster: Arc<Cluster>, peer_id: String, peer_addr: String, mut ws: WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (tx, mut rx) = mpsc::channel::<Bytes>(PEER_QUEUE);
+    let rtt_us = Arc::new(AtomicU64::new(0));
+    let generation = cluster.register(&peer_id, peer_addr, tx, rtt_us.clone());
+    let heartbeat = Duration::from_millis(cluster.config().heartbeat_ms);
+    let timeout = Duration::from_millis(cluster.config().peer_timeout_ms);
+    let origin = Instant::now();
+    let mut tick = tokio::time::interval(heartbeat);
+    let mut last_seen = Instant::now();
+    let reason = loop {
+        tokio::select! {
+            inbound = ws.next() => {
+                last_seen = Instant::now();
+                match inbound {
+                    Some(Ok(Message::Pong(payload))) => {
+                        if let Ok(sent) = <[u8; 8]>::try_from(payload.as_ref()) {
+                            let now = origin.elapsed().as_micros() as u64;
+                            rtt_us.store(now.saturating_sub(u64::from_be_bytes(sent)), Ordering::Relaxed);
+                        }
+                    }
+                    Some(Ok(Message::Text(_))) => {}
+                    Some(Ok(Message::Close(_))) | None => break "closed by peer",
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) => break "read failed",
+                }
+            }
+            frame = rx.recv() => {
+                let Some(frame) = frame else { break "queue closed" };
+                let Ok(text) = Utf8Bytes::try_from(frame) else { continue };
+                if ws.feed(Message::Text(text)).await.is_err() {
+                    break "write failed";
+                }
+                let mut ok = true;
+                while let Ok(more) = rx.try_recv() {
+                    let Ok(text) = Utf8Bytes::try_from(more) else { continue };
+                    if ws.feed(Message::Text(text)).await.is_err() {
+                        ok = false;
+                        break;
+                    }
+                }
+                if !ok || ws.flush().await.is_err() {
+                    break "write failed";
+                }
+            }
+            _ = tick.tick() => {
+                if !cluster.is_current(&peer_id, generation) {
+                    close(&mut ws, CLOSE_REPLACED, "replaced by a newer link").await;
+                    break "replaced";
+                }
+                if last_seen.elapsed() > timeout {
+                    break "heartbeat timeout";
+                }
+                if ws.send(Message::Ping(stamp(origin))).await.is_err() {
+                    break "write failed";
+                }
+            }
+        }
+    };
+    tracing::debug!(peer = peer_id, reason, "peer link ended");
+    cluster.unregister(&peer_id, generation);
+}

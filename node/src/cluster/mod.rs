@@ -1,0 +1,288 @@
+//! Cluster membership: which peers this node is linked to, which it has discovered, whether it
+//! has quorum, and when it is ready. Discovery (`discovery`) feeds addresses in, peer links
+//! (`link`) register themselves here; `/cluster` and the metrics read the snapshot.
+
+pub mod auth;
+pub mod discovery;
+pub mod link;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::ClusterConfig;
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot read cluster.secret_file {path}: {source}")]
+    Secret { path: String, source: std::io::Error },
+    #[error("the cluster secret must be at least 16 bytes")]
+    ShortSecret,
+}
+
+/// Where a discovered peer address stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", content = "node_id", rename_all = "snake_case")]
+pub enum AddrState {
+    /// Not tried yet.
+    New,
+    Dialing,
+    /// Linked to this node id.
+    Linked(String),
+    /// This id sorts lower than ours: it dials us.
+    AwaitingDial(String),
+    /// Our own address (the DNS answer includes us).
+    Itself,
+    Unreachable,
+}
+
+struct Link {
+    addr: String,
+    generation: u64,
+    tx: mpsc::Sender<Bytes>,
+    since: Instant,
+    rtt_us: Arc<AtomicU64>,
+}
+
+#[derive(Default)]
+struct State {
+    links: HashMap<String, Link>,
+    discovered: HashMap<SocketAddr, AddrState>,
+    /// Set once every address of the first discovery round has been tried.
+    first_round_done: bool,
+}
+
+pub struct Cluster {
+    node_id: String,
+    config: ClusterConfig,
+    secret: Vec<u8>,
+    /// `ip:port` other nodes reach our peer port at.
+    advertised: String,
+    own_ip: Option<IpAddr>,
+    state: Mutex<State>,
+    generation: AtomicU64,
+    changes: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
+    started: Instant,
+    ready: AtomicBool,
+}
+
+/// A link as `/cluster` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberStatus {
+    pub node_id: String,
+    pub addr: String,
+    pub linked_for_ms: u64,
+    pub rtt_ms: f64,
+}
+
+/// What `/cluster` returns.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    pub node_id: String,
+    pub peer_addr: String,
+    pub members: Vec<MemberStatus>,
+    pub discovered: Vec<(String, AddrState)>,
+    pub known_size: usize,
+    pub quorum: bool,
+    pub ready: bool,
+}
+
+fn read_secret(config: &ClusterConfig) -> Result<Vec<u8>, ClusterError> {
+    let secret = match (&config.secret_file, &config.secret) {
+        (Some(path), _) => {
+            let raw = std::fs::read(path)
+                .map_err(|source| ClusterError::Secret { path: path.display().to_string(), source })?;
+            raw.trim_ascii_end().to_vec()
+        }
+        (None, Some(secret)) => secret.as_bytes().to_vec(),
+        (None, None) => Vec::new(),
+    };
+    if secret.len() < 16 {
+        return Err(ClusterError::ShortSecret);
+    }
+    Ok(secret)
+}
+
+impl Cluster {
+    pub fn new(node_id: String, config: ClusterConfig, metrics: Arc<Metrics>) -> Result<Arc<Cluster>, ClusterError> {
+        let secret = read_secret(&config)?;
+        let own_ip = config
+            .advertise_ip
+            .or_else(|| std::env::var("POD_IP").ok().and_then(|ip| ip.parse().ok()))
+            .or_else(|| Some(config.peer_listen.ip()).filter(|ip| !ip.is_unspecified()));
+        let port = config.peer_listen.port();
+        let advertised = own_ip.map_or_else(|| format!("{node_id}:{port}"), |ip| SocketAddr::new(ip, port).to_string());
+        let (changes, _) = watch::channel(0);
+        Ok(Arc::new(Cluster {
+            node_id,
+            config,
+            secret,
+            advertised,
+            own_ip,
+            state: Mutex::default(),
+            generation: AtomicU64::new(0),
+            changes,
+            metrics,
+            started: Instant::now(),
+            ready: AtomicBool::new(false),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    pub(crate) fn secret(&self) -> &[u8] {
+        &self.secret
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Membership changes bump this counter.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v += 1);
+        let members = self.lock().links.len() + 1;
+        self.metrics.cluster_members.set(members as i64);
+    }
+
+    /// This node and every linked peer, sorted.
+    pub fn members(&self) -> Vec<String> {
+        let mut members: Vec<String> = self.lock().links.keys().cloned().collect();
+        members.push(self.node_id.clone());
+        members.sort();
+        members
+    }
+
+    fn known_size(state: &State) -> usize {
+        let discovered = state.discovered.values().filter(|s| **s != AddrState::Itself).count();
+        (discovered + 1).max(state.links.len() + 1)
+    }
+
+    /// Whether this node sees a strict majority of the nodes it knows of.
+    pub fn has_quorum(&self) -> bool {
+        let state = self.lock();
+        (state.links.len() + 1) * 2 > Self::known_size(&state)
+    }
+
+    /// True once every peer of the first discovery round was tried, or the ready timeout passed.
+    pub fn is_ready(&self) -> bool {
+        if self.ready.load(Ordering::Acquire) {
+            return true;
+        }
+        let timed_out = self.started.elapsed() >= Duration::from_secs(self.config.ready_timeout_secs);
+        let done = timed_out || self.lock().first_round_done;
+        if done {
+            self.ready.store(true, Ordering::Release);
+        }
+        done
+    }
+
+    /// Sends a frame to a linked peer; false if there is no link or its queue is full.
+    pub fn send(&self, node_id: &str, frame: Bytes) -> bool {
+        let tx = self.lock().links.get(node_id).map(|l| l.tx.clone());
+        tx.is_some_and(|tx| tx.try_send(frame).is_ok())
+    }
+
+    /// Registers a link; a previous link to the same node is replaced (its task sees its
+    /// generation is gone and ends).
+    pub(crate) fn register(&self, node_id: &str, addr: String, tx: mpsc::Sender<Bytes>, rtt_us: Arc<AtomicU64>) -> u64 {
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        {
+            let mut state = self.lock();
+            if let Ok(sock) = addr.parse::<SocketAddr>() {
+                state.discovered.entry(sock).and_modify(|s| *s = AddrState::Linked(node_id.to_owned()));
+            }
+            let link = Link { addr, generation, tx, since: Instant::now(), rtt_us };
+            state.links.insert(node_id.to_owned(), link);
+        }
+        self.metrics.peer_links_established.inc();
+        tracing::info!(peer = node_id, "peer linked");
+        self.changed();
+        generation
+    }
+
+    pub(crate) fn is_current(&self, node_id: &str, generation: u64) -> bool {
+        self.lock().links.get(node_id).is_some_and(|l| l.generation == generation)
+    }
+
+    pub(crate) fn unregister(&self, node_id: &str, generation: u64) {
+        let removed = {
+            let mut state = self.lock();
+            let current = state.links.get(node_id).is_some_and(|l| l.generation == generation);
+            if current {
+                state.links.remove(node_id);
+                for s in state.discovered.values_mut() {
+                    if *s == AddrState::Linked(node_id.to_owned()) {
+                        *s = AddrState::Unreachable;
+                    }
+                }
+            }
+            current
+        };
+        if removed {
+            tracing::info!(peer = node_id, "peer link lost");
+            self.changed();
+        }
+    }
+
+    pub fn is_own_ip(&self, ip: IpAddr) -> bool {
+        self.own_ip == Some(ip)
+    }
+
+    pub(crate) fn advertised(&self) -> &str {
+        &self.advertised
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        let state = self.lock();
+        let mut members: Vec<MemberStatus> = state
+            .links
+            .iter()
+            .map(|(id, l)| MemberStatus {
+                node_id: id.clone(),
+                addr: l.addr.clone(),
+                linked_for_ms: l.since.elapsed().as_millis() as u64,
+                rtt_ms: l.rtt_us.load(Ordering::Relaxed) as f64 / 1000.0,
+            })
+            .collect();
+        members.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        let mut discovered: Vec<(String, AddrState)> =
+            state.discovered.iter().map(|(a, s)| (a.to_string(), s.clone())).collect();
+        discovered.sort_by(|a, b| a.0.cmp(&b.0));
+        let known_size = Self::known_size(&state);
+        let quorum = (state.links.len() + 1) * 2 > known_size;
+        drop(state);
+        ClusterStatus {
+            node_id: self.node_id.clone(),
+            peer_addr: self.advertised.clone(),
+            members,
+            discovered,
+            known_size,
+            quorum,
+            ready: self.is_ready(),
+        }
+    }
+}

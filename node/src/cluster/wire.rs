@@ -1,0 +1,22 @@
+//! Frames between nodes on a peer link: JSON text frames, tagged by `t`. Kept apart from the
+//! client protocol: clients can never send or receive these.
+
+use serde::{Deserialize, Serialize};
+
+/// Close code for a dial from the node whose id sorts higher: the lower one dials instead.
+pub const CLOSE_DIAL_BACK: u16 = 4100;
+/// Close code for a peer that failed the HMAC challenge.
+pub const CLOSE_AUTH_FAILED: u16 = 4101;
+/// Close code for a link replaced by a newer one between the same pair.
+pub const CLOSE_REPLACED: u16 = 4102;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum PeerFrame {
+    /// Acceptor → dialer, first frame: who I am and the nonce to sign.
+    Challenge { node_id: String, nonce: String },
+    /// Dialer → acceptor: who I am, where my peer port is, my nonce, and my proof.
+    Hello { node_id: String, peer_addr: String, nonce: String, mac: String },
+    /// Acceptor → dialer: the acceptor's proof over the dialer's nonce.
+    Accepted { mac: String },
+}
