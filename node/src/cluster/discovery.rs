@@ -167,9 +167,16 @@ impl Cluster {
         self.lock().discovered.get(&addr).cloned()
     }
 
+    /// Records a dial's outcome, unless the address meanwhile got a live link (the peer dialed
+    /// us while we were dialing it).
     fn set_addr_state(&self, addr: SocketAddr, new: AddrState) {
-        if let Some(state) = self.lock().discovered.get_mut(&addr) {
-            *state = new;
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        if let Some(current) = state.discovered.get_mut(&addr) {
+            let live = matches!(current, AddrState::Linked(id) if state.links.contains_key(id.as_str()));
+            if !live {
+                *current = new;
+            }
         }
     }
 

@@ -86,7 +86,13 @@ impl Session<'_> {
         }
         let ping_every = Duration::from_secs(limits.ping_interval_secs);
         let idle_timeout = Duration::from_secs(limits.idle_timeout_secs);
-        let mut heartbeat = interval_at(Instant::now() + ping_every, ping_every);
+        // The heartbeat also checks token expiry, so it fires at `exp` if that comes first.
+        let expiry = self.identity.expires_at.map(|exp| {
+            let left = Duration::from_secs(exp).saturating_sub(Duration::from_millis(unix_millis()));
+            Instant::now() + left
+        });
+        let first_tick = (Instant::now() + ping_every).min(expiry.unwrap_or(Instant::now() + ping_every));
+        let mut heartbeat = interval_at(first_tick, ping_every);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_seen = Instant::now();
         let signal = inbox.signal().clone();
@@ -123,9 +129,12 @@ impl Session<'_> {
                 _ = heartbeat.tick() => {
                     if last_seen.elapsed() >= idle_timeout {
                         Some(End::Close(close::IDLE_TIMEOUT))
-                    } else if self.identity.expires_at.is_some_and(|exp| unix_millis() / 1000 >= exp) {
+                    } else if expiry.is_some_and(|exp| Instant::now() >= exp) {
                         Some(End::Close(close::TOKEN_EXPIRED))
                     } else {
+                        if let Some(expiry) = expiry.filter(|e| *e < Instant::now() + ping_every) {
+                            heartbeat.reset_at(expiry);
+                        }
                         conn.ping().await.err().map(|_| End::Gone(1006))
                     }
                 }
