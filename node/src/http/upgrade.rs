@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -125,8 +126,23 @@ pub(super) fn handshake(
             Ok(Err(err)) => return tracing::debug!(%err, "upgrade failed"),
             Err(_) => return tracing::debug!("upgrade timed out"),
         };
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-        hub.serve(WsConnection::new(ws), identity, permit).await;
+        // Taking the TcpStream back out of hyper frees its read buffer and the boxed IO: a few
+        // KiB per idle connection.
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                let tcp = parts.io.into_inner();
+                let ws = if parts.read_buf.is_empty() {
+                    WebSocketStream::from_raw_socket(tcp, Role::Server, Some(config)).await
+                } else {
+                    WebSocketStream::from_partially_read(tcp, parts.read_buf.to_vec(), Role::Server, Some(config)).await
+                };
+                hub.serve(WsConnection::new(ws), identity, permit).await;
+            }
+            Err(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+                hub.serve(WsConnection::new(ws), identity, permit).await;
+            }
+        }
     });
 
     switching_protocols(&key, subprotocol)

@@ -10,7 +10,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use tokio::time::{Instant, MissedTickBehavior, interval_at};
 
-use super::outbox::{Inbox, Outbox, outbox};
+use super::outbox::{Inbox, Outbox, Wake, outbox};
 use super::room::{Room, encode};
 use super::{Hub, Permit};
 use crate::auth::Identity;
@@ -18,6 +18,9 @@ use crate::protocol::{
     ClientFrame, ErrorCode, MAX_REQUEST_ID, SUBPROTOCOL, ServerFrame, StreamPosition, close, validate_room_name,
 };
 use crate::transport::{Connection, Frame, Inbound};
+
+/// Frames written per wake-up, so a busy room cannot starve this connection's reads and heartbeats.
+const FORWARD_BATCH: usize = 256;
 
 pub(super) async fn run<C: Connection>(hub: Arc<Hub>, mut conn: C, identity: Identity, _permit: Permit) {
     let limits = &hub.config.limits;
@@ -95,11 +98,9 @@ impl Session<'_> {
         let mut heartbeat = interval_at(first_tick, ping_every);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_seen = Instant::now();
-        let signal = inbox.signal().clone();
         let mut replies = Vec::new();
         loop {
             let end = tokio::select! {
-                code = signal.closed() => Some(End::Close(code)),
                 inbound = conn.recv() => {
                     last_seen = Instant::now();
                     match inbound {
@@ -122,9 +123,9 @@ impl Session<'_> {
                         }
                     }
                 }
-                frame = inbox.recv() => match frame {
-                    Some(frame) => forward(conn, inbox, frame).await.err().map(|_| End::Gone(1006)),
-                    None => Some(End::Close(close::INTERNAL_ERROR)),
+                wake = inbox.wait(FORWARD_BATCH) => match wake {
+                    Wake::Frames(frames) => forward(conn, frames).await.err().map(|_| End::Gone(1006)),
+                    Wake::Close(code) => Some(End::Close(code)),
                 },
                 _ = heartbeat.tick() => {
                     if last_seen.elapsed() >= idle_timeout {
@@ -144,7 +145,7 @@ impl Session<'_> {
                 Some(End::Gone(code)) => return code,
                 Some(End::Close(code)) => {
                     // Anything already queued for this client goes out before the close.
-                    while let Some(frame) = inbox.try_recv() {
+                    for frame in inbox.take(usize::MAX) {
                         if conn.feed(frame).await.is_err() {
                             break;
                         }
@@ -317,19 +318,10 @@ async fn write_all<C: Connection>(
     conn.flush().await
 }
 
-/// Writes `first` and whatever else is already queued, then flushes once.
-async fn forward<C: Connection>(
-    conn: &mut C,
-    inbox: &mut Inbox,
-    first: Frame,
-) -> Result<(), crate::transport::TransportError> {
-    conn.feed(first).await?;
-    // Bounded so a busy room cannot starve this connection's reads and heartbeats.
-    for _ in 0..256 {
-        match inbox.try_recv() {
-            Some(frame) => conn.feed(frame).await?,
-            None => break,
-        }
+/// Writes a batch of queued frames and flushes once.
+async fn forward<C: Connection>(conn: &mut C, frames: Vec<Frame>) -> Result<(), crate::transport::TransportError> {
+    for frame in frames {
+        conn.feed(frame).await?;
     }
     conn.flush().await
 }
