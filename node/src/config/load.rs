@@ -41,11 +41,11 @@ pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<NodeConfig, Lo
             .map_err(|e| LoadError::Parse(format!("cannot read config file {}: {e}", file.display())))?;
         figment = figment.merge(Toml::file_exact(file));
     }
-    figment = figment.merge(
-        Env::prefixed("CHAT_")
-            .split("__")
-            .filter(move |key| fields.iter().any(|f| key.as_str().split('.').next() == Some(f.as_str()))),
-    );
+    figment = figment.merge(Env::prefixed("CHAT_").split("__").filter(move |key| {
+        // The key may arrive before or after `split` turned `__` into `.`.
+        let first = key.as_str().split(['.']).next().unwrap_or("").split("__").next().unwrap_or("");
+        fields.iter().any(|f| f.eq_ignore_ascii_case(first))
+    }));
     let o = overrides;
     for (key, value) in [("listen", &o.listen), ("node_id", &o.node_id), ("assets_dir", &o.assets_dir)] {
         if let Some(value) = value {
