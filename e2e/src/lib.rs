@@ -27,8 +27,7 @@ pub fn mint_token(secret: &str, sub: &str, name: &str, roles: &[&str], ttl_secs:
 }
 
 fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
+pub mod dns;
+pub mod netns;

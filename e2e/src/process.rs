@@ -37,6 +37,8 @@ pub fn free_port() -> u16 {
 pub struct NodeProcess {
     child: Child,
     addr: SocketAddr,
+    /// The network namespace it runs in (`None`: the test's own).
+    netns: Option<String>,
     log: Arc<Mutex<String>>,
     _dir: tempfile::TempDir,
 }
@@ -44,12 +46,47 @@ pub struct NodeProcess {
 impl NodeProcess {
     /// Starts a node with this config (which must set `listen`) and waits for `/readyz`.
     pub async fn start(toml: &str) -> anyhow::Result<NodeProcess> {
+        let node = NodeProcess::spawn(toml, None)?;
+        node.ready_or_fail().await
+    }
+
+    /// Starts a node with this config but does not wait for `/readyz`.
+    pub fn start_unready(toml: &str) -> anyhow::Result<NodeProcess> {
+        NodeProcess::spawn(toml, None)
+    }
+
+    /// Starts a node inside network namespace `netns` (`ip netns exec`, see [`crate::netns`]) and
+    /// waits for `/readyz`, asked from inside the namespace (a wildcard `listen` is reached at
+    /// 127.0.0.1 there).
+    pub async fn start_in_netns(netns: &str, toml: &str) -> anyhow::Result<NodeProcess> {
+        let node = NodeProcess::spawn(toml, Some(netns))?;
+        node.ready_or_fail().await
+    }
+
+    async fn ready_or_fail(mut self) -> anyhow::Result<NodeProcess> {
+        self.wait_ready(Duration::from_secs(20)).await?;
+        Ok(self)
+    }
+
+    fn spawn(toml: &str, netns: Option<&str>) -> anyhow::Result<NodeProcess> {
         let parsed: chat_node::config::NodeConfig = toml::from_str(toml).context("test config")?;
-        let addr = parsed.listen;
+        let mut addr = parsed.listen;
+        if netns.is_some() && addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("node.toml");
         std::fs::write(&path, toml)?;
-        let mut child = Command::new(node_binary())
+        let mut command = match netns {
+            None => Command::new(node_binary()),
+            Some(ns) => {
+                // `ip netns exec` execs the node in place: the child's pid is the node's.
+                let mut command = Command::new(crate::netns::ip_binary()?);
+                command.args(["netns", "exec", ns]).arg(node_binary());
+                command
+            }
+        };
+        let mut child = command
             .arg("--config")
             .arg(&path)
             .env_remove("RUST_LOG")
@@ -65,18 +102,17 @@ impl NodeProcess {
         if let Some(err) = child.stderr.take() {
             collect(err, log.clone());
         }
-        let mut node = NodeProcess { child, addr, log, _dir: dir };
-        node.wait_ready(Duration::from_secs(20)).await?;
-        Ok(node)
+        Ok(NodeProcess { child, addr, netns: netns.map(str::to_owned), log, _dir: dir })
     }
 
-    async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+    /// Waits until `/readyz` answers 200 (fails early if the node exits).
+    pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {
                 bail!("chat-node exited with {status} before it was ready:\n{}", self.output());
             }
-            if http_status(self.addr, "/readyz").await.ok() == Some(200) {
+            if self.http_get("/readyz").await.ok().map(|r| r.0) == Some(200) {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -86,6 +122,25 @@ impl NodeProcess {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The network namespace it runs in, if not the test's own.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
+    /// A bare `GET path` on the client port (from inside its namespace if it has one): status
+    /// and body.
+    pub async fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        match &self.netns {
+            None => crate::client::http_get(self.addr, path).await,
+            Some(ns) => crate::netns::http_get_in(ns, self.addr, path).await,
+        }
+    }
+
+    /// Whether the process has exited (without waiting).
+    pub fn has_exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn http_url(&self) -> String {
@@ -143,9 +198,4 @@ fn collect(stream: impl AsyncRead + Unpin + Send + 'static, log: Arc<Mutex<Strin
             }
         }
     });
-}
-
-/// Status code of a plain `GET path` on `addr` (no HTTP client crate needed for this).
-pub async fn http_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
-    Ok(crate::client::http_get(addr, path).await?.0)
 }

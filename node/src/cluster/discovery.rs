@@ -2,13 +2,14 @@
 //! keeps one dial supervisor per discovered address, with exponential backoff and full jitter.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::{RData, RecordType};
 
 use super::link::{self, DialOutcome};
 use super::{AddrState, Cluster};
@@ -52,12 +53,20 @@ async fn lookup(cluster: &Cluster, resolver: Option<&TokioResolver>) -> Option<H
     let port = config.peer_listen.port();
     let mut found = HashSet::new();
     if let (Some(name), Some(resolver)) = (&config.dns_name, resolver) {
-        match resolver.lookup_ip(name.as_str()).await {
-            Ok(answer) => found.extend(answer.iter().map(|ip| SocketAddr::new(ip, port))),
-            Err(err) if err.is_no_records_found() => {}
-            Err(err) => {
-                tracing::warn!(%err, name, "peer lookup failed");
-                return None;
+        // A and AAAA are asked separately: a combined lookup reports a failed A query as "no
+        // records" when AAAA has none, and the node would forget every peer on a DNS hiccup.
+        for kind in [RecordType::A, RecordType::AAAA] {
+            match resolver.lookup(name.as_str(), kind).await {
+                Ok(answer) => found.extend(answer.answers().iter().filter_map(|record| match &record.data {
+                    RData::A(a) => Some(SocketAddr::new(IpAddr::V4(a.0), port)),
+                    RData::AAAA(aaaa) => Some(SocketAddr::new(IpAddr::V6(aaaa.0), port)),
+                    _ => None,
+                })),
+                Err(err) if err.is_no_records_found() => {}
+                Err(err) => {
+                    tracing::warn!(%err, name, ?kind, "peer lookup failed; keeping the peers we know");
+                    return None;
+                }
             }
         }
     }

@@ -51,8 +51,8 @@ enum HandshakeError {
     Timeout,
     #[error("unexpected frame in peer handshake: {0}")]
     Unexpected(String),
-    #[error("peer closed during the handshake")]
-    Closed,
+    #[error("peer closed during the handshake (code {0})")]
+    Closed(u16),
 }
 
 async fn send_frame<S>(ws: &mut WebSocketStream<S>, frame: &PeerFrame) -> Result<(), HandshakeError>
@@ -72,7 +72,10 @@ where
         loop {
             match ws.next().await {
                 Some(Ok(Message::Text(text))) => return Ok(text),
-                Some(Ok(Message::Close(_))) | None => return Err(HandshakeError::Closed),
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(HandshakeError::Closed(frame.map_or(1005, |f| u16::from(f.code))));
+                }
+                None => return Err(HandshakeError::Closed(1006)),
                 Some(Ok(_)) => continue,
                 Some(Err(err)) => return Err(err.into()),
             }
@@ -130,6 +133,11 @@ pub async fn dial(cluster: Arc<Cluster>, addr: SocketAddr) -> DialOutcome {
             tracing::warn!(%addr, peer = peer_id, "peer failed authentication (wrong cluster secret?)");
             close(&mut ws, CLOSE_AUTH_FAILED, "authentication failed").await;
             return DialOutcome::Failed("peer failed authentication".into());
+        }
+        Err(HandshakeError::Closed(CLOSE_AUTH_FAILED)) => {
+            cluster.metrics().peer_auth_failures.inc();
+            tracing::warn!(%addr, peer = peer_id, "peer refused our proof (wrong cluster secret?)");
+            return DialOutcome::Failed("peer refused our authentication".into());
         }
         Err(err) => return DialOutcome::Failed(err.to_string()),
     }

@@ -70,8 +70,8 @@ pub struct Inbox {
 
 /// What the connection's task should do next.
 pub enum Wake {
-    /// Frames to write, oldest first.
-    Frames(Vec<Frame>),
+    /// Frames were moved into the caller's buffer, oldest first.
+    Frames,
     Close(u16),
 }
 
@@ -105,7 +105,6 @@ impl Outbox {
         queue.bytes += frame.len();
         queue.frames.push_back(frame.clone());
         drop(queue);
-        signal.metrics.frames_out.inc();
         // One wake per batch: the task takes everything queued when it runs.
         if was_empty {
             signal.wake.notify_one();
@@ -119,28 +118,28 @@ impl Outbox {
 }
 
 impl Inbox {
-    /// Everything queued (up to `max` frames), without waiting.
-    pub fn take(&mut self, max: usize) -> Vec<Frame> {
+    /// Moves what is queued (up to `max` frames) into `out`, without waiting.
+    pub fn take_into(&mut self, out: &mut Vec<Frame>, max: usize) {
         let mut queue = self.signal.queue();
         let n = queue.frames.len().min(max);
-        let frames: Vec<Frame> = queue.frames.drain(..n).collect();
-        queue.bytes -= frames.iter().map(|f| f.len()).sum::<usize>();
+        let start = out.len();
+        out.extend(queue.frames.drain(..n));
+        queue.bytes -= out[start..].iter().map(|f| f.len()).sum::<usize>();
         if queue.frames.is_empty() && queue.frames.capacity() > 64 {
             // A burst left a large buffer behind; idle connections should not keep it.
             queue.frames = VecDeque::new();
         }
-        frames
     }
 
-    /// Waits for frames or a close request; a close wins over queued frames.
-    pub async fn wait(&mut self, max: usize) -> Wake {
+    /// Waits until frames were moved into `out` or a close was requested; a close wins.
+    pub async fn wait(&mut self, out: &mut Vec<Frame>, max: usize) -> Wake {
         loop {
             if let Some(code) = self.signal.close_requested() {
                 return Wake::Close(code);
             }
-            let frames = self.take(max);
-            if !frames.is_empty() {
-                return Wake::Frames(frames);
+            self.take_into(out, max);
+            if !out.is_empty() {
+                return Wake::Frames;
             }
             // A notify_one before this point leaves a permit, so no wake-up is lost.
             self.signal.wake.notified().await;
@@ -166,7 +165,9 @@ mod tests {
         assert_eq!(inbox.signal().close_requested(), Some(close::SLOW_CONSUMER));
         assert_eq!(metrics.slow_consumer_disconnects.get(), 1);
         assert!(!out.push(&Frame::from_static(b"1")), "nothing is queued once closing");
-        assert_eq!(inbox.take(10).len(), 2);
+        let mut taken = Vec::new();
+        inbox.take_into(&mut taken, 10);
+        assert_eq!(taken.len(), 2);
     }
 
     #[test]
@@ -182,8 +183,10 @@ mod tests {
         let (out, mut inbox) = outbox(16, 1 << 20, Arc::new(Metrics::new()));
         out.push(&Frame::from_static(b"a"));
         out.push(&Frame::from_static(b"b"));
-        assert!(matches!(inbox.wait(10).await, Wake::Frames(f) if f.len() == 2));
+        let mut buf = Vec::new();
+        assert!(matches!(inbox.wait(&mut buf, 10).await, Wake::Frames));
+        assert_eq!(buf.len(), 2);
         out.signal().close(close::RECONNECT_ELSEWHERE);
-        assert!(matches!(inbox.wait(10).await, Wake::Close(close::RECONNECT_ELSEWHERE)));
+        assert!(matches!(inbox.wait(&mut buf, 10).await, Wake::Close(close::RECONNECT_ELSEWHERE)));
     }
 }

@@ -6,6 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use crate::metrics::Metrics;
 use crate::protocol::{ChatMessage, ServerFrame, StreamPosition, UserInfo};
 use crate::transport::Frame;
 
@@ -41,6 +42,7 @@ struct RoomState {
     empty_since: Option<Instant>,
     /// Set when the room was forgotten; a join that raced with that must look it up again.
     removed: bool,
+    metrics: Arc<Metrics>,
 }
 
 pub(crate) fn encode(frame: &ServerFrame) -> Frame {
@@ -53,7 +55,7 @@ pub(crate) fn new_epoch() -> String {
 }
 
 impl Room {
-    pub fn new(name: String) -> Self {
+    pub fn new(name: String, metrics: Arc<Metrics>) -> Self {
         let state = RoomState {
             epoch: new_epoch(),
             last_offset: 0,
@@ -62,6 +64,7 @@ impl Room {
             presence: HashMap::new(),
             empty_since: Some(Instant::now()),
             removed: false,
+            metrics,
         };
         Self { name, state: Mutex::new(state) }
     }
@@ -227,12 +230,8 @@ impl RoomState {
     }
 
     fn broadcast(&self, frame: &Frame, except: Option<u64>) -> usize {
-        let mut queued = 0;
-        for (id, outbox) in &self.subscribers {
-            if Some(*id) != except && outbox.push(frame) {
-                queued += 1;
-            }
-        }
+        let queued = self.subscribers.iter().filter(|(id, outbox)| Some(**id) != except && outbox.push(frame)).count();
+        self.metrics.frames_out.inc_by(queued as u64);
         queued
     }
 }

@@ -99,6 +99,7 @@ impl Session<'_> {
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_seen = Instant::now();
         let mut replies = Vec::new();
+        let mut outgoing = Vec::new();
         loop {
             let end = tokio::select! {
                 inbound = conn.recv() => {
@@ -123,8 +124,8 @@ impl Session<'_> {
                         }
                     }
                 }
-                wake = inbox.wait(FORWARD_BATCH) => match wake {
-                    Wake::Frames(frames) => forward(conn, frames).await.err().map(|_| End::Gone(1006)),
+                wake = inbox.wait(&mut outgoing, FORWARD_BATCH) => match wake {
+                    Wake::Frames => write_all(conn, &mut outgoing).await.err().map(|_| End::Gone(1006)),
                     Wake::Close(code) => Some(End::Close(code)),
                 },
                 _ = heartbeat.tick() => {
@@ -145,10 +146,9 @@ impl Session<'_> {
                 Some(End::Gone(code)) => return code,
                 Some(End::Close(code)) => {
                     // Anything already queued for this client goes out before the close.
-                    for frame in inbox.take(usize::MAX) {
-                        if conn.feed(frame).await.is_err() {
-                            break;
-                        }
+                    inbox.take_into(&mut outgoing, usize::MAX);
+                    if write_all(conn, &mut outgoing).await.is_err() {
+                        return 1006;
                     }
                     conn.close(code, close_reason(code)).await;
                     return code;
@@ -305,6 +305,7 @@ fn parse_error(text: &[u8], err: &serde_json::Error) -> Frame {
     }
 }
 
+/// Writes the frames (draining the buffer for reuse) and flushes once.
 async fn write_all<C: Connection>(
     conn: &mut C,
     replies: &mut Vec<Frame>,
@@ -313,14 +314,6 @@ async fn write_all<C: Connection>(
         return Ok(());
     }
     for frame in replies.drain(..) {
-        conn.feed(frame).await?;
-    }
-    conn.flush().await
-}
-
-/// Writes a batch of queued frames and flushes once.
-async fn forward<C: Connection>(conn: &mut C, frames: Vec<Frame>) -> Result<(), crate::transport::TransportError> {
-    for frame in frames {
         conn.feed(frame).await?;
     }
     conn.flush().await
