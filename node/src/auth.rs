@@ -50,10 +50,11 @@ impl AuthError {
     }
 }
 
-/// The key could not be loaded at start-up.
+/// A secret file could not be read at start-up.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot read auth.jwt_secret_file {path}: {source}")]
+#[error("cannot read {field} {path}: {source}")]
 pub struct KeyError {
+    field: &'static str,
     path: String,
     source: std::io::Error,
 }
@@ -91,7 +92,7 @@ fn has_any_role(roles: &[String], allowed: &[String]) -> bool {
 impl Authenticator {
     pub fn from_config(config: &AuthConfig) -> Result<Self, KeyError> {
         let secret = match (&config.jwt_secret_file, &config.jwt_secret) {
-            (Some(path), _) => Some(read_key(path)?),
+            (Some(path), _) => Some(read_secret("auth.jwt_secret_file", path)?),
             (None, Some(secret)) => Some(secret.as_bytes().to_vec()),
             (None, None) => None,
         };
@@ -176,9 +177,10 @@ impl Authenticator {
     }
 }
 
-fn read_key(path: &Path) -> Result<Vec<u8>, KeyError> {
-    let raw = std::fs::read(path).map_err(|source| KeyError { path: path.display().to_string(), source })?;
-    // Secrets written by hand often end in a newline that is not part of the key.
+/// Reads a secret file (`field` names it in errors). A trailing newline, which secrets written
+/// by hand often have, is not part of the secret.
+pub fn read_secret(field: &'static str, path: &Path) -> Result<Vec<u8>, KeyError> {
+    let raw = std::fs::read(path).map_err(|source| KeyError { field, path: path.display().to_string(), source })?;
     let trimmed = raw.strip_suffix(b"\n").unwrap_or(&raw);
     Ok(trimmed.strip_suffix(b"\r").unwrap_or(trimmed).to_vec())
 }

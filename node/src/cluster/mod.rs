@@ -17,13 +17,14 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
+use crate::auth::{KeyError, read_secret};
 use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("cannot read cluster.secret_file {path}: {source}")]
-    Secret { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Secret(#[from] KeyError),
     #[error("the cluster secret must be at least 16 bytes")]
     ShortSecret,
 }
@@ -96,13 +97,9 @@ pub struct ClusterStatus {
     pub ready: bool,
 }
 
-fn read_secret(config: &ClusterConfig) -> Result<Vec<u8>, ClusterError> {
+fn cluster_secret(config: &ClusterConfig) -> Result<Vec<u8>, ClusterError> {
     let secret = match (&config.secret_file, &config.secret) {
-        (Some(path), _) => {
-            let raw = std::fs::read(path)
-                .map_err(|source| ClusterError::Secret { path: path.display().to_string(), source })?;
-            raw.trim_ascii_end().to_vec()
-        }
+        (Some(path), _) => read_secret("cluster.secret_file", path)?,
         (None, Some(secret)) => secret.as_bytes().to_vec(),
         (None, None) => Vec::new(),
     };
@@ -114,7 +111,7 @@ fn read_secret(config: &ClusterConfig) -> Result<Vec<u8>, ClusterError> {
 
 impl Cluster {
     pub fn new(node_id: String, config: ClusterConfig, metrics: Arc<Metrics>) -> Result<Arc<Cluster>, ClusterError> {
-        let secret = read_secret(&config)?;
+        let secret = cluster_secret(&config)?;
         let own_ip = config
             .advertise_ip
             .or_else(|| std::env::var("POD_IP").ok().and_then(|ip| ip.parse().ok()))

@@ -299,21 +299,11 @@ impl ClusterConfig {
         if !self.enabled() {
             return Ok(());
         }
-        match (&self.secret_file, &self.secret) {
-            (None, None) => {
-                return Err(invalid(
-                    "cluster.secret_file",
-                    "required when peers are configured (or set cluster.secret / CHAT_CLUSTER__SECRET)",
-                ));
-            }
-            (Some(_), Some(_)) => {
-                return Err(invalid("cluster.secret", "set either cluster.secret or cluster.secret_file, not both"));
-            }
-            (None, Some(secret)) if secret.len() < 16 => {
-                return Err(invalid("cluster.secret", "must be at least 16 bytes"));
-            }
-            _ => {}
-        }
+        check_secret(
+            ("cluster.secret_file", &self.secret_file),
+            ("cluster.secret", &self.secret),
+            "required when peers are configured (or set cluster.secret / CHAT_CLUSTER__SECRET)",
+        )?;
         if !(1..=5).contains(&self.replication) {
             return Err(invalid("cluster.replication", "must be between 1 and 5"));
         }
@@ -432,27 +422,30 @@ impl NodeConfig {
     }
 }
 
+/// A secret is given either as a file or inline (then at least 16 bytes), never both.
+fn check_secret(
+    (file_field, file): (&str, &Option<PathBuf>),
+    (inline_field, inline): (&str, &Option<String>),
+    missing: &str,
+) -> Result<(), ConfigError> {
+    match (file, inline) {
+        (None, None) => Err(invalid(file_field, missing)),
+        (Some(_), Some(_)) => {
+            Err(invalid(inline_field, format!("set either {inline_field} or {file_field}, not both")))
+        }
+        (None, Some(secret)) if secret.len() < 16 => Err(invalid(inline_field, "must be at least 16 bytes")),
+        _ => Ok(()),
+    }
+}
+
 impl AuthConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.mode == AuthMode::Jwt {
-            match (&self.jwt_secret_file, &self.jwt_secret) {
-                (None, None) => {
-                    return Err(invalid(
-                        "auth.jwt_secret_file",
-                        "required when auth.mode is \"jwt\" (or set auth.jwt_secret / CHAT_AUTH__JWT_SECRET, or use auth.mode = \"anonymous\" for local development)",
-                    ));
-                }
-                (Some(_), Some(_)) => {
-                    return Err(invalid(
-                        "auth.jwt_secret",
-                        "set either auth.jwt_secret or auth.jwt_secret_file, not both",
-                    ));
-                }
-                (None, Some(secret)) if secret.len() < 16 => {
-                    return Err(invalid("auth.jwt_secret", "must be at least 16 bytes"));
-                }
-                _ => {}
-            }
+            check_secret(
+                ("auth.jwt_secret_file", &self.jwt_secret_file),
+                ("auth.jwt_secret", &self.jwt_secret),
+                "required when auth.mode is \"jwt\" (or set auth.jwt_secret / CHAT_AUTH__JWT_SECRET, or use auth.mode = \"anonymous\" for local development)",
+            )?;
         }
         for (i, rule) in self.rooms.iter().enumerate() {
             if rule.pattern.is_empty() {

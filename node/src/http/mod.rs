@@ -95,7 +95,7 @@ pub fn routes(
         .then(|tail: warp::path::Tail, state: Arc<AppState>| async move { state.assets.response(tail.as_str()).await });
 
     let get_routes = warp::get().and(
-        healthz.or(readyz).unify().or(metrics).unify().or(cluster).unify().or(ws).unify().or(static_files).unify(),
+        ws.or(healthz).unify().or(readyz).unify().or(metrics).unify().or(cluster).unify().or(static_files).unify(),
     );
     get_routes.or(warp::any().map(|| plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"))).unify()
 }
