@@ -1,0 +1,211 @@
+//! Operator end-to-end tests against a real Kubernetes cluster, run only when `KUBECONFIG` is set
+//! (otherwise they print "skipped: KUBECONFIG not set"). The operator's controller runs in this
+//! process, watching a fresh namespace; the chat-node image must be pullable by the cluster
+//! (`CHAT_NODE_IMAGE` overrides it, e.g. after `kind load docker-image`). The client Service is
+//! reached through the API server's port-forward to one of the pods it selects.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use chat_e2e::client::{Client as ChatClient, http_get};
+use chat_operator::crd::{ChatCluster, ChatClusterStatus};
+use chat_operator::metrics::Metrics;
+use chat_operator::reconcile::Context;
+use chat_operator::reconcile::status::condition;
+use chat_operator::{controller, crd};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, CustomResourceExt, ResourceExt};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+const NAME: &str = "chat";
+const SELECTOR: &str = "app.kubernetes.io/instance=chat";
+const READY_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn skipped() -> bool {
+    let skip = std::env::var_os("KUBECONFIG").is_none();
+    if skip {
+        println!("skipped: KUBECONFIG not set");
+    }
+    skip
+}
+
+#[tokio::test]
+async fn operator_runs_a_chat_cluster_end_to_end() -> anyhow::Result<()> {
+    if skipped() {
+        return Ok(());
+    }
+    let client = Client::try_default().await?;
+    install_crd(&client).await?;
+    let ns = format!("chat-e2e-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let mut namespace = Namespace::default();
+    namespace.metadata.name = Some(ns.clone());
+    namespaces.create(&PostParams::default(), &namespace).await?;
+
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let operator = {
+        let (client, ns) = (client.clone(), ns.clone());
+        let ctx = Arc::new(Context::new(client.clone(), Arc::new(Metrics::new()), Some("e2e".into())));
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            };
+            controller::run(client, ctx, Some(&ns), shutdown).await;
+        })
+    };
+    let result = scenario(&client, &ns).await;
+    let _ = stop_tx.send(true);
+    let _ = operator.await;
+    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+    result
+}
+
+async fn install_crd(client: &Client) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = ChatCluster::crd();
+    crds.patch(&crd.name_any(), &PatchParams::apply("chat-e2e").force(), &Patch::Apply(&crd)).await?;
+    wait("CRD established", Duration::from_secs(60), || async {
+        let crd = crds.get(ChatCluster::crd_name()).await?;
+        let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
+        Ok(conditions.iter().any(|c| c.type_ == "Established" && c.status == "True"))
+    })
+    .await
+}
+
+async fn scenario(client: &Client, ns: &str) -> anyhow::Result<()> {
+    let clusters: Api<ChatCluster> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/minimal.yaml"))?;
+    let mut cluster: ChatCluster = serde_norway::from_str(&manifest)?;
+    cluster.metadata.name = Some(NAME.into());
+    cluster.spec.image = std::env::var("CHAT_NODE_IMAGE").unwrap_or_else(|_| crd::default_image());
+    clusters.patch(NAME, &PatchParams::apply("chat-e2e").force(), &Patch::Apply(&cluster)).await?;
+    let ready = wait_rolled_out(&clusters, 3).await?;
+
+    // Chat through a pod behind the client Service.
+    let addr = forward(pods.clone()).await?;
+    let mut alice = ChatClient::connect(&format!("ws://{addr}/ws?name=alice"), None).await?;
+    alice.expect_type("welcome", Duration::from_secs(10)).await?;
+    alice.send_json(json!({"type": "join", "room": "e2e", "id": "j"})).await?;
+    alice.recv_until("joined", Duration::from_secs(10)).await?;
+    alice.send_json(json!({"type": "publish", "room": "e2e", "body": "hello", "id": "p"})).await?;
+    let message = alice.recv_until("message", Duration::from_secs(10)).await?;
+    assert_eq!(message["body"], "hello");
+    alice.close().await;
+
+    // A config change rolls every pod.
+    let before = pod_uids(&pods).await?;
+    let merge = PatchParams::default();
+    clusters.patch(NAME, &merge, &Patch::Merge(json!({"spec": {"config": {"history": {"size": 42}}}}))).await?;
+    let rolled = wait("new config hash", READY_TIMEOUT, || async {
+        let status = status(&clusters).await?;
+        Ok(status.target_config_hash != ready.target_config_hash && status.config_hash == status.target_config_hash)
+    });
+    rolled.await?;
+    wait_rolled_out(&clusters, 3).await?;
+    let after = pod_uids(&pods).await?;
+    assert!(after.iter().all(|uid| !before.contains(uid)), "every pod replaced: {before:?} -> {after:?}");
+
+    // An asset change is served without a restart.
+    let addr = forward(pods.clone()).await?;
+    for version in ["v1", "v2"] {
+        let svg = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"e2e-{version}\"/>");
+        clusters.patch(NAME, &merge, &Patch::Merge(json!({"spec": {"assets": {"files": {"logo.svg": svg}}}}))).await?;
+        wait("asset served", Duration::from_secs(180), || async {
+            let (code, body) = http_get(addr, "/logo.svg").await?;
+            Ok(code == 200 && body.contains(&format!("e2e-{version}")))
+        })
+        .await?;
+    }
+    assert_eq!(pod_uids(&pods).await?, after, "assets must not restart pods");
+
+    // Scale through the scale subresource, as kubectl scale and HPA do.
+    clusters.patch_scale(NAME, &merge, &Patch::Merge(json!({"spec": {"replicas": 4}}))).await?;
+    wait_rolled_out(&clusters, 4).await?;
+
+    // Deleting the cluster garbage-collects every child.
+    clusters.delete(NAME, &DeleteParams::background()).await?;
+    wait("children collected", Duration::from_secs(180), || async {
+        let lp = ListParams::default().labels(SELECTOR);
+        let sts = Api::<StatefulSet>::namespaced(client.clone(), ns).list(&lp).await?.items.len();
+        let svc = Api::<Service>::namespaced(client.clone(), ns).list(&lp).await?.items.len();
+        let cms = Api::<ConfigMap>::namespaced(client.clone(), ns).list(&lp).await?.items.len();
+        let secrets = Api::<Secret>::namespaced(client.clone(), ns).list(&lp).await?.items.len();
+        Ok(sts + svc + cms + secrets == 0)
+    })
+    .await
+}
+
+async fn status(clusters: &Api<ChatCluster>) -> anyhow::Result<ChatClusterStatus> {
+    Ok(clusters.get(NAME).await?.status.unwrap_or_default())
+}
+
+/// Waits for `replicas` ready, up-to-date nodes and returns that status.
+async fn wait_rolled_out(clusters: &Api<ChatCluster>, replicas: i32) -> anyhow::Result<ChatClusterStatus> {
+    wait(&format!("{replicas} nodes ready"), READY_TIMEOUT, || async {
+        let s = status(clusters).await?;
+        let is = |t: &str, v: &str| condition(&s, t).is_some_and(|c| c.status == v);
+        Ok(s.ready_replicas == replicas && is("Available", "True") && is("Progressing", "False"))
+    })
+    .await?;
+    status(clusters).await
+}
+
+async fn pod_uids(pods: &Api<Pod>) -> anyhow::Result<Vec<String>> {
+    let list = pods.list(&ListParams::default().labels(SELECTOR)).await?;
+    let mut uids: Vec<String> = list.items.iter().filter_map(|p| p.metadata.uid.clone()).collect();
+    uids.sort();
+    Ok(uids)
+}
+
+/// A local port whose connections are forwarded to port 8080 of a ready pod of the Service.
+async fn forward(pods: Api<Pod>) -> anyhow::Result<SocketAddr> {
+    let list = pods.list(&ListParams::default().labels(SELECTOR)).await?;
+    let ready = |p: &&Pod| {
+        let conditions = p.status.as_ref().and_then(|s| s.conditions.as_ref());
+        conditions.is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    };
+    let pod = list.items.iter().find(ready).context("no ready pod")?.name_any();
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut local, _)) = listener.accept().await {
+            let (pods, pod) = (pods.clone(), pod.clone());
+            tokio::spawn(async move {
+                let Ok(mut forwarder) = pods.portforward(&pod, &[8080]).await else { return };
+                if let Some(mut remote) = forwarder.take_stream(8080) {
+                    let _ = tokio::io::copy_bidirectional(&mut local, &mut remote).await;
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Polls `check` every 2 s until it is true or `timeout` passes.
+async fn wait<F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let start = Instant::now();
+    loop {
+        match check().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) if start.elapsed() > timeout => return Err(e.context(format!("waiting for {what}"))),
+            Err(_) => {}
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}

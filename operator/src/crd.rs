@@ -1,0 +1,446 @@
+//! The `ChatCluster` custom resource (group `chatcluster.dev`, version `v1alpha1`) and its CRD.
+
+use std::collections::BTreeMap;
+
+use chat_node::config::{NodeConfig, RoomRule};
+use k8s_openapi::api::core::v1::{
+    Affinity, LocalObjectReference, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Annotation that stops the operator from changing anything of this cluster while `"true"`.
+pub const PAUSED_ANNOTATION: &str = "chatcluster.dev/paused";
+
+/// A clustered WebSocket chat service: a StatefulSet of chat nodes plus their Services, config,
+/// assets, peer key and disruption budget, all owned by this resource.
+// The lint mistakes the repeated `type_ = ...` keys of separate `printcolumn(...)` for duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "chatcluster.dev",
+    version = "v1alpha1",
+    kind = "ChatCluster",
+    namespaced,
+    shortname = "chat",
+    status = "ChatClusterStatus",
+    derive = "PartialEq",
+    doc = "A clustered WebSocket chat service managed by chat-operator.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Available",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Available\")].status"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = k8s_formats)]
+pub struct ChatClusterSpec {
+    /// Number of chat nodes (pods).
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+    /// Container image of the chat node.
+    #[serde(default = "default_image")]
+    #[schemars(length(min = 1))]
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// CPU and memory requests/limits of the chat container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// The node's own configuration (see the node's config reference). The operator owns
+    /// `listen`, `assets_dir`, `auth.jwt_secret_file` and `drain`; set those through
+    /// `spec.auth` and `spec.drain` instead.
+    #[serde(default)]
+    pub config: NodeConfig,
+    #[serde(default)]
+    pub auth: AuthSpec,
+    #[serde(default)]
+    pub assets: AssetsSpec,
+    #[serde(default)]
+    pub service: ServiceSpec,
+    #[serde(default)]
+    pub pod: PodSettings,
+    #[serde(default)]
+    pub pdb: PdbSpec,
+    #[serde(default)]
+    pub drain: DrainSpec,
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+}
+
+impl Default for ChatClusterSpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_replicas(),
+            image: default_image(),
+            image_pull_policy: None,
+            image_pull_secrets: Vec::new(),
+            resources: None,
+            config: NodeConfig::default(),
+            auth: AuthSpec::default(),
+            assets: AssetsSpec::default(),
+            service: ServiceSpec::default(),
+            pod: PodSettings::default(),
+            pdb: PdbSpec::default(),
+            drain: DrainSpec::default(),
+            rollout: RolloutSpec::default(),
+        }
+    }
+}
+
+fn default_replicas() -> i32 {
+    3
+}
+
+/// Default image: the node release matching this operator.
+pub fn default_image() -> String {
+    format!("chatcluster/chat-node:{}", env!("CARGO_PKG_VERSION"))
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "Always",
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Never => "Never",
+        }
+    }
+}
+
+/// Client authentication: where the JWT key lives, and room rules.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// Secret (same namespace) holding the HS256 key; sets `auth.mode = "jwt"`. Without it the
+    /// node config's `auth.mode` must be `anonymous`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_secret_ref: Option<SecretKeyRef>,
+    /// Per-room rules (first match wins); they replace `config.auth.rooms`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rooms: Vec<RoomRule>,
+}
+
+/// A key in a Secret of the cluster's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key inside the Secret's data.
+    #[serde(default = "default_secret_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_secret_key() -> String {
+    "jwt-secret".to_owned()
+}
+
+/// Static files served by the nodes at `/`, overriding the built-in page per file name.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AssetsSpec {
+    /// Inline files by name (e.g. `logo.svg`, `style.css`); they win over the ConfigMap's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, String>,
+    /// A ConfigMap (same namespace) whose data keys are file names; changes are picked up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_ref: Option<LocalRef>,
+}
+
+/// A named object in the cluster's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct LocalRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// The client Service (WebSocket and web page on `port`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    #[serde(default = "default_service_type", rename = "type")]
+    pub type_: ServiceType,
+    #[serde(default = "default_service_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Only for `NodePort` and `LoadBalancer`; picked by Kubernetes when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub node_port: Option<i32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        Self {
+            type_: default_service_type(),
+            port: default_service_port(),
+            node_port: None,
+            annotations: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_service_type() -> ServiceType {
+    ServiceType::ClusterIP
+}
+
+fn default_service_port() -> i32 {
+    80
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ServiceType {
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterIP => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// Scheduling and metadata of the chat pods.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSettings {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    /// Extra pod annotations (the operator's own `chatcluster.dev/*` keys win).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Extra pod labels (the selector labels win).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// PodDisruptionBudget over the chat pods.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PdbSpec {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 1))]
+    pub max_unavailable: i32,
+}
+
+impl Default for PdbSpec {
+    fn default() -> Self {
+        Self { enabled: true, max_unavailable: 1 }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_one() -> i32 {
+    1
+}
+
+/// Graceful shutdown of a node (written to the node config's `drain` section).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainSpec {
+    /// Seconds `/readyz` fails before clients are disconnected, so endpoints drop the pod first.
+    #[serde(default = "default_lb_grace")]
+    #[schemars(range(min = 0, max = 600))]
+    pub lb_grace_seconds: u64,
+    /// Clients disconnected per second (close code 4000).
+    #[serde(default = "default_drain_rate")]
+    #[schemars(range(min = 1))]
+    pub rate_per_second: u32,
+    /// Seconds after SIGTERM by which the node exits.
+    #[serde(default = "default_deadline")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub deadline_seconds: u64,
+    /// Pod termination grace; defaults to `deadlineSeconds + 5` and must exceed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub termination_grace_period_seconds: Option<i64>,
+}
+
+impl Default for DrainSpec {
+    fn default() -> Self {
+        Self {
+            lb_grace_seconds: default_lb_grace(),
+            rate_per_second: default_drain_rate(),
+            deadline_seconds: default_deadline(),
+            termination_grace_period_seconds: None,
+        }
+    }
+}
+
+fn default_lb_grace() -> u64 {
+    5
+}
+
+fn default_drain_rate() -> u32 {
+    500
+}
+
+fn default_deadline() -> u64 {
+    25
+}
+
+/// How changes that need a restart (config, auth key) reach running pods.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// `RollingUpdate` replaces pods one at a time at once; `OnDelete` waits until each pod is
+    /// deleted by someone else.
+    #[serde(default = "default_strategy")]
+    pub strategy: RolloutStrategy,
+    /// Seconds a new pod must be ready before the rollout moves on.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 3600))]
+    pub min_ready_seconds: i32,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self { strategy: default_strategy(), min_ready_seconds: 0 }
+    }
+}
+
+fn default_strategy() -> RolloutStrategy {
+    RolloutStrategy::RollingUpdate
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RolloutStrategy {
+    RollingUpdate,
+    OnDelete,
+}
+
+/// Observed state, written by the operator only.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatClusterStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub replicas: i32,
+    #[serde(default)]
+    pub ready_replicas: i32,
+    #[serde(default)]
+    pub updated_replicas: i32,
+    /// Config hash every pod runs (set once a rollout completes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+    /// Config hash on the pod template (what is being rolled out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_config_hash: Option<String>,
+    /// Label selector of the pods, for the scale subresource (HPA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// WebSocket URL of the client Service inside the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// One word summary: Running, Progressing, Degraded or Paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+impl ChatCluster {
+    /// Whether the pause annotation is set to `"true"`.
+    pub fn is_paused(&self) -> bool {
+        self.metadata.annotations.as_ref().and_then(|a| a.get(PAUSED_ANNOTATION)).is_some_and(|v| v == "true")
+    }
+}
+
+/// Formats the API server knows; schemars' Rust-specific ones (`uint`, `uint64`, ...) are dropped
+/// so the CRD carries no unrecognised formats (the `minimum` next to them still holds).
+const K8S_FORMATS: &[&str] = &[
+    "int32",
+    "int64",
+    "float",
+    "double",
+    "byte",
+    "binary",
+    "date",
+    "date-time",
+    "duration",
+    "password",
+    "uri",
+    "email",
+    "hostname",
+    "ipv4",
+    "ipv6",
+    "cidr",
+    "mac",
+    "uuid",
+];
+
+fn k8s_formats(schema: &mut schemars::Schema) {
+    fn walk(v: &mut serde_json::Value) {
+        let Some(o) = v.as_object_mut() else { return };
+        if o.get("format").and_then(|f| f.as_str()).is_some_and(|f| !K8S_FORMATS.contains(&f)) {
+            o.remove("format");
+        }
+        // Only schema positions: `default`/`enum` values may hold a field literally named "format".
+        if let Some(props) = o.get_mut("properties").and_then(|p| p.as_object_mut()) {
+            props.values_mut().for_each(walk);
+        }
+        for key in ["items", "additionalProperties"] {
+            if let Some(sub) = o.get_mut(key) {
+                walk(sub);
+            }
+        }
+    }
+    if let Some(o) = schema.as_object_mut() {
+        let mut value = serde_json::Value::Object(std::mem::take(o));
+        walk(&mut value);
+        if let serde_json::Value::Object(map) = value {
+            *o = map;
+        }
+    }
+}
+
+/// The CRD as YAML, exactly as `chat-operator crd` prints it and `crds/chatcluster.yaml` holds.
+pub fn crd_yaml() -> Result<String, serde_norway::Error> {
+    use kube::CustomResourceExt;
+    let yaml = serde_norway::to_string(&ChatCluster::crd())?;
+    Ok(format!("# Generated by `chat-operator crd`; do not edit.\n{yaml}"))
+}

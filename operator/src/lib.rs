@@ -1,0 +1,11 @@
+//! chat-operator: reconciles `ChatCluster` resources into running chat clusters.
+
+pub mod controller;
+pub mod crd;
+pub mod fake;
+pub mod fixtures;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+pub mod resources;

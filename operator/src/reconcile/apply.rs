@@ -1,0 +1,128 @@
+//! API writes: server-side apply of children, deletion of unwanted ones, and the retry of
+//! transient API errors (409, 429, 5xx, transport) that every call goes through.
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::time::Duration;
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{Context, Error};
+use crate::resources::{Children, FIELD_MANAGER, Owner};
+
+/// How often and how fast transient API errors are retried inside one reconcile.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub first_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self { attempts: 4, first_delay: Duration::from_millis(200) }
+    }
+}
+
+/// Errors worth another try: conflicts, throttling, server errors and transport failures.
+pub fn is_transient(error: &kube::Error) -> bool {
+    match error {
+        kube::Error::Api(status) => matches!(status.code, 409 | 429 | 500..=599),
+        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+        _ => false,
+    }
+}
+
+/// Runs `op` until it succeeds, fails permanently, or the attempts run out (doubling delays).
+pub async fn retry<T, F, Fut>(policy: RetryPolicy, mut op: F) -> Result<T, kube::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, kube::Error>>,
+{
+    let mut delay = policy.first_delay;
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Err(e) if is_transient(&e) && attempt < policy.attempts => {
+                tracing::debug!(error = %e, attempt, "transient API error; retrying");
+                tokio::time::sleep(delay).await;
+                delay = delay.saturating_mul(2);
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Objects written back by the API server that status is computed from.
+pub struct Applied {
+    pub statefulset: StatefulSet,
+    pub client_service: Service,
+}
+
+/// Applies every wanted child; volumes' sources go first so new pods never wait for them.
+pub async fn apply_all(ctx: &Context, owner: &Owner, children: &Children) -> Result<Applied, Error> {
+    apply(ctx, owner, &children.config).await?;
+    apply(ctx, owner, &children.assets).await?;
+    apply(ctx, owner, &children.peer_secret).await?;
+    apply(ctx, owner, &children.peer_service).await?;
+    let client_service = apply(ctx, owner, &children.client_service).await?;
+    if let Some(pdb) = &children.pdb {
+        apply(ctx, owner, pdb).await?;
+    }
+    let statefulset = apply(ctx, owner, &children.statefulset).await?;
+    Ok(Applied { statefulset, client_service })
+}
+
+async fn apply<K>(ctx: &Context, owner: &Owner, object: &K) -> Result<K, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let name = object.name_any();
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let patch = Patch::Apply(object);
+    retry(ctx.retry, || api.patch(&name, &params, &patch)).await.map_err(|source| Error::Apply {
+        kind: K::kind(&()).into_owned(),
+        name: name.clone(),
+        source,
+    })
+}
+
+/// Deletes children the spec no longer wants; returns what was deleted (for events).
+pub async fn delete_unwanted(ctx: &Context, owner: &Owner, children: &Children) -> Result<Vec<String>, Error> {
+    let mut deleted = Vec::new();
+    if children.pdb.is_none() {
+        let api: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+        if delete_if_owned(ctx, &api, &owner.name, owner).await? {
+            deleted.push(format!("PodDisruptionBudget/{}", owner.name));
+        }
+    }
+    Ok(deleted)
+}
+
+/// Only objects this cluster controls are deleted: a same-named object of the user's stays.
+async fn delete_if_owned<K>(ctx: &Context, api: &Api<K>, name: &str, owner: &Owner) -> Result<bool, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned,
+{
+    let to_err = |source| Error::Delete { kind: K::kind(&()).into_owned(), name: name.to_owned(), source };
+    let Some(existing) = retry(ctx.retry, || api.get_opt(name)).await.map_err(to_err)? else {
+        return Ok(false);
+    };
+    if !existing.owner_references().iter().any(|r| r.uid == owner.reference.uid) {
+        return Ok(false);
+    }
+    let params = DeleteParams::background();
+    match retry(ctx.retry, || api.delete(name, &params)).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(source) => Err(to_err(source)),
+    }
+}

@@ -1,0 +1,40 @@
+//! Reads the objects a spec refers to (auth Secret, assets ConfigMap, existing peer Secret).
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::Api;
+use rand::RngCore;
+
+use super::apply::retry;
+use super::validate::{PEER_KEY_BYTES, Refs};
+use super::{Context, Error};
+use crate::crd::ChatCluster;
+use crate::resources::Owner;
+
+pub async fn fetch(ctx: &Context, cluster: &ChatCluster, owner: &Owner) -> Result<Refs, Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let auth_secret = match &cluster.spec.auth.jwt_secret_ref {
+        Some(r) => get(ctx, &secrets, &r.name).await?,
+        None => None,
+    };
+    let assets_config_map = match &cluster.spec.assets.config_map_ref {
+        Some(r) => get(ctx, &config_maps, &r.name).await?,
+        None => None,
+    };
+    let peer_secret = get(ctx, &secrets, &owner.peer_secret_name()).await?;
+    let mut random = [0u8; PEER_KEY_BYTES];
+    rand::rng().fill_bytes(&mut random);
+    let fresh_peer_key = random.iter().map(|b| format!("{b:02x}")).collect::<String>().into_bytes();
+    Ok(Refs { auth_secret, assets_config_map, peer_secret, fresh_peer_key })
+}
+
+async fn get<K>(ctx: &Context, api: &Api<K>, name: &str) -> Result<Option<K>, Error>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    retry(ctx.retry, || api.get_opt(name)).await.map_err(|source| Error::Read {
+        kind: K::kind(&()).into_owned(),
+        name: name.to_owned(),
+        source,
+    })
+}

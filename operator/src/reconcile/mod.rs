@@ -1,0 +1,186 @@
+//! The reconcile loop: dereference → validate → build → apply → delete unwanted → status.
+
+pub mod apply;
+pub mod dereference;
+pub mod status;
+pub mod validate;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource, ResourceExt};
+
+use crate::crd::ChatCluster;
+use crate::metrics::Metrics;
+use crate::resources::{self, Owner};
+use apply::RetryPolicy;
+
+/// Consecutive failures after which API errors show as `Degraded` (never on the first one).
+const DEGRADED_AFTER_FAILURES: u32 = 5;
+/// Periodic re-check even without events (owned objects are watched, so this is a safety net).
+const RESYNC: Duration = Duration::from_secs(300);
+/// Re-check of an invalid spec, in case a referenced object appears without an event reaching us.
+const INVALID_RECHECK: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("object has no name, namespace or uid")]
+    MissingObjectKey,
+    #[error("reading {kind} {name}: {source}")]
+    Read { kind: String, name: String, source: kube::Error },
+    #[error("applying {kind} {name}: {source}")]
+    Apply { kind: String, name: String, source: kube::Error },
+    #[error("deleting {kind} {name}: {source}")]
+    Delete { kind: String, name: String, source: kube::Error },
+    #[error("writing status of {name}: {source}")]
+    Status { name: String, source: kube::Error },
+}
+
+impl Error {
+    /// Short label for the errors metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::MissingObjectKey => "missing_key",
+            Self::Read { .. } => "read",
+            Self::Apply { .. } => "apply",
+            Self::Delete { .. } => "delete",
+            Self::Status { .. } => "status",
+        }
+    }
+}
+
+/// Shared state of every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    pub retry: RetryPolicy,
+    /// Consecutive failures per cluster (`namespace/name`), for back-off and `Degraded`.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
+        let reporter = Reporter { controller: resources::FIELD_MANAGER.to_owned(), instance };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            retry: RetryPolicy::default(),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn failures(&self, key: &str, failed: bool) -> u32 {
+        // A poisoned lock only means another reconcile panicked; the counts are still usable.
+        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if failed {
+            let n = map.entry(key.to_owned()).or_insert(0);
+            *n += 1;
+            *n
+        } else {
+            map.remove(key);
+            0
+        }
+    }
+
+    /// Publishes an event; failures are logged only, an event is never worth a failed reconcile.
+    pub async fn event(&self, cluster: &ChatCluster, type_: EventType, reason: &str, note: String) {
+        let event =
+            Event { type_, reason: reason.to_owned(), note: Some(note), action: reason.to_owned(), secondary: None };
+        if let Err(e) = self.recorder.publish(&event, &cluster.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "could not publish event");
+        }
+    }
+}
+
+fn key(cluster: &ChatCluster) -> String {
+    format!("{}/{}", cluster.namespace().unwrap_or_default(), cluster.name_any())
+}
+
+fn now() -> Time {
+    Time(jiff::Timestamp::now())
+}
+
+/// Entry point for the controller.
+pub async fn reconcile(cluster: Arc<ChatCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_timer();
+    let owner = Owner::of(&cluster).ok_or(Error::MissingObjectKey)?;
+    let result = reconcile_owned(&cluster, &owner, &ctx).await;
+    let failures = ctx.failures(&key(&cluster), result.is_err());
+    if let Err(e) = &result {
+        ctx.metrics.reconcile_failed(e.metric_label());
+        tracing::warn!(cluster = %key(&cluster), error = %e, failures, "reconcile failed");
+        if failures == DEGRADED_AFTER_FAILURES {
+            let message = format!("{failures} reconciles in a row failed; last: {e}");
+            ctx.event(&cluster, EventType::Warning, "ApiError", message.clone()).await;
+            // Best effort: the API is failing, so this write may fail too.
+            let _ = status::write(&ctx, &cluster, &owner, status::api_failing(&cluster, message, now())).await;
+        }
+    }
+    result
+}
+
+/// Back-off for failed reconciles: 2, 4, 8 ... seconds, at most five minutes.
+pub fn error_policy(cluster: Arc<ChatCluster>, _error: &Error, ctx: Arc<Context>) -> Action {
+    let failures = ctx.failures.lock().map(|m| m.get(&key(&cluster)).copied().unwrap_or(1)).unwrap_or(1);
+    Action::requeue(backoff(failures))
+}
+
+pub fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(2u64.saturating_pow(failures.clamp(1, 9)).min(300))
+}
+
+async fn reconcile_owned(cluster: &ChatCluster, owner: &Owner, ctx: &Context) -> Result<Action, Error> {
+    if cluster.is_paused() {
+        let was_paused = cluster.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Paused");
+        if !was_paused {
+            ctx.event(cluster, EventType::Normal, "Paused", "reconciliation paused by annotation".to_owned()).await;
+        }
+        status::write(ctx, cluster, owner, status::paused(cluster, now())).await?;
+        return Ok(Action::requeue(RESYNC));
+    }
+    let refs = dereference::fetch(ctx, cluster, owner).await?;
+    let plan = match validate::validate(cluster, owner.clone(), &refs) {
+        Ok(plan) => plan,
+        Err(problem) => {
+            tracing::info!(cluster = %key(cluster), %problem, "invalid spec; nothing changed");
+            ctx.event(cluster, EventType::Warning, problem.reason, problem.message.clone()).await;
+            status::write(ctx, cluster, owner, status::degraded(cluster, &problem, now())).await?;
+            return Ok(Action::requeue(INVALID_RECHECK));
+        }
+    };
+    let children = resources::build(cluster, &plan);
+    let applied = apply::apply_all(ctx, owner, &children).await?;
+    for object in apply::delete_unwanted(ctx, owner, &children).await? {
+        ctx.event(cluster, EventType::Normal, "Deleted", format!("deleted {object}: no longer wanted")).await;
+    }
+    let new = status::observed(cluster, &plan, &applied.statefulset, &applied.client_service, now());
+    announce(ctx, cluster, &new).await;
+    status::write(ctx, cluster, owner, new).await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Events for significant changes, found by comparing with the previous status.
+async fn announce(ctx: &Context, cluster: &ChatCluster, new: &crate::crd::ChatClusterStatus) {
+    let Some(old) = &cluster.status else {
+        ctx.event(cluster, EventType::Normal, "Created", "created the chat cluster's children".to_owned()).await;
+        return;
+    };
+    if old.target_config_hash.is_some() && old.target_config_hash != new.target_config_hash {
+        let note = format!("config changed; rolling nodes to {}", new.target_config_hash.as_deref().unwrap_or(""));
+        ctx.event(cluster, EventType::Normal, "ConfigRollout", note).await;
+    }
+    let new_generation = old.observed_generation != cluster.metadata.generation;
+    if new_generation && old.replicas != cluster.spec.replicas {
+        let note = format!("scaling from {} to {} nodes", old.replicas, cluster.spec.replicas);
+        ctx.event(cluster, EventType::Normal, "Scaled", note).await;
+    }
+    if status::condition(old, status::DEGRADED).is_some_and(|c| c.status == "True") {
+        ctx.event(cluster, EventType::Normal, "Recovered", "spec and references are valid again".to_owned()).await;
+    }
+}

@@ -1,0 +1,245 @@
+//! Pure validation: checks the spec and the dereferenced objects, renders the node config and
+//! computes the config hash. Whatever it rejects becomes a `Degraded` condition, never a change.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use chat_node::config::{AuthMode, DrainConfig, NodeConfig};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use sha2::{Digest, Sha256};
+
+use crate::crd::{ChatCluster, ServiceType};
+use crate::resources::{ASSETS_DIR, AUTH_DIR, HTTP_PORT, Owner, PEER_DIR, PEER_KEY, PEER_PORT};
+
+/// Shortest JWT key accepted (the node's own minimum for inline keys).
+const MIN_JWT_KEY_BYTES: usize = 16;
+/// Shortest peer key kept; anything shorter in an existing Secret is replaced. Generated keys
+/// are 64 hex characters (32 random bytes): text, because the node trims trailing whitespace.
+pub const PEER_KEY_BYTES: usize = 32;
+/// Assets must fit one ConfigMap (1 MiB) with room for metadata.
+const MAX_ASSET_BYTES: usize = 900 * 1024;
+
+/// Objects the spec references, as read from the API (`None`: absent or not referenced).
+#[derive(Clone, Debug, Default)]
+pub struct Refs {
+    pub auth_secret: Option<Secret>,
+    pub assets_config_map: Option<ConfigMap>,
+    pub peer_secret: Option<Secret>,
+    /// Random key used only when no usable peer key exists yet.
+    pub fresh_peer_key: Vec<u8>,
+}
+
+/// A spec problem only the operator can see; `reason` is the condition/event reason.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {message}")]
+pub struct Invalid {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+fn invalid(reason: &'static str, message: impl Into<String>) -> Invalid {
+    Invalid { reason, message: message.into() }
+}
+
+/// Everything the builders need beyond the spec.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub owner: Owner,
+    pub config: NodeConfig,
+    pub config_toml: String,
+    pub assets: BTreeMap<String, String>,
+    pub peer_key: Vec<u8>,
+    pub config_hash: String,
+    pub termination_grace_seconds: i64,
+}
+
+pub fn validate(cluster: &ChatCluster, owner: Owner, refs: &Refs) -> Result<Plan, Invalid> {
+    let auth_key = auth_key(cluster, &owner, refs)?;
+    let config = render_config(cluster, &owner.peer_dns())?;
+    let termination_grace_seconds = termination_grace(cluster)?;
+    if cluster.spec.service.type_ == ServiceType::ClusterIP && cluster.spec.service.node_port.is_some() {
+        return Err(invalid("InvalidService", "spec.service.nodePort needs type NodePort or LoadBalancer"));
+    }
+    let assets = assets(cluster, &owner, refs)?;
+    let peer_key = peer_key(refs);
+    let config_toml = toml::to_string(&config).map_err(|e| invalid("InvalidConfig", e.to_string()))?;
+    let config_hash = config_hash(&config_toml, auth_key.as_deref(), &peer_key);
+    Ok(Plan { owner, config, config_toml, assets, peer_key, config_hash, termination_grace_seconds })
+}
+
+/// `spec.config` with the operator-owned fields forced, checked by the node's own rules;
+/// `peer_dns` is the headless peer Service's name, which the nodes resolve to find each other.
+pub fn render_config(cluster: &ChatCluster, peer_dns: &str) -> Result<NodeConfig, Invalid> {
+    let spec = &cluster.spec;
+    let mut cfg = spec.config.clone();
+    if cfg.node_id.is_some() {
+        return Err(invalid(
+            "OperatorOwnedField",
+            "spec.config.node_id must be unset: each node is named after its pod",
+        ));
+    }
+    if cfg.auth.jwt_secret.is_some() {
+        return Err(invalid(
+            "InlineSecret",
+            "spec.config.auth.jwt_secret must not be set: put the key in a Secret and reference it in spec.auth.jwtSecretRef",
+        ));
+    }
+    if cfg.auth.jwt_secret_file.is_some() {
+        return Err(invalid(
+            "OperatorOwnedField",
+            "spec.config.auth.jwt_secret_file is set by the operator: use spec.auth.jwtSecretRef",
+        ));
+    }
+    if cfg.cluster.secret.is_some() {
+        return Err(invalid(
+            "InlineSecret",
+            "spec.config.cluster.secret must not be set: the operator generates the peer key",
+        ));
+    }
+    let cluster_owned = [
+        ("secret_file", cfg.cluster.secret_file.is_some()),
+        ("dns_name", cfg.cluster.dns_name.is_some()),
+        ("static_peers", !cfg.cluster.static_peers.is_empty()),
+        ("advertise_ip", cfg.cluster.advertise_ip.is_some()),
+    ];
+    if let Some((field, _)) = cluster_owned.iter().find(|(_, set)| *set) {
+        return Err(invalid(
+            "OperatorOwnedField",
+            format!(
+                "spec.config.cluster.{field} is set by the operator (peers are found through the headless Service)"
+            ),
+        ));
+    }
+    cfg.listen = SocketAddr::from(([0, 0, 0, 0], HTTP_PORT as u16));
+    cfg.cluster.peer_listen = SocketAddr::from(([0, 0, 0, 0], PEER_PORT as u16));
+    cfg.cluster.dns_name = Some(peer_dns.to_owned());
+    cfg.cluster.secret_file = Some(PathBuf::from(PEER_DIR).join(PEER_KEY));
+    cfg.assets_dir = Some(PathBuf::from(ASSETS_DIR));
+    match &spec.auth.jwt_secret_ref {
+        Some(secret) => {
+            cfg.auth.mode = AuthMode::Jwt;
+            cfg.auth.jwt_secret_file = Some(PathBuf::from(AUTH_DIR).join(&secret.key));
+        }
+        None if cfg.auth.mode == AuthMode::Jwt => {
+            return Err(invalid(
+                "MissingJwtSecret",
+                "auth mode \"jwt\" needs spec.auth.jwtSecretRef (or set spec.config.auth.mode: anonymous)",
+            ));
+        }
+        None => {}
+    }
+    if !spec.auth.rooms.is_empty() {
+        if !cfg.auth.rooms.is_empty() {
+            return Err(invalid(
+                "ConflictingRoomRules",
+                "set room rules in spec.auth.rooms or spec.config.auth.rooms, not both",
+            ));
+        }
+        cfg.auth.rooms = spec.auth.rooms.clone();
+    }
+    cfg.drain = DrainConfig {
+        lb_grace_secs: spec.drain.lb_grace_seconds,
+        rate_per_sec: spec.drain.rate_per_second,
+        deadline_secs: spec.drain.deadline_seconds,
+    };
+    cfg.validate().map_err(|e| invalid("InvalidConfig", e.to_string()))?;
+    Ok(cfg)
+}
+
+fn termination_grace(cluster: &ChatCluster) -> Result<i64, Invalid> {
+    let drain = &cluster.spec.drain;
+    let deadline = i64::try_from(drain.deadline_seconds)
+        .map_err(|_| invalid("InvalidDrain", "spec.drain.deadlineSeconds is too large"))?;
+    // Five seconds beyond the node's own deadline, so the kubelet never SIGKILLs a draining node.
+    let grace = drain.termination_grace_period_seconds.unwrap_or(deadline.saturating_add(5));
+    if grace <= deadline {
+        return Err(invalid(
+            "InvalidDrain",
+            format!("spec.drain.terminationGracePeriodSeconds ({grace}) must exceed deadlineSeconds ({deadline})"),
+        ));
+    }
+    Ok(grace)
+}
+
+fn auth_key(cluster: &ChatCluster, owner: &Owner, refs: &Refs) -> Result<Option<Vec<u8>>, Invalid> {
+    let Some(reference) = &cluster.spec.auth.jwt_secret_ref else { return Ok(None) };
+    let Some(secret) = &refs.auth_secret else {
+        return Err(invalid(
+            "SecretNotFound",
+            format!("Secret {}/{} (spec.auth.jwtSecretRef) does not exist", owner.namespace, reference.name),
+        ));
+    };
+    let Some(key) = secret.data.as_ref().and_then(|d| d.get(&reference.key)) else {
+        return Err(invalid(
+            "SecretKeyNotFound",
+            format!(
+                "Secret {}/{} has no key {:?} (spec.auth.jwtSecretRef.key)",
+                owner.namespace, reference.name, reference.key
+            ),
+        ));
+    };
+    if key.0.len() < MIN_JWT_KEY_BYTES {
+        return Err(invalid(
+            "WeakJwtSecret",
+            format!("the JWT key in Secret {} must be at least {MIN_JWT_KEY_BYTES} bytes", reference.name),
+        ));
+    }
+    Ok(Some(key.0.clone()))
+}
+
+fn assets(cluster: &ChatCluster, owner: &Owner, refs: &Refs) -> Result<BTreeMap<String, String>, Invalid> {
+    let spec = &cluster.spec.assets;
+    let mut files = BTreeMap::new();
+    if let Some(reference) = &spec.config_map_ref {
+        let Some(cm) = &refs.assets_config_map else {
+            return Err(invalid(
+                "ConfigMapNotFound",
+                format!("ConfigMap {}/{} (spec.assets.configMapRef) does not exist", owner.namespace, reference.name),
+            ));
+        };
+        files.extend(cm.data.clone().unwrap_or_default());
+    }
+    files.extend(spec.files.clone());
+    if let Some(bad) = files.keys().find(|k| !valid_file_name(k)) {
+        return Err(invalid(
+            "InvalidAssetName",
+            format!("asset name {bad:?} must be letters, digits, '-', '_' or '.', and not start with \"..\""),
+        ));
+    }
+    let total: usize = files.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if total > MAX_ASSET_BYTES {
+        return Err(invalid("AssetsTooLarge", format!("assets total {total} bytes; at most {MAX_ASSET_BYTES} fit")));
+    }
+    Ok(files)
+}
+
+/// ConfigMap key rules, minus names kubelet reserves for its atomic-swap links.
+fn valid_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && !name.starts_with("..")
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The existing key when usable, so re-applying the Secret never rotates it.
+fn peer_key(refs: &Refs) -> Vec<u8> {
+    refs.peer_secret
+        .as_ref()
+        .and_then(|s| s.data.as_ref())
+        .and_then(|d| d.get(PEER_KEY))
+        .filter(|k| k.0.len() >= PEER_KEY_BYTES)
+        .map_or_else(|| refs.fresh_peer_key.clone(), |k| k.0.clone())
+}
+
+/// Hash of everything a running node reads only at start. Keys enter the hash together with the
+/// random peer key, so the published hash cannot be used to guess a weak JWT key offline.
+fn config_hash(config_toml: &str, auth_key: Option<&[u8]>, peer_key: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(config_toml.as_bytes());
+    hasher.update([0]);
+    hasher.update(auth_key.unwrap_or_default());
+    hasher.update([0]);
+    hasher.update(peer_key);
+    hasher.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
+}

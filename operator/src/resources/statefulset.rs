@@ -1,0 +1,206 @@
+//! The StatefulSet of chat nodes: stable pod names, rolling updates keyed on the config hash,
+//! probes, downward-API env, secure defaults and a grace period that covers the node's drain.
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{
+    ASSETS_DIR, AUTH_DIR, CONFIG_HASH_ANNOTATION, CONFIG_KEY, CONFIG_PATH, HTTP_PORT, PEER_DIR, PEER_PORT, non_empty,
+    non_empty_vec,
+};
+use crate::crd::{ChatCluster, RolloutStrategy};
+use crate::reconcile::validate::Plan;
+
+/// UID/GID of the node process; any non-root id works, this is the distroless "nonroot" user.
+const RUN_AS: i64 = 65532;
+
+pub fn statefulset(cluster: &ChatCluster, plan: &Plan) -> StatefulSet {
+    let owner = &plan.owner;
+    let spec = &cluster.spec;
+    let strategy = match spec.rollout.strategy {
+        RolloutStrategy::RollingUpdate => "RollingUpdate",
+        RolloutStrategy::OnDelete => "OnDelete",
+    };
+    StatefulSet {
+        metadata: owner.object_meta(owner.name.clone()),
+        spec: StatefulSetSpec {
+            replicas: Some(spec.replicas),
+            selector: LabelSelector { match_labels: Some(owner.selector_labels()), ..LabelSelector::default() },
+            service_name: Some(owner.peer_service_name()),
+            // Nodes do not depend on each other to start, so scale up and down all at once.
+            pod_management_policy: Some("Parallel".to_owned()),
+            update_strategy: Some(StatefulSetUpdateStrategy { type_: Some(strategy.to_owned()), rolling_update: None }),
+            min_ready_seconds: (spec.rollout.min_ready_seconds > 0).then_some(spec.rollout.min_ready_seconds),
+            template: pod_template(cluster, plan),
+            ..StatefulSetSpec::default()
+        },
+        ..StatefulSet::default()
+    }
+}
+
+fn pod_template(cluster: &ChatCluster, plan: &Plan) -> PodTemplateSpec {
+    let pod = &cluster.spec.pod;
+    let mut labels = pod.labels.clone();
+    labels.extend(plan.owner.selector_labels());
+    let mut annotations = pod.annotations.clone();
+    annotations.insert(CONFIG_HASH_ANNOTATION.to_owned(), plan.config_hash.clone());
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta { labels: Some(labels), annotations: Some(annotations), ..ObjectMeta::default() }),
+        spec: Some(PodSpec {
+            containers: vec![container(cluster, plan)],
+            volumes: Some(volumes(cluster, plan)),
+            termination_grace_period_seconds: Some(plan.termination_grace_seconds),
+            // The node never talks to the API server.
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            service_account_name: pod.service_account_name.clone(),
+            priority_class_name: pod.priority_class_name.clone(),
+            node_selector: non_empty(pod.node_selector.clone()),
+            tolerations: non_empty_vec(&pod.tolerations),
+            affinity: pod.affinity.clone(),
+            topology_spread_constraints: non_empty_vec(&pod.topology_spread_constraints),
+            image_pull_secrets: non_empty_vec(&cluster.spec.image_pull_secrets),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(RUN_AS),
+                run_as_group: Some(RUN_AS),
+                fs_group: Some(RUN_AS),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".to_owned(),
+                    ..SeccompProfile::default()
+                }),
+                ..PodSecurityContext::default()
+            }),
+            ..PodSpec::default()
+        }),
+    }
+}
+
+fn container(cluster: &ChatCluster, plan: &Plan) -> Container {
+    let mut mounts = vec![
+        // subPath is fine here: config changes roll the pods anyway (config hash).
+        mount("config", CONFIG_PATH, Some(CONFIG_KEY)),
+        // No subPath: kubelet's atomic `..data` swap must reach running pods.
+        mount("assets", ASSETS_DIR, None),
+        mount("peer", PEER_DIR, None),
+        mount("tmp", "/tmp", None),
+    ];
+    if cluster.spec.auth.jwt_secret_ref.is_some() {
+        mounts.push(mount("auth", AUTH_DIR, None));
+    }
+    Container {
+        name: "chat-node".to_owned(),
+        image: Some(cluster.spec.image.clone()),
+        image_pull_policy: cluster.spec.image_pull_policy.map(|p| p.as_str().to_owned()),
+        args: Some(vec!["--config".to_owned(), CONFIG_PATH.to_owned()]),
+        ports: Some(vec![port("http", HTTP_PORT), port("peer", PEER_PORT)]),
+        env: Some(vec![
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+            field_env("POD_IP", "status.podIP"),
+            EnvVar { name: "CHAT_PEER_DNS".to_owned(), value: Some(plan.owner.peer_dns()), ..EnvVar::default() },
+        ]),
+        liveness_probe: Some(probe("/healthz", 10, 3)),
+        readiness_probe: Some(probe("/readyz", 5, 1)),
+        resources: cluster.spec.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            privileged: Some(false),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), add: None }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Container::default()
+    }
+}
+
+fn volumes(cluster: &ChatCluster, plan: &Plan) -> Vec<Volume> {
+    let owner = &plan.owner;
+    let mut volumes = vec![
+        Volume {
+            name: "config".to_owned(),
+            config_map: Some(ConfigMapVolumeSource { name: owner.config_name(), ..ConfigMapVolumeSource::default() }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "assets".to_owned(),
+            config_map: Some(ConfigMapVolumeSource { name: owner.assets_name(), ..ConfigMapVolumeSource::default() }),
+            ..Volume::default()
+        },
+        secret_volume("peer", owner.peer_secret_name(), None),
+        Volume { name: "tmp".to_owned(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() },
+    ];
+    if let Some(auth) = &cluster.spec.auth.jwt_secret_ref {
+        volumes.push(secret_volume("auth", auth.name.clone(), Some(&auth.key)));
+    }
+    volumes
+}
+
+/// Owner-read-only files: keys never need to be readable by anyone else in the pod.
+fn secret_volume(name: &str, secret: String, only_key: Option<&str>) -> Volume {
+    let items =
+        only_key.map(|key| vec![KeyToPath { key: key.to_owned(), path: key.to_owned(), ..KeyToPath::default() }]);
+    Volume {
+        name: name.to_owned(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret),
+            items,
+            default_mode: Some(0o400),
+            optional: Some(false),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+fn mount(volume: &str, path: &str, sub_path: Option<&str>) -> VolumeMount {
+    VolumeMount {
+        name: volume.to_owned(),
+        mount_path: path.to_owned(),
+        sub_path: sub_path.map(str::to_owned),
+        read_only: Some(volume != "tmp"),
+        ..VolumeMount::default()
+    }
+}
+
+fn port(name: &str, number: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: number,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: path.to_owned(), api_version: None }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("http".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}

@@ -1,0 +1,136 @@
+//! Snapshot tests of every child object, for a minimal and a full ChatCluster, plus the pure
+//! validation rules behind them.
+
+use chat_operator::crd::ChatCluster;
+use chat_operator::fixtures::{full, jwt_secret, minimal, theme_config_map};
+use chat_operator::reconcile::validate::{Plan, Refs, validate};
+use chat_operator::resources::{CONFIG_KEY, Children, Owner, build};
+
+fn refs() -> Refs {
+    Refs {
+        auth_secret: Some(jwt_secret("chat-jwt", "key")),
+        assets_config_map: Some(theme_config_map("chat-theme")),
+        peer_secret: None,
+        fresh_peer_key: vec![7; 32],
+    }
+}
+
+fn plan(cluster: &ChatCluster) -> Plan {
+    validate(cluster, Owner::of(cluster).unwrap(), &refs()).unwrap()
+}
+
+fn snapshot_all(prefix: &str, children: &Children) {
+    insta::assert_yaml_snapshot!(format!("{prefix}_statefulset"), children.statefulset);
+    insta::assert_yaml_snapshot!(format!("{prefix}_client_service"), children.client_service);
+    insta::assert_yaml_snapshot!(format!("{prefix}_peer_service"), children.peer_service);
+    insta::assert_yaml_snapshot!(format!("{prefix}_config"), children.config);
+    insta::assert_yaml_snapshot!(format!("{prefix}_assets"), children.assets);
+    insta::assert_yaml_snapshot!(format!("{prefix}_peer_secret"), children.peer_secret);
+    insta::assert_yaml_snapshot!(format!("{prefix}_pdb"), children.pdb);
+}
+
+#[test]
+fn minimal_children() {
+    let cluster = minimal("demo");
+    snapshot_all("minimal", &build(&cluster, &plan(&cluster)));
+}
+
+#[test]
+fn full_children() {
+    let cluster = full("prod");
+    snapshot_all("full", &build(&cluster, &plan(&cluster)));
+}
+
+#[test]
+fn rendered_config_is_a_valid_node_config() {
+    let cluster = full("prod");
+    let children = build(&cluster, &plan(&cluster));
+    let toml_text = &children.config.data.as_ref().unwrap()[CONFIG_KEY];
+    let config: chat_node::config::NodeConfig = toml::from_str(toml_text).unwrap();
+    config.validate().unwrap();
+    assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(config.auth.jwt_secret_file.unwrap().to_str(), Some("/etc/chatcluster/auth/key"));
+    assert_eq!(config.drain.deadline_secs, 40);
+    assert_eq!(config.auth.rooms[0].pattern, "ops-*");
+    assert_eq!(config.cluster.dns_name.as_deref(), Some("prod-peers.chat.svc.cluster.local"));
+    assert_eq!(config.cluster.secret_file.unwrap().to_str(), Some("/etc/chatcluster/peer/hmac-key"));
+    assert_eq!(config.cluster.peer_listen.to_string(), "0.0.0.0:8081");
+    let grace = children.statefulset.spec.template.spec.unwrap().termination_grace_period_seconds;
+    assert_eq!(grace, Some(45), "grace must exceed the drain deadline");
+}
+
+#[test]
+fn assets_do_not_change_the_hash_but_config_does() {
+    let base = full("prod");
+    let mut assets = base.clone();
+    assets.spec.assets.files.insert("extra.css".into(), "p {}".into());
+    assert_eq!(plan(&base).config_hash, plan(&assets).config_hash);
+    let mut config = base.clone();
+    config.spec.config.history.size = 7;
+    assert_ne!(plan(&base).config_hash, plan(&config).config_hash);
+    let mut key = refs();
+    key.auth_secret = Some(jwt_secret("chat-jwt", "key"));
+    if let Some(data) = key.auth_secret.as_mut().and_then(|s| s.data.as_mut()) {
+        data.insert("key".into(), k8s_openapi::ByteString(b"another-key-of-enough-length".to_vec()));
+    }
+    let rotated = validate(&base, Owner::of(&base).unwrap(), &key).unwrap();
+    assert_ne!(plan(&base).config_hash, rotated.config_hash, "a new JWT key needs a restart");
+}
+
+#[test]
+fn existing_peer_key_is_kept() {
+    let cluster = minimal("demo");
+    let first = build(&cluster, &plan(&cluster)).peer_secret;
+    let mut again = refs();
+    again.peer_secret = Some(first.clone());
+    again.fresh_peer_key = vec![9; 32];
+    let second = validate(&cluster, Owner::of(&cluster).unwrap(), &again).unwrap();
+    assert_eq!(second.peer_key, vec![7; 32]);
+}
+
+fn reason(cluster: &ChatCluster, refs: &Refs) -> &'static str {
+    validate(cluster, Owner::of(cluster).unwrap(), refs).unwrap_err().reason
+}
+
+#[test]
+fn invalid_specs_are_named() {
+    let mut jwt_without_secret = minimal("a");
+    jwt_without_secret.spec.config.auth.mode = chat_node::config::AuthMode::Jwt;
+    assert_eq!(reason(&jwt_without_secret, &refs()), "MissingJwtSecret");
+
+    let missing = Refs { auth_secret: None, ..refs() };
+    assert_eq!(reason(&full("b"), &missing), "SecretNotFound");
+    let no_cm = Refs { assets_config_map: None, ..refs() };
+    assert_eq!(reason(&full("b"), &no_cm), "ConfigMapNotFound");
+    let wrong_key = Refs { auth_secret: Some(jwt_secret("chat-jwt", "other")), ..refs() };
+    assert_eq!(reason(&full("b"), &wrong_key), "SecretKeyNotFound");
+
+    let mut node_id = minimal("c");
+    node_id.spec.config.node_id = Some("x".into());
+    assert_eq!(reason(&node_id, &refs()), "OperatorOwnedField");
+
+    let mut grace = minimal("d");
+    grace.spec.drain.termination_grace_period_seconds = Some(25);
+    assert_eq!(reason(&grace, &refs()), "InvalidDrain");
+
+    let mut bad_asset = minimal("e");
+    bad_asset.spec.assets.files.insert("../etc/passwd".into(), String::new());
+    assert_eq!(reason(&bad_asset, &refs()), "InvalidAssetName");
+
+    let mut bad_config = minimal("f");
+    bad_config.spec.config.limits.idle_timeout_secs = 1;
+    let problem = validate(&bad_config, Owner::of(&bad_config).unwrap(), &refs()).unwrap_err();
+    assert_eq!(problem.reason, "InvalidConfig");
+    assert!(problem.message.contains("limits.idle_timeout_secs"), "{problem}");
+
+    let mut peers = minimal("h");
+    peers.spec.config.cluster.static_peers = vec!["10.0.0.1:8081".into()];
+    assert_eq!(reason(&peers, &refs()), "OperatorOwnedField");
+    let mut cluster_secret = minimal("i");
+    cluster_secret.spec.config.cluster.secret = Some("0123456789abcdef".into());
+    assert_eq!(reason(&cluster_secret, &refs()), "InlineSecret");
+
+    let mut inline = minimal("g");
+    inline.spec.config.auth.jwt_secret = Some("0123456789abcdef".into());
+    assert_eq!(reason(&inline, &refs()), "InlineSecret");
+}

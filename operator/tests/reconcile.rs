@@ -1,0 +1,276 @@
+//! Reconciles against the in-process fake API server: create, config and asset updates, scale,
+//! drift repair, child deletion, pause, invalid references, conflicts and status.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chat_operator::crd::{ChatCluster, PAUSED_ANNOTATION};
+use chat_operator::fake::FakeApi;
+use chat_operator::fixtures::{NAMESPACE, context, full, jwt_secret, minimal, theme_config_map};
+use chat_operator::reconcile::status::{AVAILABLE, DEGRADED, PROGRESSING, RECONCILE_SUCCESS, condition};
+use chat_operator::reconcile::{Context, Error, reconcile};
+use chat_operator::resources::{CONFIG_HASH_ANNOTATION, PEER_KEY};
+use http::Method;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use serde_json::json;
+
+async fn run(fake: &FakeApi, ctx: &Arc<Context>, name: &str) -> Result<(), Error> {
+    let cluster = fake.get::<ChatCluster>(NAMESPACE, name).expect("cluster stored");
+    reconcile(Arc::new(cluster), ctx.clone()).await.map(drop)
+}
+
+fn stored(fake: &FakeApi, name: &str) -> ChatCluster {
+    fake.get::<ChatCluster>(NAMESPACE, name).unwrap()
+}
+
+fn cond(fake: &FakeApi, name: &str, type_: &str) -> (String, String) {
+    let status = stored(fake, name).status.unwrap();
+    let c = condition(&status, type_).unwrap_or_else(|| panic!("no {type_} condition"));
+    (c.status.clone(), c.reason.clone())
+}
+
+fn config_hash(fake: &FakeApi, name: &str) -> String {
+    let sts = fake.get::<StatefulSet>(NAMESPACE, name).unwrap();
+    sts.spec.template.metadata.unwrap().annotations.unwrap()[CONFIG_HASH_ANNOTATION].clone()
+}
+
+fn setup(cluster: ChatCluster) -> (FakeApi, Arc<Context>) {
+    let fake = FakeApi::new();
+    fake.put(&cluster);
+    let ctx = context(&fake);
+    (fake, ctx)
+}
+
+#[tokio::test]
+async fn create_applies_every_child_and_writes_status() {
+    let (fake, ctx) = setup(minimal("demo"));
+    run(&fake, &ctx, "demo").await.unwrap();
+
+    let sts = fake.get::<StatefulSet>(NAMESPACE, "demo").unwrap();
+    let owner = &sts.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!((owner.kind.as_str(), owner.controller), ("ChatCluster", Some(true)));
+    assert!(fake.get::<Service>(NAMESPACE, "demo").is_some());
+    let peers = fake.get::<Service>(NAMESPACE, "demo-peers").unwrap().spec.unwrap();
+    assert_eq!(peers.publish_not_ready_addresses, Some(true));
+    assert!(fake.get::<ConfigMap>(NAMESPACE, "demo-config").is_some());
+    assert!(fake.get::<ConfigMap>(NAMESPACE, "demo-assets").is_some());
+    assert!(fake.get::<Secret>(NAMESPACE, "demo-peer").is_some());
+    assert!(fake.get::<PodDisruptionBudget>(NAMESPACE, "demo").is_some());
+
+    let status = stored(&fake, "demo").status.unwrap();
+    assert_eq!(status.observed_generation, Some(1));
+    assert_eq!((status.replicas, status.ready_replicas, status.updated_replicas), (3, 3, 3));
+    assert_eq!(status.selector.as_deref(), Some("app.kubernetes.io/instance=demo,app.kubernetes.io/name=chatcluster"));
+    assert_eq!(status.endpoint.as_deref(), Some("ws://demo.chat.svc:80/ws"));
+    assert_eq!(status.config_hash, Some(config_hash(&fake, "demo")));
+    assert_eq!(status.phase.as_deref(), Some("Running"));
+    assert_eq!(cond(&fake, "demo", AVAILABLE).0, "True");
+    assert_eq!(cond(&fake, "demo", PROGRESSING), ("False".into(), "RolloutComplete".into()));
+    assert_eq!(cond(&fake, "demo", DEGRADED).0, "False");
+    assert_eq!(cond(&fake, "demo", RECONCILE_SUCCESS).0, "True");
+    assert!(fake.events().contains(&("Normal".into(), "Created".into())));
+}
+
+#[tokio::test]
+async fn unchanged_cluster_does_not_rewrite_status() {
+    let (fake, ctx) = setup(minimal("demo"));
+    run(&fake, &ctx, "demo").await.unwrap();
+    fake.clear_requests();
+    run(&fake, &ctx, "demo").await.unwrap();
+    let status_writes = fake.requests().iter().filter(|r| r.ends_with("/status")).count();
+    assert_eq!(status_writes, 0, "{:?}", fake.requests());
+}
+
+#[tokio::test]
+async fn config_change_rolls_pods_and_asset_change_does_not() {
+    let (fake, ctx) = setup(minimal("demo"));
+    run(&fake, &ctx, "demo").await.unwrap();
+    let first = config_hash(&fake, "demo");
+
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["assets"] = json!({"files": {"logo.svg": "<svg/>"}}));
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_eq!(config_hash(&fake, "demo"), first, "assets must not restart pods");
+    let assets = fake.get::<ConfigMap>(NAMESPACE, "demo-assets").unwrap().data.unwrap();
+    assert_eq!(assets["logo.svg"], "<svg/>");
+
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["config"]["history"] = json!({"size": 7}));
+    run(&fake, &ctx, "demo").await.unwrap();
+    let second = config_hash(&fake, "demo");
+    assert_ne!(second, first, "a config change must change the pod template");
+    let status = stored(&fake, "demo").status.unwrap();
+    assert_eq!(status.target_config_hash, Some(second));
+    assert_eq!(status.observed_generation, Some(3));
+    assert!(fake.events().contains(&("Normal".into(), "ConfigRollout".into())));
+}
+
+#[tokio::test]
+async fn rollout_in_progress_is_progressing_until_pods_are_updated() {
+    let (fake, ctx) = setup(minimal("demo"));
+    fake.set_auto_ready(false);
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_eq!(cond(&fake, "demo", AVAILABLE), ("False".into(), "NoReplicasReady".into()));
+    assert_eq!(cond(&fake, "demo", PROGRESSING).0, "True");
+    assert_eq!(stored(&fake, "demo").status.unwrap().config_hash, None, "not rolled out yet");
+}
+
+#[tokio::test]
+async fn scale_changes_statefulset_replicas() {
+    let (fake, ctx) = setup(minimal("demo"));
+    run(&fake, &ctx, "demo").await.unwrap();
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["replicas"] = json!(5));
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_eq!(fake.get::<StatefulSet>(NAMESPACE, "demo").unwrap().spec.replicas, Some(5));
+    assert_eq!(stored(&fake, "demo").status.unwrap().replicas, 5);
+    assert!(fake.events().contains(&("Normal".into(), "Scaled".into())));
+}
+
+#[tokio::test]
+async fn drift_is_reverted_and_deleted_children_recreated() {
+    let (fake, ctx) = setup(minimal("demo"));
+    run(&fake, &ctx, "demo").await.unwrap();
+    let key = fake.get::<Secret>(NAMESPACE, "demo-peer").unwrap().data.unwrap()[PEER_KEY].clone();
+
+    fake.edit::<StatefulSet>(NAMESPACE, "demo", |s| {
+        s["spec"]["template"]["spec"]["containers"][0]["image"] = json!("evil")
+    });
+    fake.edit::<Service>(NAMESPACE, "demo", |s| s["spec"]["ports"][0]["port"] = json!(9999));
+    assert!(fake.remove::<ConfigMap>(NAMESPACE, "demo-config"));
+    run(&fake, &ctx, "demo").await.unwrap();
+
+    let sts = fake.get::<StatefulSet>(NAMESPACE, "demo").unwrap();
+    assert_eq!(sts.spec.template.spec.unwrap().containers[0].image, Some(chat_operator::crd::default_image()));
+    assert_eq!(fake.get::<Service>(NAMESPACE, "demo").unwrap().spec.unwrap().ports.unwrap()[0].port, 80);
+    assert!(fake.get::<ConfigMap>(NAMESPACE, "demo-config").is_some());
+    let again = fake.get::<Secret>(NAMESPACE, "demo-peer").unwrap().data.unwrap()[PEER_KEY].clone();
+    assert_eq!(key, again, "the peer key must never rotate by accident");
+}
+
+#[tokio::test]
+async fn disabled_pdb_is_deleted_but_a_foreign_one_is_kept() {
+    let (fake, ctx) = setup(minimal("demo"));
+    run(&fake, &ctx, "demo").await.unwrap();
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["pdb"] = json!({"enabled": false}));
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert!(fake.get::<PodDisruptionBudget>(NAMESPACE, "demo").is_none());
+    assert!(fake.events().contains(&("Normal".into(), "Deleted".into())));
+
+    let mut foreign = PodDisruptionBudget::default();
+    foreign.metadata.name = Some("demo".into());
+    foreign.metadata.namespace = Some(NAMESPACE.into());
+    fake.put(&foreign);
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert!(fake.get::<PodDisruptionBudget>(NAMESPACE, "demo").is_some(), "not ours: kept");
+}
+
+#[tokio::test]
+async fn paused_cluster_is_left_alone() {
+    let (fake, ctx) = setup(minimal("demo"));
+    run(&fake, &ctx, "demo").await.unwrap();
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| {
+        c["metadata"]["annotations"] = json!({PAUSED_ANNOTATION: "true"});
+        c["spec"]["replicas"] = json!(7);
+    });
+    fake.clear_requests();
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_eq!(fake.get::<StatefulSet>(NAMESPACE, "demo").unwrap().spec.replicas, Some(3));
+    assert!(fake.requests().iter().all(|r| !r.contains("/statefulsets/")), "{:?}", fake.requests());
+    assert_eq!(cond(&fake, "demo", PROGRESSING), ("False".into(), "Paused".into()));
+    assert_eq!(stored(&fake, "demo").status.unwrap().phase.as_deref(), Some("Paused"));
+
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["metadata"]["annotations"] = json!({}));
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_eq!(fake.get::<StatefulSet>(NAMESPACE, "demo").unwrap().spec.replicas, Some(7));
+}
+
+#[tokio::test]
+async fn missing_secret_is_degraded_and_changes_nothing() {
+    let (fake, ctx) = setup(full("prod"));
+    fake.put(&theme_config_map("chat-theme"));
+    run(&fake, &ctx, "prod").await.unwrap();
+    assert_eq!(cond(&fake, "prod", DEGRADED), ("True".into(), "SecretNotFound".into()));
+    assert_eq!(cond(&fake, "prod", RECONCILE_SUCCESS), ("False".into(), "SecretNotFound".into()));
+    assert!(fake.events().contains(&("Warning".into(), "SecretNotFound".into())));
+    assert_eq!(fake.count::<StatefulSet>(), 0, "nothing may be created from an invalid spec");
+
+    fake.put(&jwt_secret("chat-jwt", "key"));
+    run(&fake, &ctx, "prod").await.unwrap();
+    assert_eq!(cond(&fake, "prod", DEGRADED).0, "False");
+    let running = config_hash(&fake, "prod");
+
+    // Breaking a running cluster keeps what runs.
+    fake.remove::<Secret>(NAMESPACE, "chat-jwt");
+    fake.edit::<ChatCluster>(NAMESPACE, "prod", |c| c["spec"]["replicas"] = json!(9));
+    run(&fake, &ctx, "prod").await.unwrap();
+    assert_eq!(cond(&fake, "prod", DEGRADED).0, "True");
+    let sts = fake.get::<StatefulSet>(NAMESPACE, "prod").unwrap();
+    assert_eq!((sts.spec.replicas, config_hash(&fake, "prod")), (Some(5), running));
+}
+
+#[tokio::test]
+async fn invalid_config_is_degraded_with_the_field_named() {
+    let mut cluster = minimal("demo");
+    cluster.spec.config.limits.idle_timeout_secs = 1;
+    let (fake, ctx) = setup(cluster);
+    run(&fake, &ctx, "demo").await.unwrap();
+    let status = stored(&fake, "demo").status.unwrap();
+    let degraded = condition(&status, DEGRADED).unwrap();
+    assert_eq!(degraded.reason, "InvalidConfig");
+    assert!(degraded.message.contains("limits.idle_timeout_secs"), "{}", degraded.message);
+}
+
+#[tokio::test]
+async fn conflicts_are_retried_without_degrading() {
+    let (fake, ctx) = setup(minimal("demo"));
+    fake.fail_next(Method::PATCH, 409, 2);
+    fake.fail_next(Method::GET, 503, 1);
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_eq!(cond(&fake, "demo", DEGRADED).0, "False");
+    let config_patches =
+        fake.requests().iter().filter(|r| r.starts_with("PATCH") && r.ends_with("/demo-config")).count();
+    assert_eq!(config_patches, 3, "two conflicts, then success");
+}
+
+#[tokio::test]
+async fn persistent_api_errors_fail_without_degrading_at_first() {
+    let (fake, ctx) = setup(minimal("demo"));
+    fake.fail_next(Method::PATCH, 500, 4);
+    let err = run(&fake, &ctx, "demo").await.unwrap_err();
+    assert!(matches!(err, Error::Apply { .. }), "{err}");
+    assert!(stored(&fake, "demo").status.is_none(), "no Degraded on the first failure");
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_eq!(cond(&fake, "demo", DEGRADED).0, "False");
+}
+
+#[tokio::test]
+async fn user_assets_config_map_is_merged_with_inline_files() {
+    let mut cluster = minimal("demo");
+    cluster.spec.assets.config_map_ref = Some(chat_operator::crd::LocalRef { name: "chat-theme".into() });
+    cluster.spec.assets.files = BTreeMap::from([("logo.svg".into(), "<svg/>".into())]);
+    let (fake, ctx) = setup(cluster);
+    fake.put(&theme_config_map("chat-theme"));
+    run(&fake, &ctx, "demo").await.unwrap();
+    let data = fake.get::<ConfigMap>(NAMESPACE, "demo-assets").unwrap().data.unwrap();
+    assert_eq!(data.keys().collect::<Vec<_>>(), ["logo.svg", "style.css"]);
+}
+
+#[tokio::test]
+async fn requests_follow_the_pipeline_order() {
+    let (fake, ctx) = setup(minimal("demo"));
+    run(&fake, &ctx, "demo").await.unwrap();
+    let core = "/api/v1/namespaces/chat";
+    let expected = [
+        format!("GET {core}/secrets/demo-peer"),
+        format!("PATCH {core}/configmaps/demo-config"),
+        format!("PATCH {core}/configmaps/demo-assets"),
+        format!("PATCH {core}/secrets/demo-peer"),
+        format!("PATCH {core}/services/demo-peers"),
+        format!("PATCH {core}/services/demo"),
+        "PATCH /apis/policy/v1/namespaces/chat/poddisruptionbudgets/demo".to_owned(),
+        "PATCH /apis/apps/v1/namespaces/chat/statefulsets/demo".to_owned(),
+        "POST /apis/events.k8s.io/v1/namespaces/chat/events".to_owned(),
+        "PATCH /apis/chatcluster.dev/v1alpha1/namespaces/chat/chatclusters/demo/status".to_owned(),
+    ];
+    assert_eq!(fake.requests(), expected);
+}
