@@ -108,11 +108,13 @@ pub struct LimitsConfig {
     #[schemars(range(min = 1))]
     pub handshake_timeout_secs: u64,
     /// Read buffer per connection in bytes (tungstenite allocates it eagerly; its default is
-    /// 128 KiB, which costs ~1 GiB at 10 000 connections).
+    /// 128 KiB, which costs ~1 GiB at 10 000 connections). Larger messages still arrive whole:
+    /// the buffer grows for them.
     #[schemars(range(min = 512, max = 1048576))]
     pub ws_read_buffer_bytes: usize,
-    /// Bytes buffered before a write goes to the socket; frames are always flushed when the
-    /// outbound queue runs empty.
+    /// Bytes buffered before a write goes to the socket (frames are always flushed when the
+    /// outbound queue runs empty). The buffer keeps its size between bursts, so this bounds what
+    /// an idle connection holds.
     #[schemars(range(max = 1048576))]
     pub ws_write_buffer_bytes: usize,
 }
@@ -131,8 +133,8 @@ impl Default for LimitsConfig {
             ping_interval_secs: 25,
             idle_timeout_secs: 60,
             handshake_timeout_secs: 10,
-            ws_read_buffer_bytes: 4096,
-            ws_write_buffer_bytes: 16 * 1024,
+            ws_read_buffer_bytes: 2048,
+            ws_write_buffer_bytes: 4096,
         }
     }
 }

@@ -14,6 +14,9 @@ use crate::metrics::Metrics;
 use crate::protocol::close;
 use crate::transport::Frame;
 
+/// Queue slots an idle connection may keep after a burst (each slot is 32 bytes).
+const IDLE_QUEUE_CAPACITY: usize = 8;
+
 struct Queue {
     frames: VecDeque<Frame>,
     bytes: usize,
@@ -125,7 +128,7 @@ impl Inbox {
         let start = out.len();
         out.extend(queue.frames.drain(..n));
         queue.bytes -= out[start..].iter().map(|f| f.len()).sum::<usize>();
-        if queue.frames.is_empty() && queue.frames.capacity() > 64 {
+        if queue.frames.is_empty() && queue.frames.capacity() > IDLE_QUEUE_CAPACITY {
             // A burst left a large buffer behind; idle connections should not keep it.
             queue.frames = VecDeque::new();
         }
@@ -159,12 +162,12 @@ mod tests {
     fn overflow_marks_the_connection_slow() {
         let metrics = Arc::new(Metrics::new());
         let (out, mut inbox) = outbox(16, 10, metrics.clone());
-        assert!(out.push(&Frame::from_static(b"12345")));
-        assert!(out.push(&Frame::from_static(b"12345")));
-        assert!(!out.push(&Frame::from_static(b"1")), "11 bytes exceed the 10-byte budget");
+        assert!(out.push(&Frame::from_static("12345")));
+        assert!(out.push(&Frame::from_static("12345")));
+        assert!(!out.push(&Frame::from_static("1")), "11 bytes exceed the 10-byte budget");
         assert_eq!(inbox.signal().close_requested(), Some(close::SLOW_CONSUMER));
         assert_eq!(metrics.slow_consumer_disconnects.get(), 1);
-        assert!(!out.push(&Frame::from_static(b"1")), "nothing is queued once closing");
+        assert!(!out.push(&Frame::from_static("1")), "nothing is queued once closing");
         let mut taken = Vec::new();
         inbox.take_into(&mut taken, 10);
         assert_eq!(taken.len(), 2);
@@ -173,7 +176,7 @@ mod tests {
     #[test]
     fn frame_count_is_bounded_too() {
         let (out, _inbox) = outbox(16, 1 << 20, Arc::new(Metrics::new()));
-        let pushed = (0..20).filter(|_| out.push(&Frame::from_static(b"x"))).count();
+        let pushed = (0..20).filter(|_| out.push(&Frame::from_static("x"))).count();
         assert_eq!(pushed, 16);
         assert_eq!(out.signal().close_requested(), Some(close::SLOW_CONSUMER));
     }
@@ -181,8 +184,8 @@ mod tests {
     #[tokio::test]
     async fn wait_returns_batches_then_close() {
         let (out, mut inbox) = outbox(16, 1 << 20, Arc::new(Metrics::new()));
-        out.push(&Frame::from_static(b"a"));
-        out.push(&Frame::from_static(b"b"));
+        out.push(&Frame::from_static("a"));
+        out.push(&Frame::from_static("b"));
         let mut buf = Vec::new();
         assert!(matches!(inbox.wait(&mut buf, 10).await, Wake::Frames));
         assert_eq!(buf.len(), 2);

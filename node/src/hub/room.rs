@@ -47,7 +47,7 @@ struct RoomState {
 
 pub(crate) fn encode(frame: &ServerFrame) -> Frame {
     // Serializing our own frame types cannot fail: every field is a plain string or number.
-    Frame::from(serde_json::to_vec(frame).unwrap_or_default())
+    Frame::from(serde_json::to_string(frame).unwrap_or_default())
 }
 
 pub(crate) fn new_epoch() -> String {

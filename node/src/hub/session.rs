@@ -19,6 +19,9 @@ use crate::protocol::{
 };
 use crate::transport::{Connection, Frame, Inbound};
 
+/// Frame slots a connection keeps in its write batches between bursts.
+const IDLE_BUFFER_CAPACITY: usize = 8;
+
 /// Frames written per wake-up, so a busy room cannot starve this connection's reads and heartbeats.
 const FORWARD_BATCH: usize = 256;
 
@@ -316,5 +319,7 @@ async fn write_all<C: Connection>(
     for frame in replies.drain(..) {
         conn.feed(frame).await?;
     }
+    // A burst (a room's presence, a long resume) must not leave a big buffer on an idle connection.
+    replies.shrink_to(IDLE_BUFFER_CAPACITY);
     conn.flush().await
 }

@@ -35,7 +35,7 @@ impl MemoryClient {
     pub async fn next_json(&mut self) -> Option<serde_json::Value> {
         loop {
             match self.outbound.recv().await? {
-                ToClient::Frame(frame) => return serde_json::from_slice(&frame).ok(),
+                ToClient::Frame(frame) => return serde_json::from_str(&frame).ok(),
                 ToClient::Ping => continue,
                 ToClient::Close(..) => return None,
             }

@@ -10,7 +10,9 @@ use std::future::Future;
 use bytes::Bytes;
 
 /// A serialized server frame: UTF-8 JSON, shared between every recipient of a broadcast.
-pub type Frame = Bytes;
+/// tungstenite's `Utf8Bytes` is a plain reference-counted, known-valid UTF-8 buffer: using it
+/// here means a broadcast is checked once, not once per subscriber.
+pub type Frame = tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// What a transport delivers from the client.
 #[derive(Debug)]

@@ -60,8 +60,7 @@ where
     }
 
     async fn feed(&mut self, frame: Frame) -> Result<(), TransportError> {
-        let text = Utf8Bytes::try_from(frame).map_err(|e| TransportError(format!("frame is not UTF-8: {e}")))?;
-        self.ws.feed(Message::Text(text)).await.map_err(lost)
+        self.ws.feed(Message::Text(frame)).await.map_err(lost)
     }
 
     async fn flush(&mut self) -> Result<(), TransportError> {
