@@ -123,7 +123,11 @@ pub async fn handshake_status(ws_url: &str, headers: &[(&str, &str)]) -> u16 {
 
 /// A bare HTTP/1.1 GET: status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(addr).await?;
+    http_get_on(TcpStream::connect(addr).await?, addr, path).await
+}
+
+/// A bare HTTP/1.1 GET over an already connected stream (e.g. one opened inside a namespace).
+pub async fn http_get_on(mut stream: TcpStream, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();

@@ -25,8 +25,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use anyhow::{Context, bail};
 
 use crate::dns::DnsServer;
 
@@ -116,20 +115,9 @@ pub async fn connect_in(ns: &str, addr: SocketAddr, timeout: Duration) -> io::Re
 
 /// A bare HTTP/1.1 GET from inside namespace `ns`: status and body.
 pub async fn http_get_in(ns: &str, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream =
+    let stream =
         connect_in(ns, addr, Duration::from_secs(2)).await.with_context(|| format!("connect {addr} in {ns}"))?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw)).await??;
-    let text = String::from_utf8_lossy(&raw);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("no HTTP status in {text:?}"))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    Ok((status, body))
+    crate::client::http_get_on(stream, addr, path).await
 }
 
 /// Deletes namespaces left by test processes that died without cleaning up (SIGKILL).
