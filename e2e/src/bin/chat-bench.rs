@@ -499,19 +499,48 @@ async fn run_phase(
     })
 }
 
-fn print_report(o: &Opts, node: &Results, reference: &Results) {
-    struct Row {
-        figure: String,
-        node: Option<f64>,
-        reference: Option<f64>,
-        target: &'static str,
-        met: Option<bool>,
+/// One line of the report table.
+struct Row {
+    figure: String,
+    node: Option<f64>,
+    reference: Option<f64>,
+    target: &'static str,
+    met: Option<bool>,
+}
+
+impl Row {
+    /// A figure shown for information, with no target.
+    fn info(figure: impl Into<String>, node: Option<f64>, reference: Option<f64>) -> Row {
+        Row { figure: figure.into(), node, reference, target: "", met: None }
     }
+
+    /// A throughput figure whose target is the node reaching `min` of the reference.
+    fn ratio(figure: String, node: Option<f64>, reference: Option<f64>, min: f64) -> Row {
+        let met = match (node, reference) {
+            (Some(n), Some(r)) if r > 0.0 => Some(n / r >= min),
+            _ => None,
+        };
+        Row { figure, node, reference, target: "node >= 80 % of ref", met }
+    }
+}
+
+/// The CPU rows of one phase: server, load tool, everything else, loopback softirq, steal.
+fn cpu_rows(rows: &mut Vec<Row>, phase: &str, node: Option<&CpuUse>, reference: Option<&CpuUse>) {
+    type Figure = (&'static str, fn(&CpuUse) -> f64);
+    let figures: [Figure; 5] = [
+        ("server CPU", CpuUse::server_pct),
+        ("load tool CPU", CpuUse::bench_pct),
+        ("other processes CPU", CpuUse::other_pct),
+        ("irq + softirq (loopback TCP)", CpuUse::softirq_pct),
+        ("hypervisor steal", CpuUse::steal_pct),
+    ];
+    for (name, f) in figures {
+        rows.push(Row::info(format!("{phase}: {name}, % of one core"), node.map(f), reference.map(f)));
+    }
+}
+
+fn print_report(o: &Opts, node: &Results, reference: &Results) {
     let mut rows: Vec<Row> = Vec::new();
-    let ratio_met = |n: Option<f64>, r: Option<f64>, min: f64| match (n, r) {
-        (Some(n), Some(r)) if r > 0.0 => Some(n / r >= min),
-        _ => None,
-    };
     let mem = |r: &Results| r.memory.as_ref().map(MemoryResult::per_conn_kib);
     if node.memory.is_some() || reference.memory.is_some() {
         rows.push(Row {
@@ -526,22 +555,19 @@ fn print_report(o: &Opts, node: &Results, reference: &Results) {
         });
     }
     let b = |r: &Results, f: fn(&BroadcastResult) -> f64| r.broadcast.as_ref().map(f);
-    if node.broadcast.is_some() || reference.broadcast.is_some() {
+    let (nb, rb) = (node.broadcast.as_ref(), reference.broadcast.as_ref());
+    if nb.is_some() || rb.is_some() {
         let label = format!("{} members, {} publishers", o.members, o.publishers);
-        rows.push(Row {
-            figure: format!("fixed rate: deliveries/s achieved (asked {:.0}; {label})", o.target_rate),
-            node: b(node, |x| x.rate.deliveries_per_sec),
-            reference: b(reference, |x| x.rate.deliveries_per_sec),
-            target: "",
-            met: None,
-        });
-        rows.push(Row {
-            figure: "fixed rate: publish->deliver p50, ms".into(),
-            node: b(node, |x| x.rate.p50_ms),
-            reference: b(reference, |x| x.rate.p50_ms),
-            target: "",
-            met: None,
-        });
+        rows.push(Row::info(
+            format!("fixed rate: deliveries/s achieved (asked {:.0}; {label})", o.target_rate),
+            b(node, |x| x.rate.deliveries_per_sec),
+            b(reference, |x| x.rate.deliveries_per_sec),
+        ));
+        rows.push(Row::info(
+            "fixed rate: publish->deliver p50, ms",
+            b(node, |x| x.rate.p50_ms),
+            b(reference, |x| x.rate.p50_ms),
+        ));
         rows.push(Row {
             figure: "fixed rate: publish->deliver p99, ms".into(),
             node: b(node, |x| x.rate.p99_ms),
@@ -549,168 +575,49 @@ fn print_report(o: &Opts, node: &Results, reference: &Results) {
             target: "node <= 30 ms",
             met: b(node, |x| x.rate.p99_ms).map(|v| v <= 30.0),
         });
-        rows.push(Row {
-            figure: "fixed rate: publish->deliver max, ms".into(),
-            node: b(node, |x| x.rate.max_ms),
-            reference: b(reference, |x| x.rate.max_ms),
-            target: "",
-            met: None,
-        });
-        rows.push(Row {
-            figure: "fixed rate: server CPU, % of one core".into(),
-            node: b(node, |x| x.rate.cpu.server_pct()),
-            reference: b(reference, |x| x.rate.cpu.server_pct()),
-            target: "",
-            met: None,
-        });
-        rows.push(Row {
-            figure: "fixed rate: load tool CPU, % of one core".into(),
-            node: b(node, |x| x.rate.cpu.bench_pct()),
-            reference: b(reference, |x| x.rate.cpu.bench_pct()),
-            target: "",
-            met: None,
-        });
-        rows.push(Row {
-            figure: "fixed rate: other processes CPU, % of one core".into(),
-            node: b(node, |x| x.rate.cpu.other_pct()),
-            reference: b(reference, |x| x.rate.cpu.other_pct()),
-            target: "",
-            met: None,
-        });
-        rows.push(Row {
-            figure: "fixed rate: irq + softirq (loopback TCP), % of one core".into(),
-            node: b(node, |x| x.rate.cpu.softirq_pct()),
-            reference: b(reference, |x| x.rate.cpu.softirq_pct()),
-            target: "",
-            met: None,
-        });
-        rows.push(Row {
-            figure: "fixed rate: hypervisor steal, % of one core".into(),
-            node: b(node, |x| x.rate.cpu.steal_pct()),
-            reference: b(reference, |x| x.rate.cpu.steal_pct()),
-            target: "",
-            met: None,
-        });
-        rows.push(Row {
-            figure: format!("delivered frame payload, bytes (body {} bytes)", o.body_bytes),
-            node: b(node, |x| x.frame_bytes),
-            reference: b(reference, |x| x.frame_bytes),
-            target: "",
-            met: None,
-        });
-        let (ns, rs) = (b(node, |x| x.sat.deliveries_per_sec), b(reference, |x| x.sat.deliveries_per_sec));
-        rows.push(Row {
-            figure: format!("saturation: deliveries/s (window {} per publisher)", o.window),
-            node: ns,
-            reference: rs,
-            target: "node >= 80 % of ref",
-            met: ratio_met(ns, rs, 0.8),
-        });
-        rows.push(Row {
-            figure: "saturation: publish->deliver p50, ms".into(),
-            node: b(node, |x| x.sat.p50_ms),
-            reference: b(reference, |x| x.sat.p50_ms),
-            target: "",
-            met: None,
-        });
-        rows.push(Row {
-            figure: "saturation: publish->deliver p99, ms".into(),
-            node: b(node, |x| x.sat.p99_ms),
-            reference: b(reference, |x| x.sat.p99_ms),
-            target: "",
-            met: None,
-        });
-        rows.push(Row {
-            figure: "saturation: server CPU, % of one core".into(),
-            node: b(node, |x| x.sat.cpu.server_pct()),
-            reference: b(reference, |x| x.sat.cpu.server_pct()),
-            target: "",
-            met: None,
-        });
-        rows.push(Row {
-            figure: "saturation: load tool CPU, % of one core".into(),
-            node: b(node, |x| x.sat.cpu.bench_pct()),
-            reference: b(reference, |x| x.sat.cpu.bench_pct()),
-            target: "",
-            met: None,
-        });
-        rows.push(Row {
-            figure: "saturation: other processes CPU, % of one core".into(),
-            node: b(node, |x| x.sat.cpu.other_pct()),
-            reference: b(reference, |x| x.sat.cpu.other_pct()),
-            target: "",
-            met: None,
-        });
-        rows.push(Row {
-            figure: "saturation: irq + softirq (loopback TCP), % of one core".into(),
-            node: b(node, |x| x.sat.cpu.softirq_pct()),
-            reference: b(reference, |x| x.sat.cpu.softirq_pct()),
-            target: "",
-            met: None,
-        });
-        rows.push(Row {
-            figure: "saturation: hypervisor steal, % of one core".into(),
-            node: b(node, |x| x.sat.cpu.steal_pct()),
-            reference: b(reference, |x| x.sat.cpu.steal_pct()),
-            target: "",
-            met: None,
-        });
+        rows.push(Row::info(
+            "fixed rate: publish->deliver max, ms",
+            b(node, |x| x.rate.max_ms),
+            b(reference, |x| x.rate.max_ms),
+        ));
+        cpu_rows(&mut rows, "fixed rate", nb.map(|x| &x.rate.cpu), rb.map(|x| &x.rate.cpu));
+        rows.push(Row::info(
+            format!("delivered frame payload, bytes (body {} bytes)", o.body_bytes),
+            b(node, |x| x.frame_bytes),
+            b(reference, |x| x.frame_bytes),
+        ));
+        rows.push(Row::ratio(
+            format!("saturation: deliveries/s (window {} per publisher)", o.window),
+            b(node, |x| x.sat.deliveries_per_sec),
+            b(reference, |x| x.sat.deliveries_per_sec),
+            0.8,
+        ));
+        rows.push(Row::info(
+            "saturation: publish->deliver p50, ms",
+            b(node, |x| x.sat.p50_ms),
+            b(reference, |x| x.sat.p50_ms),
+        ));
+        rows.push(Row::info(
+            "saturation: publish->deliver p99, ms",
+            b(node, |x| x.sat.p99_ms),
+            b(reference, |x| x.sat.p99_ms),
+        ));
+        cpu_rows(&mut rows, "saturation", nb.map(|x| &x.sat.cpu), rb.map(|x| &x.sat.cpu));
     }
     let c = |r: &Results, f: fn(&ConnectResult) -> f64| r.connect.as_ref().map(f);
-    if node.connect.is_some() || reference.connect.is_some() {
-        let (nc, rc) = (c(node, |x| x.per_sec), c(reference, |x| x.per_sec));
-        rows.push(Row {
-            figure: format!(
+    let (nc, rc) = (node.connect.as_ref(), reference.connect.as_ref());
+    if nc.is_some() || rc.is_some() {
+        rows.push(Row::ratio(
+            format!(
                 "connection setup/s (median of {} rounds of {} conns, {} in flight; node: handshake+JWT+join; ref: handshake)",
                 o.setup_rounds, o.setup_conns, o.concurrency
             ),
-            node: nc,
-            reference: rc,
-            target: "node >= 80 % of ref",
-            met: ratio_met(nc, rc, 0.8),
-        });
-        rows.push(Row {
-            figure: "connection setup p99, ms".into(),
-            node: c(node, |x| x.p99_ms),
-            reference: c(reference, |x| x.p99_ms),
-            target: "",
-            met: None,
-        });
-        rows.push(Row {
-            figure: "connection setup: server CPU, % of one core".into(),
-            node: c(node, |x| x.cpu.server_pct()),
-            reference: c(reference, |x| x.cpu.server_pct()),
-            target: "",
-            met: None,
-        });
-        rows.push(Row {
-            figure: "connection setup: load tool CPU, % of one core".into(),
-            node: c(node, |x| x.cpu.bench_pct()),
-            reference: c(reference, |x| x.cpu.bench_pct()),
-            target: "",
-            met: None,
-        });
-        rows.push(Row {
-            figure: "connection setup: other processes CPU, % of one core".into(),
-            node: c(node, |x| x.cpu.other_pct()),
-            reference: c(reference, |x| x.cpu.other_pct()),
-            target: "",
-            met: None,
-        });
-        rows.push(Row {
-            figure: "connection setup: irq + softirq (loopback TCP), % of one core".into(),
-            node: c(node, |x| x.cpu.softirq_pct()),
-            reference: c(reference, |x| x.cpu.softirq_pct()),
-            target: "",
-            met: None,
-        });
-        rows.push(Row {
-            figure: "connection setup: hypervisor steal, % of one core".into(),
-            node: c(node, |x| x.cpu.steal_pct()),
-            reference: c(reference, |x| x.cpu.steal_pct()),
-            target: "",
-            met: None,
-        });
+            c(node, |x| x.per_sec),
+            c(reference, |x| x.per_sec),
+            0.8,
+        ));
+        rows.push(Row::info("connection setup p99, ms", c(node, |x| x.p99_ms), c(reference, |x| x.p99_ms)));
+        cpu_rows(&mut rows, "connection setup", nc.map(|x| &x.cpu), rc.map(|x| &x.cpu));
     }
     let fmt = |v: Option<f64>| match v {
         None => "-".to_owned(),
