@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
@@ -21,8 +20,6 @@ use super::auth::{nonce, sign, verify};
 use super::wire::{CLOSE_AUTH_FAILED, CLOSE_DIAL_BACK, CLOSE_REPLACED, PeerFrame};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Frames queued to one peer before sends fail (the link is then too slow to be useful).
-const PEER_QUEUE: usize = 65_536;
 
 /// tungstenite settings for peer links: larger buffers than clients, there are few links.
 pub fn peer_ws_config() -> WebSocketConfig {
@@ -196,9 +193,8 @@ async fn run<S>(cluster: Arc<Cluster>, peer_id: String, peer_addr: String, mut w
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(PEER_QUEUE);
     let rtt_us = Arc::new(AtomicU64::new(0));
-    let generation = cluster.register(&peer_id, peer_addr, tx, rtt_us.clone());
+    let generation = cluster.register(&peer_id, peer_addr, rtt_us.clone());
     let heartbeat = Duration::from_millis(cluster.config().heartbeat_ms);
     let timeout = Duration::from_millis(cluster.config().peer_timeout_ms);
     let origin = Instant::now();
@@ -219,24 +215,6 @@ where
                     Some(Ok(Message::Close(_))) | None => break "closed by peer",
                     Some(Ok(_)) => {}
                     Some(Err(_)) => break "read failed",
-                }
-            }
-            frame = rx.recv() => {
-                let Some(frame) = frame else { break "queue closed" };
-                let Ok(text) = Utf8Bytes::try_from(frame) else { continue };
-                if ws.feed(Message::Text(text)).await.is_err() {
-                    break "write failed";
-                }
-                let mut ok = true;
-                while let Ok(more) = rx.try_recv() {
-                    let Ok(text) = Utf8Bytes::try_from(more) else { continue };
-                    if ws.feed(Message::Text(text)).await.is_err() {
-                        ok = false;
-                        break;
-                    }
-                }
-                if !ok || ws.flush().await.is_err() {
-                    break "write failed";
                 }
             }
             _ = tick.tick() => {

@@ -13,9 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
 
 use crate::auth::{KeyError, read_secret};
 use crate::config::ClusterConfig;
@@ -48,7 +46,6 @@ pub enum AddrState {
 struct Link {
     addr: String,
     generation: u64,
-    tx: mpsc::Sender<Bytes>,
     since: Instant,
     rtt_us: Arc<AtomicU64>,
 }
@@ -70,7 +67,6 @@ pub struct Cluster {
     own_ip: Option<IpAddr>,
     state: Mutex<State>,
     generation: AtomicU64,
-    changes: watch::Sender<u64>,
     metrics: Arc<Metrics>,
     started: Instant,
     ready: AtomicBool,
@@ -118,7 +114,6 @@ impl Cluster {
             .or_else(|| Some(config.peer_listen.ip()).filter(|ip| !ip.is_unspecified()));
         let port = config.peer_listen.port();
         let advertised = own_ip.map_or_else(|| format!("{node_id}:{port}"), |ip| SocketAddr::new(ip, port).to_string());
-        let (changes, _) = watch::channel(0);
         Ok(Arc::new(Cluster {
             node_id,
             config,
@@ -127,7 +122,6 @@ impl Cluster {
             own_ip,
             state: Mutex::default(),
             generation: AtomicU64::new(0),
-            changes,
             metrics,
             started: Instant::now(),
             ready: AtomicBool::new(false),
@@ -154,23 +148,9 @@ impl Cluster {
         &self.metrics
     }
 
-    /// Membership changes bump this counter.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changes.subscribe()
-    }
-
     fn changed(&self) {
-        self.changes.send_modify(|v| *v += 1);
         let members = self.lock().links.len() + 1;
         self.metrics.cluster_members.set(members as i64);
-    }
-
-    /// This node and every linked peer, sorted.
-    pub fn members(&self) -> Vec<String> {
-        let mut members: Vec<String> = self.lock().links.keys().cloned().collect();
-        members.push(self.node_id.clone());
-        members.sort();
-        members
     }
 
     fn known_size(state: &State) -> usize {
@@ -179,9 +159,8 @@ impl Cluster {
     }
 
     /// Whether this node sees a strict majority of the nodes it knows of.
-    pub fn has_quorum(&self) -> bool {
-        let state = self.lock();
-        (state.links.len() + 1) * 2 > Self::known_size(&state)
+    fn has_quorum(state: &State) -> bool {
+        (state.links.len() + 1) * 2 > Self::known_size(state)
     }
 
     /// True once every peer of the first discovery round was tried, or the ready timeout passed.
@@ -197,22 +176,16 @@ impl Cluster {
         done
     }
 
-    /// Sends a frame to a linked peer; false if there is no link or its queue is full.
-    pub fn send(&self, node_id: &str, frame: Bytes) -> bool {
-        let tx = self.lock().links.get(node_id).map(|l| l.tx.clone());
-        tx.is_some_and(|tx| tx.try_send(frame).is_ok())
-    }
-
     /// Registers a link; a previous link to the same node is replaced (its task sees its
     /// generation is gone and ends).
-    pub(crate) fn register(&self, node_id: &str, addr: String, tx: mpsc::Sender<Bytes>, rtt_us: Arc<AtomicU64>) -> u64 {
+    pub(crate) fn register(&self, node_id: &str, addr: String, rtt_us: Arc<AtomicU64>) -> u64 {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         {
             let mut state = self.lock();
             if let Ok(sock) = addr.parse::<SocketAddr>() {
                 state.discovered.entry(sock).and_modify(|s| *s = AddrState::Linked(node_id.to_owned()));
             }
-            let link = Link { addr, generation, tx, since: Instant::now(), rtt_us };
+            let link = Link { addr, generation, since: Instant::now(), rtt_us };
             state.links.insert(node_id.to_owned(), link);
         }
         self.metrics.peer_links_established.inc();
@@ -270,7 +243,7 @@ impl Cluster {
             state.discovered.iter().map(|(a, s)| (a.to_string(), s.clone())).collect();
         discovered.sort_by(|a, b| a.0.cmp(&b.0));
         let known_size = Self::known_size(&state);
-        let quorum = (state.links.len() + 1) * 2 > known_size;
+        let quorum = Self::has_quorum(&state);
         drop(state);
         ClusterStatus {
             node_id: self.node_id.clone(),

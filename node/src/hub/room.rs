@@ -24,8 +24,6 @@ pub struct JoinOutcome {
     pub offset: u64,
     pub recovered: bool,
     pub missed: Vec<Frame>,
-    /// True when this is the user's first connection in the room.
-    pub first_of_user: bool,
 }
 
 pub struct Room {
@@ -96,14 +94,13 @@ impl Room {
             Some(pos) => st.since(pos),
             None => (false, Vec::new()),
         };
-        let first_of_user = st.add_presence(user);
-        if first_of_user {
+        if st.add_presence(user) {
             let event = encode(&ServerFrame::UserJoined { room: self.name.clone(), user: user.clone() });
             st.broadcast(&event, Some(conn));
         }
         st.subscribers.insert(conn, outbox);
         st.empty_since = None;
-        Some(JoinOutcome { epoch: st.epoch.clone(), offset: st.last_offset, recovered, missed, first_of_user })
+        Some(JoinOutcome { epoch: st.epoch.clone(), offset: st.last_offset, recovered, missed })
     }
 
     /// Unsubscribes `conn`; tells the others if that was the user's last connection here.
@@ -121,9 +118,9 @@ impl Room {
         }
     }
 
-    /// Sequences a message, stores it and queues it to every subscriber. Returns its offset,
-    /// its epoch and how many subscribers it was queued to.
-    pub fn publish(&self, sender: &UserInfo, body: String, ts: u64, history_size: usize) -> (u64, String, usize) {
+    /// Sequences a message, stores it and queues it to every subscriber. Returns its offset and
+    /// its epoch.
+    pub fn publish(&self, sender: &UserInfo, body: String, ts: u64, history_size: usize) -> (u64, String) {
         let mut st = self.lock();
         st.last_offset += 1;
         let message = ChatMessage {
@@ -135,14 +132,14 @@ impl Room {
             ts,
         };
         let frame = encode(&ServerFrame::Message(message.clone()));
-        let delivered = st.broadcast(&frame, None);
+        st.broadcast(&frame, None);
         if history_size > 0 {
             if st.history.len() >= history_size {
                 st.history.pop_front();
             }
             st.history.push_back(Arc::new(Stored { message, frame }));
         }
-        (st.last_offset, st.epoch.clone(), delivered)
+        (st.last_offset, st.epoch.clone())
     }
 
     /// History after `since` (when it is in this epoch), else the last `limit` messages.
@@ -172,10 +169,6 @@ impl Room {
         let mut users: Vec<UserInfo> = st.presence.values().map(|(u, _)| u.clone()).collect();
         users.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
         users
-    }
-
-    pub fn subscriber_count(&self) -> usize {
-        self.lock().subscribers.len()
     }
 
     /// Marks the room removed if it has had no subscribers since before `cutoff`.
@@ -229,9 +222,8 @@ impl RoomState {
         }
     }
 
-    fn broadcast(&self, frame: &Frame, except: Option<u64>) -> usize {
+    fn broadcast(&self, frame: &Frame, except: Option<u64>) {
         let queued = self.subscribers.iter().filter(|(id, outbox)| Some(**id) != except && outbox.push(frame)).count();
         self.metrics.frames_out.inc_by(queued as u64);
-        queued
     }
 }

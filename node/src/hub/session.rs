@@ -271,7 +271,7 @@ impl Session<'_> {
             return None;
         }
         self.strikes = 0;
-        let (offset, epoch, _) = target.publish(&self.identity.user, body, unix_millis(), self.hub.config.history.size);
+        let (offset, epoch) = target.publish(&self.identity.user, body, unix_millis(), self.hub.config.history.size);
         self.hub.metrics.publishes.inc();
         replies.push(encode(&ServerFrame::Ack { id, room, offset, epoch }));
         None
