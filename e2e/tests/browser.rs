@@ -350,8 +350,9 @@ async fn page_with_token_in_url_and_token_expiry() -> anyhow::Result<()> {
     let name = tina.execute("return document.getElementById('name').value", vec![]).await?;
     assert_eq!(name, json!("Tina"), "the name comes from the token");
 
-    // A token that expires while connected (close 4500): the page stops and says so.
-    let short = mint_token(secret, "sam", "Sam", &[], 4);
+    // A token that expires while connected (close 4500): the page stops and says so. The
+    // lifetime leaves a loaded machine time to open the page and connect before `exp`.
+    let short = mint_token(secret, "sam", "Sam", &[], 8);
     sam.goto(&format!("{}/?token={short}&room=staff", node.http_url())).await?;
     wait_js(
         &sam,
