@@ -6,6 +6,8 @@ pub mod fake;
 pub mod fixtures;
 pub mod http;
 pub mod leader;
+#[cfg(unix)]
+pub mod local;
 pub mod metrics;
 pub mod reconcile;
 pub mod resources;

@@ -1,6 +1,8 @@
-//! The `chat-operator` binary: `run` (default) reconciles ChatClusters; `crd` prints the CRD.
+//! The `chat-operator` binary: `run` (default) reconciles ChatClusters; `crd` prints the CRD;
+//! `local` runs a manifest's ChatCluster on this machine without Kubernetes.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -29,6 +31,40 @@ enum Command {
     Run,
     /// Print the ChatCluster CRD as YAML.
     Crd,
+    /// Run the ChatCluster of a manifest on this machine, without Kubernetes (see docs/local.md).
+    Local(LocalArgs),
+}
+
+#[derive(clap::Args)]
+struct LocalArgs {
+    /// Manifest with a ChatCluster, plus any Secrets and ConfigMaps it references.
+    manifest: PathBuf,
+    /// Which ChatCluster, when the manifest holds several.
+    #[arg(long)]
+    cluster: Option<String>,
+    /// A Secret key the manifest references but does not contain: `name/key=value` (repeatable).
+    #[arg(long = "secret", value_name = "NAME/KEY=VALUE")]
+    secrets: Vec<chat_operator::local::manifest::SecretValue>,
+    /// Where node configs, keys, assets, logs and status.json go (kept after exit); default: a
+    /// temporary directory, removed on exit.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// The chat-node binary; default: next to this executable, else on PATH.
+    #[arg(long)]
+    node_binary: Option<PathBuf>,
+    /// Address of node 0; node i listens on this address + i.
+    #[arg(long, value_name = "IPV4", default_value_t = chat_operator::local::DEFAULT_FIRST_IP)]
+    first_ip: Ipv4Addr,
+    /// Client port of every node; the peer port is the next one.
+    #[arg(long, default_value_t = chat_operator::local::DEFAULT_BASE_PORT)]
+    base_port: u16,
+    /// Put every node on 127.0.0.1 with ports base + 2i (client) and base + 2i + 1 (peer), with
+    /// static peer lists instead of DNS (the fallback where other loopback addresses do not work).
+    #[arg(long)]
+    single_ip: bool,
+    /// Milliseconds between checks of the manifest for changes.
+    #[arg(long, default_value_t = 500)]
+    poll_ms: u64,
 }
 
 /// Global, so they work both with and without the `run` subcommand.
@@ -76,7 +112,35 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run => run(cli.run).await,
+        Command::Local(args) => local(&cli.run, args).await,
     }
+}
+
+async fn local(run: &RunArgs, args: LocalArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    // The DNS server logs every query at info: one line per node every discovery interval.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{},hickory_server=warn", run.log_filter)));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal());
+    match run.log_format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    // Whether --first-ip was given: only the default may fall back to 127.0.0.1 silently.
+    let first_ip_given = std::env::args().any(|a| a == "--first-ip" || a.starts_with("--first-ip="));
+    let options = chat_operator::local::Options {
+        manifest: args.manifest,
+        cluster: args.cluster,
+        secrets: args.secrets,
+        state_dir: args.state_dir,
+        node_binary: args.node_binary,
+        first_ip: first_ip_given.then_some(args.first_ip),
+        base_port: args.base_port,
+        single_ip: args.single_ip,
+        poll_interval: Duration::from_millis(args.poll_ms.max(50)),
+    };
+    // Awaited here rather than spawned: the nodes are tied to the thread that started them.
+    chat_operator::local::run(options, wait_for_signal()).await.context("local mode")
 }
 
 fn init_tracing(args: &RunArgs) {

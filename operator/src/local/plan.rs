@@ -1,0 +1,343 @@
+//! What the operator would create for a manifest, taken from its own validation and builders,
+//! and how each node's pod maps onto this machine: the pod's mounts under `/etc/chatcluster`
+//! become files in the state directory, the pod IP a loopback address.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chat_node::config::NodeConfig;
+use k8s_openapi::api::core::v1::{Container, EnvVar};
+
+use super::manifest::Manifest;
+use crate::crd::RolloutStrategy;
+use crate::reconcile::validate::{Invalid, Refs, validate};
+use crate::resources::{self, AUTH_DIR, CONFIG_HASH_ANNOTATION, CONFIG_KEY, CONFIG_PATH, Owner, PEER_DIR, PEER_KEY};
+
+/// The ChatCluster as the operator would run it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Desired {
+    pub name: String,
+    pub namespace: String,
+    pub replicas: u32,
+    /// The config ConfigMap's `node.toml`, parsed.
+    pub config: NodeConfig,
+    /// The assets ConfigMap's data.
+    pub assets: BTreeMap<String, String>,
+    /// The peer Secret's key.
+    pub peer_key: Vec<u8>,
+    /// The JWT Secret's key and the file name the pod would see it under.
+    pub auth_key: Option<(String, Vec<u8>)>,
+    /// The pod template's config hash: a change means the StatefulSet would replace the pods.
+    pub revision: String,
+    pub rolling: bool,
+    pub min_ready: Duration,
+    /// The pod's termination grace period: how long a drain may take before SIGKILL.
+    pub grace: Duration,
+    /// The node container, for its arguments and environment.
+    pub container: Container,
+    /// `<name>-peers.<ns>.svc.cluster.local`.
+    pub peer_dns: String,
+}
+
+fn local_invalid(message: String) -> Invalid {
+    Invalid { reason: "InvalidConfig", message }
+}
+
+/// Runs the operator's validation and builders; `peer_key` plays the generated peer Secret.
+pub fn desired(manifest: &Manifest, peer_key: &[u8]) -> Result<Desired, Invalid> {
+    let cluster = &manifest.cluster;
+    let owner = Owner::of(cluster).ok_or_else(|| local_invalid("the ChatCluster has no name".to_owned()))?;
+    let spec = &cluster.spec;
+    let refs = Refs {
+        auth_secret: spec.auth.jwt_secret_ref.as_ref().and_then(|r| manifest.secrets.get(&r.name)).cloned(),
+        assets_config_map: spec.assets.config_map_ref.as_ref().and_then(|r| manifest.config_maps.get(&r.name)).cloned(),
+        peer_secret: None,
+        fresh_peer_key: peer_key.to_vec(),
+    };
+    let plan = validate(cluster, owner.clone(), &refs)?;
+    let children = resources::build(cluster, &plan);
+    let config_toml = children.config.data.as_ref().and_then(|d| d.get(CONFIG_KEY)).cloned().unwrap_or_default();
+    // The node parses exactly this text; parsing it here too catches a rendering it would refuse.
+    let config: NodeConfig =
+        toml::from_str(&config_toml).map_err(|e| local_invalid(format!("rendered node.toml: {e}")))?;
+    let peer_key =
+        children.peer_secret.data.as_ref().and_then(|d| d.get(PEER_KEY)).map(|k| k.0.clone()).unwrap_or_default();
+    let auth_key = spec.auth.jwt_secret_ref.as_ref().and_then(|r| {
+        let secret = refs.auth_secret.as_ref()?;
+        Some((r.key.clone(), secret.data.as_ref()?.get(&r.key)?.0.clone()))
+    });
+    let sts = children.statefulset.spec;
+    let template = sts.template;
+    let revision = template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(CONFIG_HASH_ANNOTATION))
+        .cloned()
+        .unwrap_or_else(|| plan.config_hash.clone());
+    let pod = template.spec.unwrap_or_default();
+    let grace = pod.termination_grace_period_seconds.unwrap_or(plan.termination_grace_seconds);
+    let container = pod.containers.into_iter().next().unwrap_or_default();
+    Ok(Desired {
+        name: owner.name.clone(),
+        namespace: owner.namespace.clone(),
+        replicas: u32::try_from(sts.replicas.unwrap_or(0)).unwrap_or(0),
+        config,
+        assets: children.assets.data.unwrap_or_default(),
+        peer_key,
+        auth_key,
+        revision,
+        rolling: spec.rollout.strategy == RolloutStrategy::RollingUpdate,
+        min_ready: Duration::from_secs(u64::try_from(sts.min_ready_seconds.unwrap_or(0)).unwrap_or(0)),
+        grace: Duration::from_secs(u64::try_from(grace).unwrap_or(0)),
+        container,
+        peer_dns: owner.peer_dns(),
+    })
+}
+
+impl Desired {
+    /// StatefulSet pod name of `ordinal`.
+    pub fn node_name(&self, ordinal: u32) -> String {
+        format!("{}-{ordinal}", self.name)
+    }
+}
+
+/// Where each node listens on this machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Addressing {
+    /// Node `i` on `first + i`, every node on the same two ports: the pod network's shape, so
+    /// the nodes find each other through DNS A records as in Kubernetes.
+    PerNodeIp { first: Ipv4Addr, client_port: u16, peer_port: u16 },
+    /// Every node on one address (hosts where only 127.0.0.1 is assignable, e.g. macOS), with
+    /// ports `base + 2i` (client) and `base + 2i + 1` (peer). DNS answers carry no ports, so the
+    /// nodes get a static peer list instead.
+    SharedIp { ip: Ipv4Addr, base_port: u16 },
+}
+
+/// One node's addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeAddr {
+    pub ip: IpAddr,
+    pub client: SocketAddr,
+    pub peer: SocketAddr,
+}
+
+impl Addressing {
+    /// `None` when the ordinal runs past the address or port space.
+    pub fn node(&self, ordinal: u32) -> Option<NodeAddr> {
+        match *self {
+            Addressing::PerNodeIp { first, client_port, peer_port } => {
+                let ip = IpAddr::V4(Ipv4Addr::from(u32::from(first).checked_add(ordinal)?));
+                Some(NodeAddr { ip, client: SocketAddr::new(ip, client_port), peer: SocketAddr::new(ip, peer_port) })
+            }
+            Addressing::SharedIp { ip, base_port } => {
+                let client = u16::try_from(u32::from(base_port).checked_add(ordinal.checked_mul(2)?)?).ok()?;
+                let peer = client.checked_add(1)?;
+                let ip = IpAddr::V4(ip);
+                Some(NodeAddr { ip, client: SocketAddr::new(ip, client), peer: SocketAddr::new(ip, peer) })
+            }
+        }
+    }
+
+    pub fn uses_dns(&self) -> bool {
+        matches!(self, Addressing::PerNodeIp { .. })
+    }
+}
+
+/// The state directory: the pod's `/etc/chatcluster` mounts, and one folder per node.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub root: PathBuf,
+}
+
+impl Layout {
+    /// The mount root every operator path lives under (`/etc/chatcluster`).
+    fn mount_root() -> &'static Path {
+        Path::new(CONFIG_PATH).parent().unwrap_or(Path::new("/"))
+    }
+
+    /// Where a path inside the pod is on this machine.
+    pub fn host_path(&self, pod_path: &Path) -> PathBuf {
+        match pod_path.strip_prefix(Self::mount_root()) {
+            Ok(rest) => self.root.join(rest),
+            Err(_) => pod_path.to_path_buf(),
+        }
+    }
+
+    pub fn assets_dir(&self) -> PathBuf {
+        self.host_path(Path::new(resources::ASSETS_DIR))
+    }
+
+    pub fn peer_key_file(&self) -> PathBuf {
+        self.host_path(&Path::new(PEER_DIR).join(PEER_KEY))
+    }
+
+    pub fn auth_key_file(&self, key: &str) -> PathBuf {
+        self.host_path(&Path::new(AUTH_DIR).join(key))
+    }
+
+    pub fn node_dir(&self, node: &str) -> PathBuf {
+        self.root.join("nodes").join(node)
+    }
+
+    pub fn node_config(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("node.toml")
+    }
+
+    pub fn node_log(&self, node: &str) -> PathBuf {
+        self.root.join(format!("{node}.log"))
+    }
+
+    pub fn status_file(&self) -> PathBuf {
+        self.root.join("status.json")
+    }
+}
+
+/// How a node finds its peers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peers {
+    /// The local DNS server answers the peer Service's name.
+    Dns(SocketAddr),
+    /// Every node's peer address (the node skips its own).
+    Static(Vec<String>),
+}
+
+/// The node config of one node on this machine: the rendered `node.toml` with what differs
+/// from a pod (addresses, the mounts' host paths, how peers are found).
+pub fn node_config(desired: &Desired, addr: &NodeAddr, peers: &Peers, layout: &Layout) -> NodeConfig {
+    let mut cfg = desired.config.clone();
+    cfg.listen = addr.client;
+    cfg.cluster.peer_listen = addr.peer;
+    cfg.cluster.advertise_ip = Some(addr.ip);
+    cfg.assets_dir = cfg.assets_dir.as_deref().map(|p| layout.host_path(p));
+    cfg.auth.jwt_secret_file = cfg.auth.jwt_secret_file.as_deref().map(|p| layout.host_path(p));
+    cfg.cluster.secret_file = cfg.cluster.secret_file.as_deref().map(|p| layout.host_path(p));
+    match peers {
+        Peers::Dns(server) => cfg.cluster.dns_server = Some(*server),
+        Peers::Static(list) => {
+            // A failing lookup of the (unresolvable) Service name would hide the static list.
+            cfg.cluster.dns_name = None;
+            cfg.cluster.static_peers = list.clone();
+        }
+    }
+    cfg
+}
+
+/// The container's environment for one node, with the downward API resolved as the kubelet
+/// would: pod name, namespace and IP.
+pub fn node_env(container: &Container, node: &str, namespace: &str, ip: IpAddr) -> Vec<(String, String)> {
+    let env: &[EnvVar] = container.env.as_deref().unwrap_or_default();
+    env.iter()
+        .filter_map(|var| {
+            let value = match (&var.value, var.value_from.as_ref().and_then(|f| f.field_ref.as_ref())) {
+                (Some(value), _) => value.clone(),
+                (None, Some(field)) => match field.field_path.as_str() {
+                    "metadata.name" => node.to_owned(),
+                    "metadata.namespace" => namespace.to_owned(),
+                    "status.podIP" => ip.to_string(),
+                    other => {
+                        tracing::warn!(var = %var.name, field = other, "no local value for this downward-API field");
+                        return None;
+                    }
+                },
+                (None, None) => return None,
+            };
+            Some((var.name.clone(), value))
+        })
+        .collect()
+}
+
+/// The container's arguments with pod paths mapped, and the config file replaced by the node's.
+pub fn node_args(container: &Container, layout: &Layout, node: &str) -> Vec<String> {
+    let args = container.args.as_deref().unwrap_or_default();
+    args.iter()
+        .map(|arg| {
+            if arg == CONFIG_PATH {
+                layout.node_config(node).display().to_string()
+            } else if arg.starts_with('/') {
+                layout.host_path(Path::new(arg)).display().to_string()
+            } else {
+                arg.clone()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local::manifest;
+
+    fn minimal() -> Manifest {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/minimal.yaml")).unwrap();
+        manifest::parse(&text, None, &[]).unwrap()
+    }
+
+    #[test]
+    fn desired_comes_from_the_operator_builders() {
+        let m = minimal();
+        let d = desired(&m, &[b'a'; 64]).unwrap();
+        assert_eq!((d.name.as_str(), d.namespace.as_str(), d.replicas), ("chat", "default", 3));
+        assert_eq!(d.peer_dns, "chat-peers.default.svc.cluster.local");
+        assert_eq!(d.peer_key, vec![b'a'; 64]);
+        assert_eq!(d.grace, Duration::from_secs(30), "deadline 25 + 5");
+        assert!(d.rolling);
+        // The same peer key gives the same revision; another config gives another one.
+        assert_eq!(desired(&m, &[b'a'; 64]).unwrap().revision, d.revision);
+        let mut changed = m.clone();
+        changed.cluster.spec.config.limits.max_connections = 5;
+        assert_ne!(desired(&changed, &[b'a'; 64]).unwrap().revision, d.revision);
+        // Assets do not restart pods.
+        let mut assets = m.clone();
+        assets.cluster.spec.assets.files.insert("x.txt".into(), "x".into());
+        let with_assets = desired(&assets, &[b'a'; 64]).unwrap();
+        assert_eq!(with_assets.revision, d.revision);
+        assert_eq!(with_assets.assets["x.txt"], "x");
+    }
+
+    #[test]
+    fn invalid_spec_is_the_operators_degraded_reason() {
+        let mut m = minimal();
+        m.cluster.spec.drain.termination_grace_period_seconds = Some(1);
+        assert_eq!(desired(&m, &[0; 64]).unwrap_err().reason, "InvalidDrain");
+        let mut m = minimal();
+        m.cluster.spec.auth.jwt_secret_ref =
+            Some(crate::crd::SecretKeyRef { name: "jwt".into(), key: "jwt-secret".into() });
+        assert_eq!(desired(&m, &[0; 64]).unwrap_err().reason, "SecretNotFound");
+    }
+
+    #[test]
+    fn node_config_maps_mounts_and_addresses() {
+        let d = desired(&minimal(), &[b'a'; 64]).unwrap();
+        let layout = Layout { root: PathBuf::from("/state") };
+        let addressing =
+            Addressing::PerNodeIp { first: Ipv4Addr::new(127, 0, 0, 10), client_port: 8080, peer_port: 8081 };
+        let addr = addressing.node(2).unwrap();
+        assert_eq!(addr.client.to_string(), "127.0.0.12:8080");
+        let dns: SocketAddr = "127.0.0.1:5353".parse().unwrap();
+        let cfg = node_config(&d, &addr, &Peers::Dns(dns), &layout);
+        cfg.validate().unwrap();
+        assert_eq!(cfg.cluster.peer_listen.to_string(), "127.0.0.12:8081");
+        assert_eq!(cfg.cluster.dns_name.as_deref(), Some("chat-peers.default.svc.cluster.local"));
+        assert_eq!(cfg.cluster.dns_server, Some(dns));
+        assert_eq!(cfg.cluster.secret_file.as_deref(), Some(Path::new("/state/peer/hmac-key")));
+        assert_eq!(cfg.assets_dir.as_deref(), Some(Path::new("/state/assets")));
+
+        let shared = Addressing::SharedIp { ip: Ipv4Addr::LOCALHOST, base_port: 8080 };
+        let addr = shared.node(1).unwrap();
+        assert_eq!((addr.client.port(), addr.peer.port()), (8082, 8083));
+        let cfg = node_config(&d, &addr, &Peers::Static(vec!["127.0.0.1:8081".into()]), &layout);
+        cfg.validate().unwrap();
+        assert_eq!(cfg.cluster.dns_name, None);
+        assert!(Addressing::SharedIp { ip: Ipv4Addr::LOCALHOST, base_port: 65534 }.node(1).is_none());
+
+        let env = node_env(&d.container, "chat-2", "default", "127.0.0.12".parse().unwrap());
+        let env: BTreeMap<_, _> = env.into_iter().collect();
+        assert_eq!(env["POD_NAME"], "chat-2");
+        assert_eq!(env["POD_IP"], "127.0.0.12");
+        assert_eq!(env["CHAT_PEER_DNS"], "chat-peers.default.svc.cluster.local");
+        assert_eq!(node_args(&d.container, &layout, "chat-2"), ["--config", "/state/nodes/chat-2/node.toml"]);
+    }
+}
