@@ -4,7 +4,7 @@
 # (kubernetes-validate). Details: scripts/lint-chart.py. Needs no network.
 #
 #   scripts/lint-chart.sh            # run the checks (the venv must exist)
-#   scripts/lint-chart.sh --install  # create or update the venv from PyPI, then run the checks
+#   scripts/lint-chart.sh --install  # only create or update the venv (PyPI; .ci/run does this)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +25,7 @@ if [ "${1:-}" = "--install" ]; then
     "$venv/bin/pip" install --quiet --disable-pip-version-check --ignore-requires-python -r "$requirements"
     cp "$requirements" "$venv/requirements.txt"
   fi
+  exit 0
 elif ! installed; then
   echo "scripts/lint-chart.sh: $venv is missing or stale; create it with: scripts/lint-chart.sh --install" >&2
   exit 1

@@ -15,3 +15,4 @@ echo "== build binaries used by the end-to-end tests"
 cargo build --workspace --bins --locked
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== helm chart lint and Kubernetes schema validation"; ./scripts/lint-chart.sh
