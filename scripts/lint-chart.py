@@ -559,6 +559,8 @@ def main() -> int:
         ("chatCluster.enabled=true", {"chatCluster": {"enabled": True}}),
         ("replicaCount=1 leaderElection.enabled=false", {"leaderElection": {"enabled": False}}),
         ("ci/all-on-values.yaml", all_on),
+        ("existing ServiceAccount, no RBAC", {"serviceAccount": {"create": False, "name": "chat-operator-existing"},
+                                              "rbac": {"create": False}}),
     ]
     for label, values in cases:
         docs = render(api, label, values)
@@ -585,6 +587,14 @@ def main() -> int:
         missing = {"ServiceMonitor", "NetworkPolicy", "ChatCluster", "ServiceAccount"} - kinds
         if missing:
             fail(f"all-on: {sorted(missing)} not rendered")
+    if "existing ServiceAccount, no RBAC" in rendered:
+        docs = rendered["existing ServiceAccount, no RBAC"]
+        extra = sorted({o["kind"] for _, o in docs} & {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"})
+        sa = [o["spec"]["template"]["spec"]["serviceAccountName"] for o in by_kind(docs, "Deployment")]
+        if extra or sa != ["chat-operator-existing"]:
+            fail(f"existing ServiceAccount, no RBAC: rendered {extra}, serviceAccountName {sa}")
+        else:
+            ok("existing ServiceAccount, no RBAC: no ServiceAccount or RBAC objects, the pod uses the named account")
     if "chatCluster.enabled=true" in rendered:
         crs = by_kind(rendered["chatCluster.enabled=true"], "ChatCluster")
         if len(crs) != 1 or crs[0]["metadata"].get("namespace") != NAMESPACE:
@@ -593,6 +603,8 @@ def main() -> int:
             ok(f"chatCluster.enabled=true: ChatCluster {crs[0]['metadata']['name']} with spec {json.dumps(crs[0]['spec'])}")
     expect_render_error(api, "replicaCount=2 without leader election",
                         {"replicaCount": 2, "leaderElection": {"enabled": False}}, r"needs leaderElection")
+    expect_render_error(api, "serviceAccount.create=false without a name",
+                        {"serviceAccount": {"create": False}}, r"serviceAccount.name is required")
     expect_render_error(api, "an unknown value", {"replicas": 2}, r"(?i)additional propert|not allowed")
     expect_render_error(api, "a wrong type", {"replicaCount": "two"}, r"(?i)integer|type")
     expect_render_error(api, "chatCluster outside watchNamespace",
