@@ -2,6 +2,7 @@
 //! WebSocket clients and tokens. Everything here talks to loopback addresses only.
 
 pub mod client;
+pub mod cluster;
 mod process;
 
 pub use process::{NodeProcess, free_port, node_binary};

@@ -27,6 +27,11 @@ pub struct Metrics {
     pub cluster_members: Gauge,
     pub peer_links_established: Counter,
     pub peer_auth_failures: Counter,
+    pub messages_committed: Counter,
+    pub publishes_unavailable: Counter,
+    pub room_claims: Counter,
+    pub rooms_owned: Gauge,
+    pub publishes_in_flight: Gauge,
 }
 
 impl Default for Metrics {
@@ -54,6 +59,11 @@ impl Metrics {
             cluster_members: Gauge::default(),
             peer_links_established: Counter::default(),
             peer_auth_failures: Counter::default(),
+            messages_committed: Counter::default(),
+            publishes_unavailable: Counter::default(),
+            room_claims: Counter::default(),
+            rooms_owned: Gauge::default(),
+            publishes_in_flight: Gauge::default(),
             registry: Registry::with_prefix("chat"),
         };
         let registry = &mut m.registry;
@@ -88,6 +98,23 @@ impl Metrics {
             "peer_auth_failures",
             "Peer links refused for a bad HMAC proof",
             m.peer_auth_failures.clone(),
+        );
+        registry.register(
+            "messages_committed",
+            "Room messages stored and delivered on this node (from any publisher)",
+            m.messages_committed.clone(),
+        );
+        registry.register(
+            "publishes_unavailable",
+            "Publishes answered `unavailable` (no quorum, or no owner answer in time)",
+            m.publishes_unavailable.clone(),
+        );
+        registry.register("room_claims", "Claims of room ownership started by this node", m.room_claims.clone());
+        registry.register("rooms_owned", "Rooms this node sequences", m.rooms_owned.clone());
+        registry.register(
+            "publishes_in_flight",
+            "Publishes of this node's clients waiting for the room owner's answer",
+            m.publishes_in_flight.clone(),
         );
         m
     }

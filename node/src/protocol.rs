@@ -109,6 +109,10 @@ pub enum ServerFrame {
         protocol: String,
         /// Seconds between server pings; a client may use it to detect a dead link.
         ping_interval_secs: u64,
+        /// True when the connection presented a known `session` token: the session's rooms
+        /// are rejoined (a `joined` per room follows, with what was missed).
+        #[serde(default)]
+        resumed: bool,
     },
     /// Answer to `join`. `offset` is the room's latest offset; `recovered` says whether every
     /// message after `since` was delivered (always `false` when `since` was not given).
@@ -193,6 +197,10 @@ pub enum ErrorCode {
     UnsupportedData,
     /// The node is shutting down and accepts no new joins.
     Draining,
+    /// The room's stream cannot take the publish now (no quorum: a partition or too many
+    /// nodes down, or no answer in time). The message may still have been stored: retry, and
+    /// tell apart duplicates by their offset.
+    Unavailable,
     /// Something failed on the server; retrying may help.
     Internal,
 }

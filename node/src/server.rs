@@ -64,7 +64,7 @@ impl Server {
         } else {
             (None, None)
         };
-        let hub = Hub::new(id, config, metrics)?;
+        let hub = Hub::new(id, config, metrics, cluster.clone())?;
         let state = Arc::new(AppState { hub, assets, cluster, started: AtomicBool::new(false) });
         Ok(Server { listener, peer_listener, state })
     }
@@ -93,6 +93,7 @@ impl Server {
                 header_timeout,
             )));
             tasks.push(tokio::spawn(discovery::run(cluster.clone())));
+            tasks.push(tokio::spawn(tend_replication(hub.clone())));
         }
         state.started.store(true, Ordering::Release);
         shutdown.await;
@@ -144,6 +145,16 @@ where
     }
 }
 
+async fn tend_replication(hub: Arc<Hub>) {
+    let mut tick = tokio::time::interval(crate::replication::TICK);
+    loop {
+        tick.tick().await;
+        if let Some(replication) = hub.replication() {
+            replication.tick(&hub);
+        }
+    }
+}
+
 async fn sweep_rooms(hub: Arc<Hub>) {
     let every = Duration::from_secs(hub.config().history.empty_room_ttl_secs.clamp(1, 60));
     let mut tick = tokio::time::interval(every);
@@ -156,6 +167,23 @@ async fn sweep_rooms(hub: Arc<Hub>) {
     }
 }
 
+/// Leaves room ownership to the other nodes before clients are sent away, so their publishes
+/// keep flowing; bounded, in case no peer can take over.
+async fn hand_over(hub: &Hub, replication: &crate::replication::Replication) {
+    replication.cluster().leave();
+    let started = tokio::time::Instant::now();
+    while replication.owned_rooms(hub) > 0 && started.elapsed() < HAND_OVER_TIMEOUT {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!(
+        still_owned = replication.owned_rooms(hub),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "handed rooms over"
+    );
+}
+
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Drains within `drain.deadline_secs`: whatever is not done by then is cut off.
 async fn drain(hub: &Arc<Hub>) {
     let drain = &hub.config().drain;
@@ -164,6 +192,9 @@ async fn drain(hub: &Arc<Hub>) {
     hub.start_draining();
     tracing::info!(connections = hub.open_connections(), "draining: not ready, refusing new connections");
     let orderly = async {
+        if let Some(replication) = hub.replication() {
+            hand_over(hub, replication).await;
+        }
         tokio::time::sleep(Duration::from_secs(drain.lb_grace_secs)).await;
         hub.disconnect_all(drain.rate_per_sec).await;
         while hub.open_connections() > 0 {

@@ -184,6 +184,27 @@ where
     run(cluster, peer_id, peer_addr, ws).await;
 }
 
+/// Frames written before one flush: the queue is drained in batches under load.
+const WRITE_BATCH: usize = 512;
+
+async fn write_batch<S>(
+    ws: &mut WebSocketStream<S>,
+    first: Utf8Bytes,
+    queued: &mut tokio::sync::mpsc::UnboundedReceiver<Utf8Bytes>,
+) -> Result<(), tokio_tungstenite::tungstenite::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    ws.feed(Message::Text(first)).await?;
+    for _ in 1..WRITE_BATCH {
+        match queued.try_recv() {
+            Ok(text) => ws.feed(Message::Text(text)).await?,
+            Err(_) => break,
+        }
+    }
+    ws.flush().await
+}
+
 /// Microseconds since `origin`, carried in pings to measure round trips.
 fn stamp(origin: Instant) -> Bytes {
     Bytes::copy_from_slice(&(origin.elapsed().as_micros() as u64).to_be_bytes())
@@ -194,7 +215,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let rtt_us = Arc::new(AtomicU64::new(0));
-    let generation = cluster.register(&peer_id, peer_addr, rtt_us.clone());
+    let (outbound, mut queued) = tokio::sync::mpsc::unbounded_channel();
+    let generation = cluster.register(&peer_id, peer_addr, rtt_us.clone(), outbound);
+    let handler = cluster.handler();
     let heartbeat = Duration::from_millis(cluster.config().heartbeat_ms);
     let timeout = Duration::from_millis(cluster.config().peer_timeout_ms);
     let origin = Instant::now();
@@ -211,10 +234,23 @@ where
                             rtt_us.store(now.saturating_sub(u64::from_be_bytes(sent)), Ordering::Relaxed);
                         }
                     }
-                    Some(Ok(Message::Text(_))) => {}
+                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<PeerFrame>(&text) {
+                        Ok(frame) => {
+                            if let Some(handler) = &handler {
+                                handler.on_frame(&peer_id, frame);
+                            }
+                        }
+                        Err(err) => tracing::warn!(peer = peer_id, %err, "dropped a malformed peer frame"),
+                    },
                     Some(Ok(Message::Close(_))) | None => break "closed by peer",
                     Some(Ok(_)) => {}
                     Some(Err(_)) => break "read failed",
+                }
+            }
+            next = queued.recv() => {
+                let Some(first) = next else { break "unregistered" };
+                if write_batch(&mut ws, first, &mut queued).await.is_err() {
+                    break "write failed";
                 }
             }
             _ = tick.tick() => {

@@ -10,10 +10,14 @@ pub mod wire;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use wire::PeerFrame;
 
 use crate::auth::{KeyError, read_secret};
 use crate::config::ClusterConfig;
@@ -43,11 +47,24 @@ pub enum AddrState {
     Unreachable,
 }
 
+/// What the rest of the node does with peer traffic (the replication layer implements it).
+pub trait PeerHandler: Send + Sync {
+    fn on_link_up(&self, peer: &str);
+    fn on_link_down(&self, peer: &str);
+    fn on_frame(&self, peer: &str, frame: PeerFrame);
+}
+
 struct Link {
     addr: String,
     generation: u64,
     since: Instant,
     rtt_us: Arc<AtomicU64>,
+    /// Serialized frames for the link's task to write, in order.
+    outbound: UnboundedSender<Utf8Bytes>,
+    /// The peer said it is draining: it stays a voter but owns no rooms.
+    leaving: bool,
+    /// The peer has answered our digest.
+    synced: bool,
 }
 
 #[derive(Default)]
@@ -70,6 +87,9 @@ pub struct Cluster {
     metrics: Arc<Metrics>,
     started: Instant,
     ready: AtomicBool,
+    /// This node is draining and owns no rooms.
+    leaving: AtomicBool,
+    handler: OnceLock<Weak<dyn PeerHandler>>,
 }
 
 /// A link as `/cluster` shows it.
@@ -79,6 +99,8 @@ pub struct MemberStatus {
     pub addr: String,
     pub linked_for_ms: u64,
     pub rtt_ms: f64,
+    pub leaving: bool,
+    pub synced: bool,
 }
 
 /// What `/cluster` returns.
@@ -91,6 +113,11 @@ pub struct ClusterStatus {
     pub known_size: usize,
     pub quorum: bool,
     pub ready: bool,
+}
+
+fn encode(frame: &PeerFrame) -> Utf8Bytes {
+    // Our own frame types always serialize: plain strings, numbers and vectors of them.
+    Utf8Bytes::from(serde_json::to_string(frame).unwrap_or_default())
 }
 
 fn cluster_secret(config: &ClusterConfig) -> Result<Vec<u8>, ClusterError> {
@@ -125,6 +152,8 @@ impl Cluster {
             metrics,
             started: Instant::now(),
             ready: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
+            handler: OnceLock::new(),
         }))
     }
 
@@ -148,6 +177,15 @@ impl Cluster {
         &self.metrics
     }
 
+    /// Connects the replication layer; links report to it from then on.
+    pub fn set_handler(&self, handler: Weak<dyn PeerHandler>) {
+        let _ = self.handler.set(handler);
+    }
+
+    pub(crate) fn handler(&self) -> Option<Arc<dyn PeerHandler>> {
+        self.handler.get().and_then(Weak::upgrade)
+    }
+
     fn changed(&self) {
         let members = self.lock().links.len() + 1;
         self.metrics.cluster_members.set(members as i64);
@@ -163,13 +201,89 @@ impl Cluster {
         (state.links.len() + 1) * 2 > Self::known_size(state)
     }
 
-    /// True once every peer of the first discovery round was tried, or the ready timeout passed.
+    pub fn quorum(&self) -> bool {
+        Self::has_quorum(&self.lock())
+    }
+
+    /// Nodes that must hold a message before it is committed: `replication` (capped by the
+    /// cluster size), and never fewer than a majority, so any two commits — and any claim of a
+    /// room — share a node, even across a partition.
+    pub fn commit_quorum(&self) -> usize {
+        let known = Self::known_size(&self.lock());
+        self.config.replication.min(known).max(known / 2 + 1)
+    }
+
+    /// A majority of the known nodes: the promises a claim needs.
+    pub fn majority(&self) -> usize {
+        Self::known_size(&self.lock()) / 2 + 1
+    }
+
+    /// Nodes that may own rooms: this one unless draining, and linked peers that are not
+    /// draining. Empty without quorum, so a minority side owns nothing.
+    pub fn owner_candidates(&self) -> Vec<String> {
+        let state = self.lock();
+        if !Self::has_quorum(&state) {
+            return Vec::new();
+        }
+        let mut nodes: Vec<String> = state.links.iter().filter(|(_, l)| !l.leaving).map(|(id, _)| id.clone()).collect();
+        if !self.leaving.load(Ordering::Acquire) {
+            nodes.push(self.node_id.clone());
+        }
+        nodes
+    }
+
+    /// Linked peers.
+    pub fn peers(&self) -> Vec<String> {
+        self.lock().links.keys().cloned().collect()
+    }
+
+    /// Queues a frame to one peer; false if it is not linked.
+    pub fn send(&self, peer: &str, frame: &PeerFrame) -> bool {
+        let text = encode(frame);
+        self.lock().links.get(peer).is_some_and(|l| l.outbound.send(text).is_ok())
+    }
+
+    /// Queues a frame to every linked peer; returns how many.
+    pub fn broadcast(&self, frame: &PeerFrame) -> usize {
+        let text = encode(frame);
+        self.lock().links.values().filter(|l| l.outbound.send(text.clone()).is_ok()).count()
+    }
+
+    /// Stops owning rooms and tells the peers, so they take over before this node goes.
+    pub fn leave(&self) {
+        if !self.leaving.swap(true, Ordering::AcqRel) {
+            self.broadcast(&PeerFrame::Leaving);
+        }
+    }
+
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_leaving(&self, peer: &str) {
+        if let Some(link) = self.lock().links.get_mut(peer) {
+            link.leaving = true;
+        }
+        tracing::info!(peer, "peer is draining");
+    }
+
+    pub(crate) fn mark_synced(&self, peer: &str) {
+        if let Some(link) = self.lock().links.get_mut(peer) {
+            link.synced = true;
+        }
+    }
+
+    /// True once every peer of the first discovery round was tried and every linked peer has
+    /// sent us what we lacked, or the ready timeout passed.
     pub fn is_ready(&self) -> bool {
         if self.ready.load(Ordering::Acquire) {
             return true;
         }
         let timed_out = self.started.elapsed() >= Duration::from_secs(self.config.ready_timeout_secs);
-        let done = timed_out || self.lock().first_round_done;
+        let done = timed_out || {
+            let state = self.lock();
+            state.first_round_done && state.links.values().all(|l| l.synced)
+        };
         if done {
             self.ready.store(true, Ordering::Release);
         }
@@ -178,19 +292,32 @@ impl Cluster {
 
     /// Registers a link; a previous link to the same node is replaced (its task sees its
     /// generation is gone and ends).
-    pub(crate) fn register(&self, node_id: &str, addr: String, rtt_us: Arc<AtomicU64>) -> u64 {
+    pub(crate) fn register(
+        &self,
+        node_id: &str,
+        addr: String,
+        rtt_us: Arc<AtomicU64>,
+        outbound: UnboundedSender<Utf8Bytes>,
+    ) -> u64 {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         {
             let mut state = self.lock();
             if let Ok(sock) = addr.parse::<SocketAddr>() {
                 state.discovered.entry(sock).and_modify(|s| *s = AddrState::Linked(node_id.to_owned()));
             }
-            let link = Link { addr, generation, since: Instant::now(), rtt_us };
+            let link =
+                Link { addr, generation, since: Instant::now(), rtt_us, outbound, leaving: false, synced: false };
             state.links.insert(node_id.to_owned(), link);
         }
         self.metrics.peer_links_established.inc();
         tracing::info!(peer = node_id, "peer linked");
         self.changed();
+        if self.is_leaving() {
+            self.send(node_id, &PeerFrame::Leaving);
+        }
+        if let Some(handler) = self.handler() {
+            handler.on_link_up(node_id);
+        }
         generation
     }
 
@@ -215,6 +342,9 @@ impl Cluster {
         if removed {
             tracing::info!(peer = node_id, "peer link lost");
             self.changed();
+            if let Some(handler) = self.handler() {
+                handler.on_link_down(node_id);
+            }
         }
     }
 
@@ -236,6 +366,8 @@ impl Cluster {
                 addr: l.addr.clone(),
                 linked_for_ms: l.since.elapsed().as_millis() as u64,
                 rtt_ms: l.rtt_us.load(Ordering::Relaxed) as f64 / 1000.0,
+                leaving: l.leaving,
+                synced: l.synced,
             })
             .collect();
         members.sort_by(|a, b| a.node_id.cmp(&b.node_id));

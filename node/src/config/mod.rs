@@ -270,6 +270,10 @@ pub struct ClusterConfig {
     /// Seconds a starting node waits for its peers before it reports ready anyway.
     #[schemars(range(min = 1))]
     pub ready_timeout_secs: u64,
+    /// Milliseconds a client's publish waits for the room owner's answer before it gets error
+    /// `unavailable` (the message may still have been stored).
+    #[schemars(range(min = 100))]
+    pub publish_timeout_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -287,6 +291,7 @@ impl Default for ClusterConfig {
             heartbeat_ms: 1000,
             peer_timeout_ms: 5000,
             ready_timeout_secs: 10,
+            publish_timeout_ms: 5000,
         }
     }
 }
@@ -320,6 +325,9 @@ impl ClusterConfig {
         }
         if self.ready_timeout_secs == 0 {
             return Err(invalid("cluster.ready_timeout_secs", "must be at least 1"));
+        }
+        if self.publish_timeout_ms < 100 {
+            return Err(invalid("cluster.publish_timeout_ms", "must be at least 100"));
         }
         if let Some((i, _)) = self
             .static_peers

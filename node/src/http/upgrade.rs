@@ -55,17 +55,26 @@ fn negotiate_subprotocol(headers: &HeaderMap) -> Result<Option<&'static str>, ()
     }
 }
 
-/// `token` and `name` from the query string.
-fn query_params(query: &str) -> (Option<String>, Option<String>) {
-    let (mut token, mut name) = (None, None);
+/// What a client may put in the `/ws` query string.
+#[derive(Default)]
+struct QueryParams {
+    token: Option<String>,
+    name: Option<String>,
+    /// The session token of an earlier connection, to get its rooms back.
+    session: Option<String>,
+}
+
+fn query_params(query: &str) -> QueryParams {
+    let mut params = QueryParams::default();
     for (key, value) in form_urlencoded_pairs(query) {
         match key.as_str() {
-            "token" => token = Some(value),
-            "name" => name = Some(value),
+            "token" => params.token = Some(value),
+            "name" => params.name = Some(value),
+            "session" => params.session = Some(value),
             _ => {}
         }
     }
-    (token, name)
+    params
 }
 
 fn form_urlencoded_pairs(query: &str) -> Vec<(String, String)> {
@@ -105,7 +114,7 @@ pub(super) fn handshake(
             return refuse(StatusCode::SERVICE_UNAVAILABLE, refusal.code(), &refusal.to_string());
         }
     };
-    let (query_token, name) = query_params(&query);
+    let QueryParams { token: query_token, name, session } = query_params(&query);
     let token = bearer(&headers).or(query_token);
     let identity = match hub.authenticator().authenticate(token.as_deref(), name.as_deref()) {
         Ok(identity) => identity,
@@ -136,11 +145,11 @@ pub(super) fn handshake(
                 } else {
                     WebSocketStream::from_partially_read(tcp, parts.read_buf.to_vec(), Role::Server, Some(config)).await
                 };
-                hub.serve(WsConnection::new(ws), identity, permit).await;
+                hub.serve(WsConnection::new(ws), identity, session, permit).await;
             }
             Err(upgraded) => {
                 let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-                hub.serve(WsConnection::new(ws), identity, permit).await;
+                hub.serve(WsConnection::new(ws), identity, session, permit).await;
             }
         }
     });
@@ -188,7 +197,10 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer abc.def"));
         assert_eq!(bearer(&headers).as_deref(), Some("abc.def"));
-        let (token, name) = query_params("token=x%2Ey&name=Ann%20B");
-        assert_eq!((token.as_deref(), name.as_deref()), (Some("x.y"), Some("Ann B")));
+        let params = query_params("token=x%2Ey&name=Ann%20B&session=s1");
+        assert_eq!(
+            (params.token.as_deref(), params.name.as_deref(), params.session.as_deref()),
+            (Some("x.y"), Some("Ann B"), Some("s1"))
+        );
     }
 }

@@ -4,16 +4,17 @@
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use tokio::time::{Instant, MissedTickBehavior, interval_at};
 
 use super::outbox::{Inbox, Outbox, Wake, outbox};
-use super::room::{Room, encode};
-use super::{Hub, Permit};
+use super::room::{JoinOutcome, LocalPresence, Room, encode};
+use super::{Hub, Permit, unix_millis};
 use crate::auth::Identity;
+use crate::cluster::wire::{PeerFrame, SessionRecord};
 use crate::protocol::{
     ClientFrame, ErrorCode, MAX_REQUEST_ID, SUBPROTOCOL, ServerFrame, StreamPosition, close, validate_room_name,
 };
@@ -25,13 +26,30 @@ const IDLE_BUFFER_CAPACITY: usize = 8;
 /// Frames written per wake-up, so a busy room cannot starve this connection's reads and heartbeats.
 const FORWARD_BATCH: usize = 256;
 
-pub(super) async fn run<C: Connection>(hub: Arc<Hub>, mut conn: C, identity: Identity, _permit: Permit) {
+pub(super) async fn run<C: Connection>(
+    hub: Arc<Hub>,
+    mut conn: C,
+    identity: Identity,
+    resume: Option<String>,
+    _permit: Permit,
+) {
     let limits = &hub.config.limits;
     let (out, mut inbox) = outbox(limits.outbound_queue_frames, limits.outbound_queue_bytes, hub.metrics.clone());
     let conn_id = hub.register(out.signal().clone());
-    let mut session =
-        Session { hub: &hub, conn_id, identity, outbox: out, rooms: HashMap::new(), limiter: None, strikes: 0 };
-    let code = session.drive(&mut conn, &mut inbox).await;
+    let resumed = resume.and_then(|id| hub.sessions.get(&id, &identity.user.id));
+    let session_id = resumed.as_ref().map_or_else(|| format!("{:032x}", rand::random::<u128>()), |r| r.id.clone());
+    let mut session = Session {
+        hub: &hub,
+        conn_id,
+        session_id,
+        identity,
+        outbox: out,
+        rooms: HashMap::new(),
+        limiter: None,
+        strikes: 0,
+    };
+    let code = session.drive(&mut conn, &mut inbox, resumed).await;
+    session.save(inbox.is_empty());
     session.leave_all();
     hub.unregister(conn_id);
     hub.metrics.disconnected(code);
@@ -41,9 +59,12 @@ pub(super) async fn run<C: Connection>(hub: Arc<Hub>, mut conn: C, identity: Ide
 struct Session<'h> {
     hub: &'h Hub,
     conn_id: u64,
+    /// The token a reconnecting client presents to get its rooms back.
+    session_id: String,
     identity: Identity,
     outbox: Outbox,
-    rooms: HashMap<String, Arc<Room>>,
+    /// Joined rooms, with the position the connection joined them at.
+    rooms: HashMap<String, (Arc<Room>, Option<StreamPosition>)>,
     /// Created on the first publish: most connections only read.
     limiter: Option<Box<DefaultDirectRateLimiter>>,
     strikes: u32,
@@ -68,26 +89,27 @@ fn close_reason(code: u16) -> &'static str {
     }
 }
 
-fn unix_millis() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 fn error(id: Option<String>, code: ErrorCode, message: impl Into<String>) -> Frame {
     encode(&ServerFrame::Error { id, code, message: message.into() })
 }
 
 impl Session<'_> {
-    async fn drive<C: Connection>(&mut self, conn: &mut C, inbox: &mut Inbox) -> u16 {
+    async fn drive<C: Connection>(&mut self, conn: &mut C, inbox: &mut Inbox, resumed: Option<SessionRecord>) -> u16 {
         let limits = &self.hub.config.limits;
         let welcome = encode(&ServerFrame::Welcome {
-            session_id: format!("{:032x}", rand::random::<u128>()),
+            session_id: self.session_id.clone(),
             node_id: self.hub.node_id.clone(),
             user: self.identity.user.clone(),
             roles: self.identity.roles.clone(),
             protocol: SUBPROTOCOL.to_owned(),
             ping_interval_secs: limits.ping_interval_secs,
+            resumed: resumed.is_some(),
         });
-        if conn.feed(welcome).await.is_err() || conn.flush().await.is_err() {
+        let mut replies = vec![welcome];
+        for (room, since) in resumed.map(|r| r.rooms).unwrap_or_default() {
+            self.join(None, room, since, &mut replies);
+        }
+        if write_all(conn, &mut replies).await.is_err() {
             return 1006;
         }
         let ping_every = Duration::from_secs(limits.ping_interval_secs);
@@ -101,7 +123,6 @@ impl Session<'_> {
         let mut heartbeat = interval_at(first_tick, ping_every);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_seen = Instant::now();
-        let mut replies = Vec::new();
         let mut outgoing = Vec::new();
         loop {
             let end = tokio::select! {
@@ -180,14 +201,16 @@ impl Session<'_> {
             ClientFrame::Leave { room, .. } => self.leave(id, room, replies),
             ClientFrame::Publish { room, body, .. } => return self.publish(id, room, body, replies),
             ClientFrame::History { room, since, limit, .. } => match self.rooms.get(&room) {
-                Some(joined) => {
+                Some((joined, _)) => {
                     let (epoch, messages, complete) = joined.history(since.as_ref(), limit);
                     replies.push(encode(&ServerFrame::History { id, room, epoch, messages, complete }));
                 }
                 None => replies.push(not_joined(id, &room)),
             },
             ClientFrame::Presence { room, .. } => match self.rooms.get(&room) {
-                Some(joined) => replies.push(encode(&ServerFrame::Presence { id, users: joined.presence(), room })),
+                Some((joined, _)) => {
+                    replies.push(encode(&ServerFrame::Presence { id, users: joined.presence(), room }))
+                }
                 None => replies.push(not_joined(id, &room)),
             },
             ClientFrame::Ping { .. } => replies.push(encode(&ServerFrame::Pong { id })),
@@ -216,26 +239,71 @@ impl Session<'_> {
         // A room forgotten by the sweeper between lookup and join is looked up again.
         for _ in 0..3 {
             let target = self.hub.room(&room);
-            if let Some(outcome) = target.join(self.conn_id, self.outbox.clone(), &self.identity.user, since.as_ref()) {
-                replies.extend(outcome.missed);
-                replies.push(encode(&ServerFrame::Joined {
-                    id,
-                    room: room.clone(),
-                    epoch: outcome.epoch,
-                    offset: outcome.offset,
-                    recovered: outcome.recovered,
-                }));
-                self.rooms.insert(room, target);
-                return;
-            }
+            let user = &self.identity.user;
+            let (outcome, presence) = target.join(self.conn_id, self.outbox.clone(), user, id.clone(), since.clone());
+            self.presence_changed(&room, presence);
+            let position = match outcome {
+                JoinOutcome::Gone => continue,
+                JoinOutcome::Joined { epoch, offset, recovered, missed } => {
+                    replies.extend(missed);
+                    let position = StreamPosition { epoch: epoch.clone(), offset };
+                    replies.push(encode(&ServerFrame::Joined { id, room: room.clone(), epoch, offset, recovered }));
+                    Some(position)
+                }
+                JoinOutcome::Waiting => {
+                    if let Some(replication) = &self.hub.replication {
+                        replication.want_stream(self.hub, &room);
+                    }
+                    since
+                }
+            };
+            self.rooms.insert(room, (target, position));
+            self.save(false);
+            return;
         }
         replies.push(error(id, ErrorCode::Internal, "room is being recreated; retry"));
     }
 
+    /// Tells the other nodes when this node's first connection of the user arrived or its last left.
+    fn presence_changed(&self, room: &str, presence: LocalPresence) {
+        if let Some(replication) = &self.hub.replication {
+            match presence {
+                LocalPresence::Unchanged => {}
+                LocalPresence::Arrived => replication.presence_changed(room, &self.identity.user, true),
+                LocalPresence::Departed => replication.presence_changed(room, &self.identity.user, false),
+            }
+        }
+    }
+
+    /// Records the session (every node gets it in a cluster). At the end of a connection whose
+    /// queue was fully written, the rooms' current positions are what the client has seen.
+    fn save(&self, caught_up: bool) {
+        let rooms = self
+            .rooms
+            .iter()
+            .map(|(name, (room, joined_at))| {
+                let current = caught_up.then(|| room.position()).flatten();
+                (name.clone(), current.or_else(|| joined_at.clone()))
+            })
+            .collect();
+        let record = SessionRecord {
+            id: self.session_id.clone(),
+            user_id: self.identity.user.id.clone(),
+            rooms,
+            updated: unix_millis(),
+        };
+        if let Some(replication) = &self.hub.replication {
+            replication.cluster().broadcast(&PeerFrame::Session { session: record.clone() });
+        }
+        self.hub.sessions.merge(record);
+    }
+
     fn leave(&mut self, id: Option<String>, room: String, replies: &mut Vec<Frame>) {
         match self.rooms.remove(&room) {
-            Some(joined) => {
-                joined.leave(self.conn_id, &self.identity.user);
+            Some((joined, _)) => {
+                let presence = joined.leave(self.conn_id, &self.identity.user);
+                self.presence_changed(&room, presence);
+                self.save(false);
                 replies.push(encode(&ServerFrame::Left { id, room }));
             }
             None => replies.push(not_joined(id, &room)),
@@ -243,7 +311,7 @@ impl Session<'_> {
     }
 
     fn publish(&mut self, id: Option<String>, room: String, body: String, replies: &mut Vec<Frame>) -> Option<u16> {
-        let Some(target) = self.rooms.get(&room) else {
+        let Some((target, _)) = self.rooms.get(&room) else {
             replies.push(not_joined(id, &room));
             return None;
         };
@@ -271,15 +339,26 @@ impl Session<'_> {
             return None;
         }
         self.strikes = 0;
-        let (offset, epoch) = target.publish(&self.identity.user, body, unix_millis(), self.hub.config.history.size);
         self.hub.metrics.publishes.inc();
-        replies.push(encode(&ServerFrame::Ack { id, room, offset, epoch }));
+        match &self.hub.replication {
+            // The ack comes through the outbox once the room's owner committed the message.
+            Some(replication) => {
+                replication.publish(self.hub, &room, &self.identity.user, body, id, self.outbox.clone());
+            }
+            None => {
+                let pid = self.hub.next_publish_id();
+                let (offset, epoch) = target.publish(pid, &self.identity.user, body, unix_millis());
+                replies.push(encode(&ServerFrame::Ack { id, room, offset, epoch }));
+            }
+        }
         None
     }
 
     fn leave_all(&mut self) {
-        for (_, room) in self.rooms.drain() {
-            room.leave(self.conn_id, &self.identity.user);
+        let rooms: Vec<(String, Arc<Room>)> = self.rooms.drain().map(|(name, (room, _))| (name, room)).collect();
+        for (name, room) in rooms {
+            let presence = room.leave(self.conn_id, &self.identity.user);
+            self.presence_changed(&name, presence);
         }
     }
 }

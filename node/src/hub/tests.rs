@@ -20,7 +20,7 @@ fn config() -> NodeConfig {
 }
 
 fn hub(config: NodeConfig) -> Arc<Hub> {
-    Hub::new("test-node".into(), config, Arc::new(Metrics::new())).unwrap()
+    Hub::new("test-node".into(), config, Arc::new(Metrics::new()), None).unwrap()
 }
 
 fn identity(user: &str, roles: &[&str]) -> Identity {
@@ -34,7 +34,7 @@ fn identity(user: &str, roles: &[&str]) -> Identity {
 async fn connect_as(hub: &Arc<Hub>, identity: Identity) -> MemoryClient {
     let (conn, mut client) = pair(64);
     let permit = hub.admit().unwrap();
-    tokio::spawn(hub.clone().serve(conn, identity, permit));
+    tokio::spawn(hub.clone().serve(conn, identity, None, permit));
     let welcome = client.next_json().await.unwrap();
     assert_eq!(welcome["type"], "welcome");
     assert_eq!(welcome["node_id"], "test-node");

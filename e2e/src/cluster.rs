@@ -1,0 +1,186 @@
+//! Helpers for tests of several `chat-node` processes forming a cluster: node configs that find
+//! each other through the test DNS server, `/cluster` polling, metrics, and a loopback cluster
+//! on 127.0.0.2, .3, … Nodes run with short heartbeats and timeouts so tests take seconds.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use chat_node::config::{AuthMode, NodeConfig};
+use serde_json::Value;
+
+use crate::dns::DnsServer;
+use crate::{NodeProcess, free_port};
+
+pub const NAME: &str = "chat-peers.test.svc.cluster.local";
+pub const SECRET: &str = "cluster-e2e-secret-0123456789";
+pub const HEARTBEAT_MS: u64 = 100;
+pub const PEER_TIMEOUT_MS: u64 = 600;
+/// Bound for a cluster to (re)converge: a discovery round, redial backoff (which grows to 5 s
+/// while a peer is away) and a loaded CI machine.
+pub const CONVERGE: Duration = Duration::from_secs(15);
+
+// ---------- helpers ----------
+
+pub fn loopback(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
+/// Ports shared by every node of one test (the peer port is the same on every node).
+#[derive(Clone, Copy)]
+pub struct Ports {
+    pub client: u16,
+    pub peer: u16,
+}
+
+impl Ports {
+    pub fn free() -> Ports {
+        Ports { client: free_port(), peer: free_port() }
+    }
+}
+
+/// A node config discovering its peers through `dns` only.
+pub fn node_config(id: &str, ip: IpAddr, ports: Ports, dns: SocketAddr, secret: &str) -> NodeConfig {
+    let mut cfg =
+        NodeConfig { listen: SocketAddr::new(ip, ports.client), node_id: Some(id.into()), ..NodeConfig::default() };
+    cfg.auth.mode = AuthMode::Anonymous;
+    cfg.drain.deadline_secs = 2;
+    cfg.drain.lb_grace_secs = 0;
+    let c = &mut cfg.cluster;
+    c.peer_listen = SocketAddr::new(ip, ports.peer);
+    c.dns_name = Some(NAME.into());
+    c.dns_server = Some(dns);
+    c.static_peers = Vec::new();
+    c.discovery_interval_secs = 1;
+    c.heartbeat_ms = HEARTBEAT_MS;
+    c.peer_timeout_ms = PEER_TIMEOUT_MS;
+    c.ready_timeout_secs = 5;
+    c.secret = Some(secret.into());
+    cfg
+}
+
+pub async fn start(cfg: &NodeConfig) -> anyhow::Result<NodeProcess> {
+    cfg.validate().context("the test's own config is invalid")?;
+    NodeProcess::start(&toml::to_string(cfg)?).await
+}
+
+pub async fn start_in(ns: &str, cfg: &NodeConfig) -> anyhow::Result<NodeProcess> {
+    cfg.validate().context("the test's own config is invalid")?;
+    NodeProcess::start_in_netns(ns, &toml::to_string(cfg)?).await
+}
+
+/// A node of a test cluster: its id and its process.
+pub struct Member {
+    pub id: String,
+    pub node: NodeProcess,
+}
+
+pub async fn cluster_status(node: &NodeProcess) -> anyhow::Result<Value> {
+    let (status, body) = node.http_get("/cluster").await?;
+    ensure!(status == 200, "/cluster answered {status}: {body}");
+    serde_json::from_str(&body).with_context(|| format!("/cluster is not JSON: {body}"))
+}
+
+pub fn member_ids(status: &Value) -> BTreeSet<String> {
+    status["members"]
+        .as_array()
+        .map(|m| m.iter().filter_map(|m| m["node_id"].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+/// A sample's value in a Prometheus text exposition (first series of that name).
+pub fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let value = match rest.chars().next()? {
+            ' ' => rest.trim(),
+            '{' => rest.split_once('}')?.1.trim(),
+            _ => return None,
+        };
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
+pub async fn metric_of(node: &NodeProcess, name: &str) -> anyhow::Result<f64> {
+    let (status, body) = node.http_get("/metrics").await?;
+    ensure!(status == 200, "/metrics answered {status}");
+    metric(&body, name).with_context(|| format!("no {name} in /metrics:\n{body}"))
+}
+
+pub fn tail(output: &str, lines: usize) -> String {
+    let all: Vec<&str> = output.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Polls `/cluster` until `pred` holds; the error shows the last status and the node's log.
+pub async fn wait_status(
+    m: &Member,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + timeout;
+    let mut last: Value;
+    loop {
+        match cluster_status(&m.node).await {
+            Ok(status) if pred(&status) => return Ok(status),
+            Ok(status) => last = status,
+            Err(err) => last = Value::String(format!("{err:#}")),
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{}: not {what} within {timeout:?}; last /cluster: {last:#}\n--- log tail ---\n{}",
+                m.id,
+                tail(&m.node.output(), 40)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until every node in `group` lists exactly the others of `group` as members, knows
+/// `known` nodes and has quorum.
+pub async fn wait_converged(group: &[&Member], known: usize) -> anyhow::Result<()> {
+    let ids: BTreeSet<String> = group.iter().map(|m| m.id.clone()).collect();
+    for m in group {
+        let mut others = ids.clone();
+        others.remove(&m.id);
+        let what = format!("linked to exactly {others:?} with known_size {known} and quorum");
+        wait_status(m, &what, CONVERGE, |s| member_ids(s) == others && s["known_size"] == known && s["quorum"] == true)
+            .await?;
+    }
+    Ok(())
+}
+
+/// A DNS server on 127.0.0.1 plus nodes on 127.0.0.2, .3, … listed in it.
+pub struct LoopbackCluster {
+    pub dns: DnsServer,
+    pub ports: Ports,
+    pub members: Vec<Member>,
+}
+
+impl LoopbackCluster {
+    /// `n` nodes `node-2` … on 127.0.0.2 …, all in DNS before they start (as with
+    /// `publishNotReadyAddresses`), started concurrently.
+    pub async fn start(n: u8) -> anyhow::Result<LoopbackCluster> {
+        let dns = DnsServer::start(loopback(1), NAME).await?;
+        let ports = Ports::free();
+        let lasts: Vec<u8> = (2..2 + n).collect();
+        dns.set_records(lasts.iter().map(|l| loopback(*l)).collect());
+        let starts = lasts.iter().map(|l| {
+            let cfg = node_config(&format!("node-{l}"), loopback(*l), ports, dns.addr(), SECRET);
+            async move { start(&cfg).await.map(|node| Member { id: cfg.node_id.clone().unwrap_or_default(), node }) }
+        });
+        let members = futures_util::future::try_join_all(starts).await?;
+        Ok(LoopbackCluster { dns, ports, members })
+    }
+
+    pub fn config(&self, id: &str, last: u8, secret: &str) -> NodeConfig {
+        node_config(id, loopback(last), self.ports, self.dns.addr(), secret)
+    }
+
+    pub fn all(&self) -> Vec<&Member> {
+        self.members.iter().collect()
+    }
+}
