@@ -47,6 +47,8 @@ pub fn node_config(id: &str, ip: IpAddr, ports: Ports, dns: SocketAddr, secret: 
     cfg.auth.mode = AuthMode::Anonymous;
     cfg.drain.deadline_secs = 2;
     cfg.drain.lb_grace_secs = 0;
+    // Large enough that every resume during a test's restarts is within the window.
+    cfg.history.size = 20_000;
     let c = &mut cfg.cluster;
     c.peer_listen = SocketAddr::new(ip, ports.peer);
     c.dns_name = Some(NAME.into());
@@ -158,26 +160,50 @@ pub struct LoopbackCluster {
     pub dns: DnsServer,
     pub ports: Ports,
     pub members: Vec<Member>,
+    /// Nodes take JWTs signed with [`JWT_SECRET`] instead of anonymous names.
+    pub jwt: bool,
+}
+
+/// The HS256 key of clusters started with [`LoopbackCluster::start_jwt`].
+pub const JWT_SECRET: &str = "cluster-e2e-jwt-secret-0123456789";
+
+/// A token for user `sub` accepted by a [`LoopbackCluster::start_jwt`] cluster.
+pub fn user_token(sub: &str) -> String {
+    crate::mint_token(JWT_SECRET, sub, sub, &[], 3600)
 }
 
 impl LoopbackCluster {
     /// `n` nodes `node-2` … on 127.0.0.2 …, all in DNS before they start (as with
     /// `publishNotReadyAddresses`), started concurrently.
     pub async fn start(n: u8) -> anyhow::Result<LoopbackCluster> {
+        Self::start_with(n, false).await
+    }
+
+    /// Like [`LoopbackCluster::start`], with JWT authentication (stable user ids).
+    pub async fn start_jwt(n: u8) -> anyhow::Result<LoopbackCluster> {
+        Self::start_with(n, true).await
+    }
+
+    async fn start_with(n: u8, jwt: bool) -> anyhow::Result<LoopbackCluster> {
         let dns = DnsServer::start(loopback(1), NAME).await?;
-        let ports = Ports::free();
+        let mut cluster = LoopbackCluster { dns, ports: Ports::free(), members: Vec::new(), jwt };
         let lasts: Vec<u8> = (2..2 + n).collect();
-        dns.set_records(lasts.iter().map(|l| loopback(*l)).collect());
+        cluster.dns.set_records(lasts.iter().map(|l| loopback(*l)).collect());
         let starts = lasts.iter().map(|l| {
-            let cfg = node_config(&format!("node-{l}"), loopback(*l), ports, dns.addr(), SECRET);
+            let cfg = cluster.config(&format!("node-{l}"), *l, SECRET);
             async move { start(&cfg).await.map(|node| Member { id: cfg.node_id.clone().unwrap_or_default(), node }) }
         });
-        let members = futures_util::future::try_join_all(starts).await?;
-        Ok(LoopbackCluster { dns, ports, members })
+        cluster.members = futures_util::future::try_join_all(starts).await?;
+        Ok(cluster)
     }
 
     pub fn config(&self, id: &str, last: u8, secret: &str) -> NodeConfig {
-        node_config(id, loopback(last), self.ports, self.dns.addr(), secret)
+        let mut cfg = node_config(id, loopback(last), self.ports, self.dns.addr(), secret);
+        if self.jwt {
+            cfg.auth.mode = AuthMode::Jwt;
+            cfg.auth.jwt_secret = Some(JWT_SECRET.into());
+        }
+        cfg
     }
 
     pub fn all(&self) -> Vec<&Member> {

@@ -33,11 +33,16 @@ struct Chatter {
 
 impl Chatter {
     async fn connect(node: &NodeProcess, name: &str) -> anyhow::Result<Chatter> {
-        Self::connect_url(&format!("{}?name={name}", node.ws_url()), name).await
+        Self::connect_url(&format!("{}?name={name}", node.ws_url()), name, None).await
     }
 
-    async fn connect_url(url: &str, name: &str) -> anyhow::Result<Chatter> {
-        let mut client = Client::connect(url, None).await?;
+    /// Connects as user `name` with a token (clusters started with `start_jwt`).
+    async fn connect_as(node: &NodeProcess, name: &str) -> anyhow::Result<Chatter> {
+        Self::connect_url(&node.ws_url(), name, Some(&user_token(name))).await
+    }
+
+    async fn connect_url(url: &str, name: &str, token: Option<&str>) -> anyhow::Result<Chatter> {
+        let mut client = Client::connect(url, token).await?;
         let welcome = client.expect_type("welcome", WAIT).await?;
         Ok(Chatter {
             name: name.to_owned(),
@@ -184,5 +189,142 @@ async fn clients_on_three_nodes_chat_with_one_order_and_offsets() -> anyhow::Res
         let expected: Vec<String> = (0..PER_CLIENT).map(|r| format!("from user{i} #{r}")).collect();
         ensure!(mine.iter().map(|s| s.as_str()).eq(expected.iter().map(String::as_str)), "user{i}'s order");
     }
+    Ok(())
+}
+
+// ---------- b. resume through another node, presence, sessions ----------
+
+#[tokio::test]
+async fn resume_on_another_node_gets_exactly_what_was_missed() -> anyhow::Result<()> {
+    let cluster = LoopbackCluster::start(3).await?;
+    wait_converged(&cluster.all(), 3).await?;
+    let (a, b) = (&cluster.members[0].node, &cluster.members[1].node);
+
+    let mut reader = Chatter::connect(a, "reader").await?;
+    reader.join("news", None).await?;
+    let mut writer = Chatter::connect(b, "writer").await?;
+    writer.join("news", None).await?;
+    for i in 1..=5 {
+        writer.publish("news", &format!("w{i}"), &format!("m{i}")).await?;
+    }
+    reader.pump_until("five messages", |c| c.messages.len() == 5).await?;
+    let epoch = reader.epoch.clone().context("epoch")?;
+    reader.client.close().await;
+
+    for i in 6..=9 {
+        writer.publish("news", &format!("w{i}"), &format!("m{i}")).await?;
+    }
+    writer.pump_until("nine acks", |c| c.acks.len() == 9).await?;
+
+    // Back on the third node, from offset 5.
+    let mut back = Chatter::connect(&cluster.members[2].node, "reader").await?;
+    let joined = back.join("news", Some((epoch.clone(), 5))).await?;
+    ensure!(joined["recovered"] == true, "resumed within the window: {joined}");
+    ensure!(joined["offset"] == 9 && joined["epoch"] == epoch.as_str(), "{joined}");
+    ensure!(
+        back.log() == (6..=9).map(|i| (i, format!("m{i}"))).collect::<Vec<_>>(),
+        "exactly the four missed: {:?}",
+        back.log()
+    );
+    // History through any node agrees too.
+    back.client.send_json(json!({"type": "history", "id": "h", "room": "news"})).await?;
+    let history = back.client.recv_until("history", WAIT).await?;
+    let bodies: Vec<&str> =
+        history["messages"].as_array().context("messages")?.iter().filter_map(|m| m["body"].as_str()).collect();
+    ensure!(bodies == (1..=9).map(|i| format!("m{i}")).collect::<Vec<_>>(), "history {bodies:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn presence_is_cluster_wide_and_a_killed_node_leaves_no_zombies() -> anyhow::Result<()> {
+    let mut cluster = LoopbackCluster::start_jwt(3).await?;
+    wait_converged(&cluster.all(), 3).await?;
+
+    let mut watcher = Chatter::connect_as(&cluster.members[0].node, "watcher").await?;
+    watcher.join("hall", None).await?;
+    // Ann has two connections on two nodes: one user_joined, and no user_left while one stays.
+    let mut ann_b = Chatter::connect_as(&cluster.members[1].node, "ann").await?;
+    ann_b.join("hall", None).await?;
+    let mut ann_c = Chatter::connect_as(&cluster.members[2].node, "ann").await?;
+    ann_c.join("hall", None).await?;
+    watcher.pump_until("ann joined", |c| c.presence_events.contains(&("user_joined".into(), "ann".into()))).await?;
+    watcher.client.send_json(json!({"type": "presence", "id": "p", "room": "hall"})).await?;
+    let presence = watcher.client.recv_until("presence", WAIT).await?;
+    let names: Vec<&str> =
+        presence["users"].as_array().context("users")?.iter().filter_map(|u| u["name"].as_str()).collect();
+    ensure!(names == ["ann", "watcher"], "presence through node 0: {presence}");
+
+    // Ann's connection on node 1 ends: she is still present through node 2.
+    ann_b.client.close().await;
+    // Bob's connection lives on node 2, which is killed: both Bob and Ann must go.
+    let mut bob = Chatter::connect_as(&cluster.members[2].node, "bob").await?;
+    bob.join("hall", None).await?;
+    watcher.pump_until("bob joined", |c| c.presence_events.contains(&("user_joined".into(), "bob".into()))).await?;
+    ensure!(
+        !watcher.presence_events.contains(&("user_left".into(), "ann".into())),
+        "ann still has a connection: {:?}",
+        watcher.presence_events
+    );
+    let killed = cluster.members.remove(2);
+    killed.node.kill();
+    watcher
+        .pump_until("ann and bob left", |c| {
+            c.presence_events.contains(&("user_left".into(), "ann".into()))
+                && c.presence_events.contains(&("user_left".into(), "bob".into()))
+        })
+        .await?;
+    for m in &cluster.members {
+        let mut probe = Chatter::connect_as(&m.node, "probe").await?;
+        probe.join("hall", None).await?;
+        probe.client.send_json(json!({"type": "presence", "id": "p", "room": "hall"})).await?;
+        let presence = probe.client.recv_until("presence", WAIT).await?;
+        let names: Vec<&str> =
+            presence["users"].as_array().context("users")?.iter().filter_map(|u| u["name"].as_str()).collect();
+        ensure!(names == ["probe", "watcher"], "{}: no zombies: {presence}", m.id);
+    }
+    let joins = watcher.presence_events.iter().filter(|e| *e == &("user_joined".to_owned(), "ann".to_owned())).count();
+    ensure!(joins == 1, "one user_joined for ann: {:?}", watcher.presence_events);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_session_token_rejoins_its_rooms_on_another_node() -> anyhow::Result<()> {
+    let cluster = LoopbackCluster::start_jwt(3).await?;
+    wait_converged(&cluster.all(), 3).await?;
+    let mut first = Chatter::connect_as(&cluster.members[0].node, "sam").await?;
+    first.join("a", None).await?;
+    first.join("b", None).await?;
+    first.publish("a", "1", "hello a").await?;
+    first.pump_until("ack and message", |c| c.acks.len() == 1 && c.messages.len() == 1).await?;
+    let session = first.session.clone();
+    first.client.close().await;
+
+    let mut writer = Chatter::connect_as(&cluster.members[1].node, "wes").await?;
+    writer.join("a", None).await?;
+    writer.publish("a", "2", "missed by sam").await?;
+    writer.pump_until("ack", |c| c.acks.len() == 1).await?;
+
+    // Another node and the session token; another user does not get the session.
+    let url = format!("{}?session={session}", cluster.members[2].node.ws_url());
+    let mut client = Client::connect(&url, Some(&user_token("sam"))).await?;
+    let welcome = client.expect_type("welcome", WAIT).await?;
+    ensure!(welcome["resumed"] == true && welcome["session_id"] == session.as_str(), "{welcome}");
+    let mut joined = Vec::new();
+    let mut missed = Vec::new();
+    while joined.len() < 2 {
+        let frame = client.recv_json(WAIT).await?;
+        match frame["type"].as_str() {
+            Some("joined") => joined.push(frame["room"].as_str().unwrap_or_default().to_owned()),
+            Some("message") => missed.push(frame["body"].as_str().unwrap_or_default().to_owned()),
+            _ => {}
+        }
+    }
+    joined.sort();
+    ensure!(joined == ["a", "b"], "rejoined both rooms: {joined:?}");
+    ensure!(missed == ["missed by sam"], "got what was missed in a: {missed:?}");
+
+    let mut eve = Client::connect(&url, Some(&user_token("eve"))).await?;
+    let welcome = eve.expect_type("welcome", WAIT).await?;
+    ensure!(welcome["resumed"] == false && welcome["session_id"] != session.as_str(), "{welcome}");
     Ok(())
 }
