@@ -121,7 +121,11 @@ async fn local(run: &RunArgs, args: LocalArgs) -> anyhow::Result<()> {
     // The DNS server logs every query at info: one line per node every discovery interval.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{},hickory_server=warn", run.log_filter)));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal());
+    // Logs go to stderr: stdout carries the URL table, for people and scripts.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match run.log_format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
