@@ -52,9 +52,10 @@ struct LocalArgs {
     /// The chat-node binary; default: next to this executable, else on PATH.
     #[arg(long)]
     node_binary: Option<PathBuf>,
-    /// Address of node 0; node i listens on this address + i.
-    #[arg(long, value_name = "IPV4", default_value_t = chat_operator::local::DEFAULT_FIRST_IP)]
-    first_ip: Ipv4Addr,
+    /// Address of node 0; node i listens on this address + i [default: 127.0.0.10, or 127.0.0.1
+    /// as with --single-ip where other loopback addresses are not usable].
+    #[arg(long, value_name = "IPV4")]
+    first_ip: Option<Ipv4Addr>,
     /// Client port of every node; the peer port is the next one.
     #[arg(long, default_value_t = chat_operator::local::DEFAULT_BASE_PORT)]
     base_port: u16,
@@ -130,21 +131,24 @@ async fn local(run: &RunArgs, args: LocalArgs) -> anyhow::Result<()> {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    // Whether --first-ip was given: only the default may fall back to 127.0.0.1 silently.
-    let first_ip_given = std::env::args().any(|a| a == "--first-ip" || a.starts_with("--first-ip="));
     let options = chat_operator::local::Options {
         manifest: args.manifest,
         cluster: args.cluster,
         secrets: args.secrets,
         state_dir: args.state_dir,
         node_binary: args.node_binary,
-        first_ip: first_ip_given.then_some(args.first_ip),
+        first_ip: args.first_ip,
         base_port: args.base_port,
         single_ip: args.single_ip,
         poll_interval: Duration::from_millis(args.poll_ms.max(50)),
     };
+    // A second Ctrl-C does not wait for the drains.
+    let force = async {
+        wait_for_signal().await;
+        wait_for_signal().await;
+    };
     // Awaited here rather than spawned: the nodes are tied to the thread that started them.
-    chat_operator::local::run(options, wait_for_signal()).await.context("local mode")
+    Ok(chat_operator::local::run(options, wait_for_signal(), force).await?)
 }
 
 fn init_tracing(args: &RunArgs) {

@@ -63,7 +63,7 @@ pub struct Options {
 pub enum Error {
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    #[error("the manifest is invalid ({}): {}; the operator would set Degraded=True", .0.reason, .0.message)]
+    #[error("the manifest is invalid ({}): {}; the operator would set Degraded=True{}", .0.reason, .0.message, hint(.0))]
     Invalid(Invalid),
     #[error(
         "no chat-node binary next to {beside} or on PATH: build it (`cargo build --release`) or pass --node-binary"
@@ -83,19 +83,41 @@ pub enum Error {
     Dns(#[from] DnsError),
 }
 
+/// What to do about a reference that only a cluster could resolve.
+fn hint(invalid: &Invalid) -> &'static str {
+    match invalid.reason {
+        "SecretNotFound" | "SecretKeyNotFound" => {
+            " (add a `kind: Secret` document to the manifest, or pass --secret NAME/KEY=VALUE)"
+        }
+        "ConfigMapNotFound" => " (add a `kind: ConfigMap` document to the manifest)",
+        _ => "",
+    }
+}
+
 fn io_error<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Error + 'a {
     move |source| Error::Io { what, path: path.to_path_buf(), source }
 }
 
-/// Runs the cluster until `shutdown` resolves, then drains and stops every node.
+/// Runs the cluster until `shutdown` resolves, then drains and stops every node; once
+/// `force_signal` resolves, nodes still draining are killed.
 ///
 /// Must run on the thread that lives longest (e.g. directly in `main`'s `block_on`, not in a
 /// spawned task): nodes are asked to drain when the thread that started them ends.
-pub async fn run(options: Options, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
+pub async fn run(
+    options: Options,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    force_signal: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
     let (stop_tx, stop) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
+    });
+    let (force_tx, force) = watch::channel(false);
+    tokio::spawn(async move {
+        force_signal.await;
+        tracing::warn!("killing the nodes without waiting for their drain");
+        let _ = force_tx.send(true);
     });
 
     let text = std::fs::read_to_string(&options.manifest).map_err(io_error("reading", &options.manifest))?;
@@ -167,6 +189,7 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()> + Send + '
         printed: Vec::new(),
         status: String::new(),
         on_delete_noted: None,
+        force,
     };
     supervisor.write_shared_files(None)?;
     let result = supervisor.run(options.poll_interval, stop).await;
@@ -263,6 +286,8 @@ struct Supervisor {
     status: String,
     /// The revision for which "OnDelete: not rolling" was logged.
     on_delete_noted: Option<String>,
+    /// Set when draining nodes are to be killed at once.
+    force: watch::Receiver<bool>,
 }
 
 impl Supervisor {
@@ -289,7 +314,6 @@ impl Supervisor {
                 }
                 Step::Roll(ordinal) => self.roll(ordinal).await,
                 Step::Idle => {
-                    self.report();
                     let wait = poll.saturating_sub(last_poll.elapsed());
                     tokio::select! {
                         _ = stop.changed() => {}
@@ -298,6 +322,7 @@ impl Supervisor {
                     }
                 }
             }
+            self.report();
             first = false;
         }
         tracing::info!("stopping: draining every node");
@@ -520,9 +545,10 @@ impl Supervisor {
         let grace = self.desired.grace;
         let stops = draining.into_iter().map(|node| {
             let name = node.name.clone();
+            let force = self.force.clone();
             async move {
-                let status = node.stop(grace).await;
-                tracing::info!(node = %name, ?status, "stopped");
+                let status = node.stop(grace, force).await;
+                tracing::info!(node = %name, status = %exit_text(status), "stopped");
             }
         });
         futures_util::future::join_all(stops).await;
@@ -535,8 +561,8 @@ impl Supervisor {
         let outdated = self.slots.values().filter(|s| matches!(s, Slot::Running(n) if self.outdated(n))).count();
         tracing::info!(node = %node.name, pid = node.pid, left_after = outdated, "rolling: draining");
         let name = node.name.clone();
-        let status = node.stop(self.desired.grace).await;
-        tracing::info!(node = %name, ?status, "drained");
+        let status = node.stop(self.desired.grace, self.force.clone()).await;
+        tracing::info!(node = %name, status = %exit_text(status), "drained");
         self.last_rolled = Some(ordinal);
         if let Err(err) = self.start(&[ordinal]) {
             tracing::error!(%err, "could not restart a node; retrying");
@@ -691,6 +717,10 @@ struct NodeStatus {
     ready: bool,
     revision: String,
     crashes: u32,
+}
+
+fn exit_text(status: Option<std::process::ExitStatus>) -> String {
+    status.map_or_else(|| "unknown".to_owned(), |s| s.to_string())
 }
 
 /// Keys are readable by their owner only, like the pod's `defaultMode: 0400` Secret volumes.

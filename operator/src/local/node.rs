@@ -68,6 +68,8 @@ impl Node {
             }
         }
         command.envs(launch.env.iter().map(|(k, v)| (k, v)));
+        // The output goes to a file, where colour codes are noise.
+        command.env("NO_COLOR", "1");
         command.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).kill_on_drop(true);
         // Ctrl-C in the terminal goes to the whole foreground process group; the nodes must
         // drain when *we* say so (one at a time on a rollout, all at once on exit), so they get
@@ -121,21 +123,22 @@ impl Node {
     }
 
     /// Drains the node: SIGTERM, then waits up to `grace` for it to exit (it exits by its drain
-    /// deadline), then SIGKILL.
-    pub async fn stop(mut self, grace: Duration) -> Option<ExitStatus> {
+    /// deadline), then SIGKILL — at once when `force` is (or becomes) true.
+    pub async fn stop(mut self, grace: Duration, mut force: watch::Receiver<bool>) -> Option<ExitStatus> {
         self.probe.abort();
         if let Some(status) = self.exited() {
             return Some(status);
         }
         self.signal(libc::SIGTERM);
-        match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(status) => status.ok(),
-            Err(_) => {
+        tokio::select! {
+            status = self.child.wait() => return status.ok(),
+            _ = tokio::time::sleep(grace) => {
                 tracing::warn!(node = %self.name, ?grace, "did not exit within its grace period; killing it");
-                let _ = self.child.start_kill();
-                self.child.wait().await.ok()
             }
+            _ = force.wait_for(|f| *f) => {}
         }
+        let _ = self.child.start_kill();
+        self.child.wait().await.ok()
     }
 }
 
