@@ -1,8 +1,7 @@
 //! The `chat-operator` binary: `run` (default) reconciles ChatClusters; `crd` prints the CRD;
 //! `local` runs a manifest's ChatCluster on this machine without Kubernetes.
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -32,13 +31,17 @@ enum Command {
     /// Print the ChatCluster CRD as YAML.
     Crd,
     /// Run the ChatCluster of a manifest on this machine, without Kubernetes (see docs/local.md).
+    #[cfg(unix)]
     Local(LocalArgs),
 }
 
+#[cfg(unix)]
 #[derive(clap::Args)]
+// Apart from the operator's global flags, most of which do not apply here.
+#[command(next_help_heading = "Local mode")]
 struct LocalArgs {
     /// Manifest with a ChatCluster, plus any Secrets and ConfigMaps it references.
-    manifest: PathBuf,
+    manifest: std::path::PathBuf,
     /// Which ChatCluster, when the manifest holds several.
     #[arg(long)]
     cluster: Option<String>,
@@ -48,14 +51,14 @@ struct LocalArgs {
     /// Where node configs, keys, assets, logs and status.json go (kept after exit); default: a
     /// temporary directory, removed on exit.
     #[arg(long)]
-    state_dir: Option<PathBuf>,
+    state_dir: Option<std::path::PathBuf>,
     /// The chat-node binary; default: next to this executable, else on PATH.
     #[arg(long)]
-    node_binary: Option<PathBuf>,
+    node_binary: Option<std::path::PathBuf>,
     /// Address of node 0; node i listens on this address + i [default: 127.0.0.10, or 127.0.0.1
     /// as with --single-ip where other loopback addresses are not usable].
     #[arg(long, value_name = "IPV4")]
-    first_ip: Option<Ipv4Addr>,
+    first_ip: Option<std::net::Ipv4Addr>,
     /// Client port of every node; the peer port is the next one.
     #[arg(long, default_value_t = chat_operator::local::DEFAULT_BASE_PORT)]
     base_port: u16,
@@ -113,10 +116,12 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run => run(cli.run).await,
+        #[cfg(unix)]
         Command::Local(args) => local(&cli.run, args).await,
     }
 }
 
+#[cfg(unix)]
 async fn local(run: &RunArgs, args: LocalArgs) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     // The DNS server logs every query at info: one line per node every discovery interval.

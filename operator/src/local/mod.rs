@@ -126,19 +126,15 @@ pub async fn run(
     let desired = plan::desired(&manifest, &peer_key).map_err(Error::Invalid)?;
     let binary = node_binary(options.node_binary.as_deref())?;
 
-    let temp = match &options.state_dir {
-        Some(_) => None,
-        None => Some(
-            tempfile::Builder::new()
+    let (root, temp) = match &options.state_dir {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let temp = tempfile::Builder::new()
                 .prefix("chatcluster-local-")
                 .tempdir()
-                .map_err(io_error("creating a state directory in", &std::env::temp_dir()))?,
-        ),
-    };
-    let root = match (&options.state_dir, &temp) {
-        (Some(dir), _) => dir.clone(),
-        (None, Some(temp)) => temp.path().to_path_buf(),
-        (None, None) => unreachable!("a temporary directory exists when no state directory was given"),
+                .map_err(io_error("creating a state directory in", &std::env::temp_dir()))?;
+            (temp.path().to_path_buf(), Some(temp))
+        }
     };
     std::fs::create_dir_all(&root).map_err(io_error("creating", &root))?;
     let layout = Layout { root: std::fs::canonicalize(&root).map_err(io_error("resolving", &root))? };
