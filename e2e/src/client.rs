@@ -32,6 +32,16 @@ impl Client {
         Ok(Client { ws })
     }
 
+    /// Like [`Client::connect`], over a TCP connection the caller opened (e.g. inside a
+    /// network namespace).
+    pub async fn connect_on(stream: TcpStream, ws_url: &str) -> anyhow::Result<Client> {
+        let mut request = ws_url.into_client_request()?;
+        request.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static(SUBPROTOCOL));
+        let stream = MaybeTlsStream::Plain(stream);
+        let (ws, _response) = tokio_tungstenite::client_async(request, stream).await.context("WebSocket handshake")?;
+        Ok(Client { ws })
+    }
+
     pub async fn send_json(&mut self, value: Value) -> anyhow::Result<()> {
         self.send(Message::text(value.to_string())).await
     }

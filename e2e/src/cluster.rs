@@ -49,6 +49,9 @@ pub fn node_config(id: &str, ip: IpAddr, ports: Ports, dns: SocketAddr, secret: 
     cfg.drain.lb_grace_secs = 0;
     // Large enough that every resume during a test's restarts is within the window.
     cfg.history.size = 20_000;
+    // Load tests publish faster than a person would.
+    cfg.limits.publish_rate_per_sec = 10_000;
+    cfg.limits.publish_burst = 10_000;
     let c = &mut cfg.cluster;
     c.peer_listen = SocketAddr::new(ip, ports.peer);
     c.dns_name = Some(NAME.into());

@@ -7,6 +7,8 @@
 //! assertions. Build the binary first: `cargo build -p chat-node`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
@@ -14,6 +16,7 @@ use chat_e2e::NodeProcess;
 use chat_e2e::client::Client;
 use chat_e2e::cluster::*;
 use serde_json::{Value, json};
+use tokio::task::JoinHandle;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -42,7 +45,10 @@ impl Chatter {
     }
 
     async fn connect_url(url: &str, name: &str, token: Option<&str>) -> anyhow::Result<Chatter> {
-        let mut client = Client::connect(url, token).await?;
+        Self::from_client(Client::connect(url, token).await?, name).await
+    }
+
+    async fn from_client(mut client: Client, name: &str) -> anyhow::Result<Chatter> {
         let welcome = client.expect_type("welcome", WAIT).await?;
         Ok(Chatter {
             name: name.to_owned(),
@@ -288,24 +294,30 @@ async fn presence_is_cluster_wide_and_a_killed_node_leaves_no_zombies() -> anyho
 }
 
 #[tokio::test]
-async fn a_session_token_rejoins_its_rooms_on_another_node() -> anyhow::Result<()> {
-    let cluster = LoopbackCluster::start_jwt(3).await?;
+async fn a_session_token_rejoins_its_rooms_on_another_node_after_a_drain() -> anyhow::Result<()> {
+    let mut cluster = LoopbackCluster::start_jwt(3).await?;
     wait_converged(&cluster.all(), 3).await?;
-    let mut first = Chatter::connect_as(&cluster.members[0].node, "sam").await?;
-    first.join("a", None).await?;
-    first.join("b", None).await?;
-    first.publish("a", "1", "hello a").await?;
-    first.pump_until("ack and message", |c| c.acks.len() == 1 && c.messages.len() == 1).await?;
-    let session = first.session.clone();
-    first.client.close().await;
+    let mut sam = Chatter::connect_as(&cluster.members[0].node, "sam").await?;
+    sam.join("a", None).await?;
+    sam.join("b", None).await?;
+    sam.publish("a", "1", "hello a").await?;
+    sam.pump_until("ack and message", |c| c.acks.len() == 1 && c.messages.len() == 1).await?;
+    let session = sam.session.clone();
 
-    let mut writer = Chatter::connect_as(&cluster.members[1].node, "wes").await?;
-    writer.join("a", None).await?;
-    writer.publish("a", "2", "missed by sam").await?;
-    writer.pump_until("ack", |c| c.acks.len() == 1).await?;
+    // Sam's node drains: the server flushes, closes with 4000, and records where Sam was.
+    cluster.members[0].node.terminate();
+    let close = sam.client.recv_close(WAIT).await;
+    ensure!(close.as_ref().is_some_and(|(code, _)| *code == 4000), "drain closes with 4000: {close:?}");
+    cluster.members[0].node.wait_exit(WAIT).await?;
+    cluster.members.remove(0);
 
-    // Another node and the session token; another user does not get the session.
-    let url = format!("{}?session={session}", cluster.members[2].node.ws_url());
+    let mut wes = Chatter::connect_as(&cluster.members[0].node, "wes").await?;
+    wes.join("a", None).await?;
+    wes.publish("a", "2", "missed by sam").await?;
+    wes.pump_until("ack", |c| c.acks.len() == 1).await?;
+
+    // Another node and the session token: both rooms back, with only what was missed.
+    let url = format!("{}?session={session}", cluster.members[1].node.ws_url());
     let mut client = Client::connect(&url, Some(&user_token("sam"))).await?;
     let welcome = client.expect_type("welcome", WAIT).await?;
     ensure!(welcome["resumed"] == true && welcome["session_id"] == session.as_str(), "{welcome}");
@@ -321,10 +333,444 @@ async fn a_session_token_rejoins_its_rooms_on_another_node() -> anyhow::Result<(
     }
     joined.sort();
     ensure!(joined == ["a", "b"], "rejoined both rooms: {joined:?}");
-    ensure!(missed == ["missed by sam"], "got what was missed in a: {missed:?}");
+    ensure!(missed == ["missed by sam"], "got exactly what was missed in a: {missed:?}");
 
+    // Another user presenting Sam's token gets a fresh session.
     let mut eve = Client::connect(&url, Some(&user_token("eve"))).await?;
     let welcome = eve.expect_type("welcome", WAIT).await?;
     ensure!(welcome["resumed"] == false && welcome["session_id"] != session.as_str(), "{welcome}");
+    Ok(())
+}
+
+// ---------- c. continuous load across restarts, crashes and scaling ----------
+
+const LOAD_ROOM: &str = "load";
+
+/// Node URLs the load's clients may use; tests change it as nodes come and go.
+type Urls = Arc<Mutex<Vec<String>>>;
+
+/// What a subscriber saw over its whole life, across reconnects.
+struct Seen {
+    name: String,
+    messages: BTreeMap<u64, String>,
+    arrivals: Vec<u64>,
+    reconnects: usize,
+    problems: Vec<String>,
+}
+
+/// One publisher (one message in flight, acked or refused before the next) and subscribers,
+/// each moving to another node whenever its node goes away and resuming with `since`.
+struct Load {
+    stop: Arc<AtomicBool>,
+    /// The highest acked offset, once publishing stopped: subscribers read up to it.
+    target: Arc<AtomicU64>,
+    acked_count: Arc<AtomicU64>,
+    publisher: JoinHandle<anyhow::Result<(BTreeMap<u64, String>, u64)>>,
+    subscribers: Vec<JoinHandle<Seen>>,
+}
+
+fn pick(urls: &Urls, i: usize) -> Option<String> {
+    let urls = urls.lock().unwrap_or_else(|p| p.into_inner());
+    (!urls.is_empty()).then(|| urls[i % urls.len()].clone())
+}
+
+fn is_timeout(err: &anyhow::Error) -> bool {
+    err.to_string().starts_with("no frame within")
+}
+
+impl Load {
+    async fn start(urls: Urls, subscribers: usize) -> anyhow::Result<Load> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let target = Arc::new(AtomicU64::new(0));
+        let mut subs = Vec::new();
+        for i in 0..subscribers {
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            subs.push(tokio::spawn(subscribe(urls.clone(), i, stop.clone(), target.clone(), ready_tx)));
+            ready_rx.await.context("subscriber failed to join")?;
+        }
+        let acked_count = Arc::new(AtomicU64::new(0));
+        let publisher = tokio::spawn(publish_loop(urls, stop.clone(), acked_count.clone()));
+        Ok(Load { stop, target, acked_count, publisher, subscribers: subs })
+    }
+
+    /// Waits until `more` further messages were acked.
+    async fn wait_acks(&self, more: u64) -> anyhow::Result<()> {
+        let goal = self.acked_count.load(Ordering::Relaxed) + more;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.acked_count.load(Ordering::Relaxed) < goal {
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "publishing stalled at {} acks, below {goal}",
+                self.acked_count.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Stops publishing, lets subscribers catch up, and checks what everyone saw: every acked
+    /// message at its offset for every subscriber, each delivered once, in order.
+    async fn finish(self) -> anyhow::Result<(BTreeMap<u64, String>, Vec<Seen>)> {
+        self.stop.store(true, Ordering::Release);
+        let (acked, unknown) = self.publisher.await??;
+        let top = acked.keys().next_back().copied().unwrap_or(0);
+        self.target.store(top.max(1), Ordering::Release);
+        let mut seen = Vec::new();
+        for sub in self.subscribers {
+            seen.push(sub.await?);
+        }
+        ensure!(acked.len() >= 20, "too few acked messages to mean anything: {}", acked.len());
+        for s in &seen {
+            ensure!(s.problems.is_empty(), "{}: {:?}", s.name, s.problems);
+            ensure!(s.arrivals.windows(2).all(|w| w[0] < w[1]), "{}: out of order or twice: {:?}", s.name, s.arrivals);
+            for (offset, body) in &acked {
+                ensure!(
+                    s.messages.get(offset) == Some(body),
+                    "{}: acked offset {offset} ({body}) missing or different: {:?}",
+                    s.name,
+                    s.messages.get(offset)
+                );
+            }
+            ensure!(s.messages.keys().copied().eq(1..=s.messages.len() as u64), "{}: gaps in offsets", s.name);
+        }
+        for pair in seen.windows(2) {
+            let common = pair[0].messages.len().min(pair[1].messages.len()) as u64;
+            for offset in 1..=common {
+                ensure!(pair[0].messages[&offset] == pair[1].messages[&offset], "subscribers disagree at {offset}");
+            }
+        }
+        eprintln!(
+            "load: {} acked, {unknown} refused or unanswered, reconnects {:?}",
+            acked.len(),
+            seen.iter().map(|s| s.reconnects).collect::<Vec<_>>()
+        );
+        Ok((acked, seen))
+    }
+}
+
+async fn publish_loop(
+    urls: Urls,
+    stop: Arc<AtomicBool>,
+    acked_count: Arc<AtomicU64>,
+) -> anyhow::Result<(BTreeMap<u64, String>, u64)> {
+    let mut acked = BTreeMap::new();
+    let (mut n, mut unknown, mut attempt) = (0u64, 0u64, 0usize);
+    'connect: while !stop.load(Ordering::Acquire) {
+        attempt += 1;
+        let Some(url) = pick(&urls, attempt) else { break };
+        let Ok(mut c) = Chatter::connect_url(&format!("{url}?name=publisher"), "publisher", None).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        if c.join(LOAD_ROOM, None).await.is_err() {
+            continue;
+        }
+        while !stop.load(Ordering::Acquire) {
+            n += 1;
+            let (id, body) = (format!("m{n}"), format!("body {n}"));
+            if c.publish(LOAD_ROOM, &id, &body).await.is_err() {
+                unknown += 1;
+                continue 'connect;
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let frame = match c.client.recv_json(left).await {
+                    Ok(frame) => frame,
+                    Err(_) => {
+                        unknown += 1;
+                        continue 'connect;
+                    }
+                };
+                if frame["id"] != id.as_str() {
+                    continue;
+                }
+                match frame["type"].as_str() {
+                    Some("ack") => {
+                        acked.insert(frame["offset"].as_u64().context("ack offset")?, body);
+                        acked_count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some("error") if frame["code"] == "unavailable" => {
+                        unknown += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    _ => bail!("unexpected answer to a publish: {frame}"),
+                }
+                break;
+            }
+            // About 200 messages per second: enough churn, and resumes stay in the window.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    Ok((acked, unknown))
+}
+
+async fn subscribe(
+    urls: Urls,
+    index: usize,
+    stop: Arc<AtomicBool>,
+    target: Arc<AtomicU64>,
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> Seen {
+    let name = format!("sub{index}");
+    let mut seen = Seen {
+        name: name.clone(),
+        messages: BTreeMap::new(),
+        arrivals: Vec::new(),
+        reconnects: 0,
+        problems: Vec::new(),
+    };
+    let mut ready = Some(ready);
+    let mut epoch: Option<String> = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut attempt = index;
+    while tokio::time::Instant::now() < deadline {
+        let done = stop.load(Ordering::Acquire) && {
+            let t = target.load(Ordering::Acquire);
+            t > 0 && seen.messages.keys().next_back().is_some_and(|last| *last >= t)
+        };
+        if done {
+            break;
+        }
+        let Some(url) = pick(&urls, attempt) else { break };
+        attempt += 1;
+        let Ok(mut c) = Chatter::connect_url(&format!("{url}?name={name}"), &name, None).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let since = epoch.clone().zip(seen.messages.keys().next_back().copied().or(Some(0)));
+        let joined = match c.join(LOAD_ROOM, since.clone()).await {
+            Ok(joined) => joined,
+            Err(_) => continue,
+        };
+        if since.is_some() && joined["recovered"] != true {
+            seen.problems.push(format!("resume from {since:?} not recovered: {joined}"));
+        }
+        epoch = joined["epoch"].as_str().map(str::to_owned);
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(());
+        } else {
+            seen.reconnects += 1;
+        }
+        absorb(&mut seen, &mut c);
+        loop {
+            let t = target.load(Ordering::Acquire);
+            if stop.load(Ordering::Acquire) && t > 0 && seen.messages.keys().next_back().is_some_and(|l| *l >= t) {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                seen.problems.push(format!("did not reach offset {t} in time"));
+                break;
+            }
+            match c.client.recv_json(Duration::from_millis(200)).await {
+                Ok(frame) => {
+                    let _ = c.record(&frame);
+                    absorb(&mut seen, &mut c);
+                }
+                Err(err) if is_timeout(&err) => {}
+                Err(_) => break,
+            }
+        }
+    }
+    seen
+}
+
+/// Moves what a connection received into the subscriber's life-long record.
+fn absorb(seen: &mut Seen, c: &mut Chatter) {
+    seen.arrivals.append(&mut c.arrivals);
+    seen.messages.append(&mut c.messages);
+}
+
+fn member_url(m: &Member) -> String {
+    m.node.ws_url()
+}
+
+fn last_octet(id: &str) -> anyhow::Result<u8> {
+    id.strip_prefix("node-").and_then(|n| n.parse().ok()).with_context(|| format!("node id {id}"))
+}
+
+#[tokio::test]
+async fn rolling_restart_under_load_loses_no_acked_message() -> anyhow::Result<()> {
+    let mut cluster = LoopbackCluster::start(3).await?;
+    wait_converged(&cluster.all(), 3).await?;
+    let urls: Urls = Arc::new(Mutex::new(cluster.members.iter().map(member_url).collect()));
+    let load = Load::start(urls, 3).await?;
+    load.wait_acks(50).await?;
+
+    for i in 0..cluster.members.len() {
+        let id = cluster.members[i].id.clone();
+        cluster.members[i].node.terminate();
+        cluster.members[i].node.wait_exit(Duration::from_secs(10)).await?;
+        load.wait_acks(30).await.with_context(|| format!("while {id} is down"))?;
+        let cfg = cluster.config(&id, last_octet(&id)?, SECRET);
+        cluster.members[i].node = start(&cfg).await?;
+        wait_converged(&cluster.all(), 3).await?;
+        load.wait_acks(30).await.with_context(|| format!("after {id} came back"))?;
+    }
+    let (_, seen) = load.finish().await?;
+    ensure!(seen.iter().all(|s| s.reconnects >= 1), "every subscriber had to move at least once");
+    Ok(())
+}
+
+#[tokio::test]
+async fn kill_9_under_load_loses_no_acked_message() -> anyhow::Result<()> {
+    let mut cluster = LoopbackCluster::start(3).await?;
+    wait_converged(&cluster.all(), 3).await?;
+    let urls: Urls = Arc::new(Mutex::new(cluster.members.iter().map(member_url).collect()));
+    let load = Load::start(urls.clone(), 3).await?;
+    if let Err(err) = load.wait_acks(50).await {
+        for m in &cluster.members {
+            eprintln!("--- {} ---\n{}", m.id, m.node.output());
+        }
+        return Err(err);
+    }
+
+    // Kill the node that owns the room, the hardest case: the owner has entries in flight.
+    let owner = owner_of(&cluster, LOAD_ROOM).await?;
+    let victim = cluster.members.remove(owner);
+    urls.lock().unwrap_or_else(|p| p.into_inner()).retain(|u| *u != member_url(&victim));
+    victim.node.kill();
+    load.wait_acks(50).await.context("after the owner was killed")?;
+    let (_, seen) = load.finish().await?;
+    ensure!(seen.iter().any(|s| s.reconnects >= 1), "the killed node's subscriber resumed elsewhere");
+    Ok(())
+}
+
+/// Index of the member that sequences `room` (from its `chat_rooms_owned` gauge).
+async fn owner_of(cluster: &LoopbackCluster, room: &str) -> anyhow::Result<usize> {
+    for (i, m) in cluster.members.iter().enumerate() {
+        let (_, body) = m.node.http_get("/cluster").await?;
+        let status: Value = serde_json::from_str(&body)?;
+        if status["owned_rooms"].as_array().is_some_and(|rooms| rooms.iter().any(|r| r == room)) {
+            return Ok(i);
+        }
+    }
+    bail!("no node owns {room}")
+}
+
+#[tokio::test]
+async fn scale_one_to_three_to_one_under_load() -> anyhow::Result<()> {
+    let mut cluster = LoopbackCluster::start(1).await?;
+    let urls: Urls = Arc::new(Mutex::new(vec![member_url(&cluster.members[0])]));
+    let load = Load::start(urls.clone(), 2).await?;
+    load.wait_acks(40).await?;
+
+    for last in [3u8, 4] {
+        cluster.dns.add_record(loopback(last));
+        let cfg = cluster.config(&format!("node-{last}"), last, SECRET);
+        let node = start(&cfg).await?;
+        cluster.members.push(Member { id: format!("node-{last}"), node });
+        urls.lock().unwrap_or_else(|p| p.into_inner()).push(member_url(&cluster.members[cluster.members.len() - 1]));
+    }
+    wait_converged(&cluster.all(), 3).await?;
+    load.wait_acks(40).await.context("at three nodes")?;
+
+    for last in [4u8, 3] {
+        let mut gone = cluster.members.pop().context("a node to remove")?;
+        urls.lock().unwrap_or_else(|p| p.into_inner()).retain(|u| *u != member_url(&gone));
+        gone.node.terminate();
+        gone.node.wait_exit(Duration::from_secs(10)).await?;
+        cluster.dns.remove_record(loopback(last));
+    }
+    wait_converged(&cluster.all(), 1).await?;
+    load.wait_acks(40).await.context("back at one node")?;
+    load.finish().await?;
+    Ok(())
+}
+
+// ---------- d. partitions and intruders ----------
+
+/// A chat client connected from inside a node's network namespace.
+async fn chatter_in(ns: &str, name: &str) -> anyhow::Result<Chatter> {
+    let addr: std::net::SocketAddr = "127.0.0.1:18080".parse()?;
+    let stream = chat_e2e::netns::connect_in(ns, addr, Duration::from_secs(2)).await?;
+    let client = Client::connect_on(stream, &format!("ws://{addr}/ws?name={name}")).await?;
+    Chatter::from_client(client, name).await
+}
+
+#[tokio::test]
+async fn partition_minority_refuses_publishes_and_converges_after_heal() -> anyhow::Result<()> {
+    let net = chat_e2e::netns::TestNet::new(3)?;
+    let dns = net.start_dns(NAME).await?;
+    dns.set_records(net.hosts().iter().map(|h| h.ip_addr()).collect());
+    let ports = Ports { client: 18080, peer: 18081 };
+    let starts = net.hosts().iter().enumerate().map(|(i, host)| {
+        let id = format!("node-{i}");
+        let mut cfg = node_config(&id, host.ip_addr(), ports, dns.addr(), SECRET);
+        cfg.listen = std::net::SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), ports.client);
+        let ns = host.ns.clone();
+        async move { start_in(&ns, &cfg).await.map(|node| Member { id, node }) }
+    });
+    let members = futures_util::future::try_join_all(starts).await?;
+    let all: Vec<&Member> = members.iter().collect();
+    wait_converged(&all, 3).await?;
+
+    let mut chatters = Vec::new();
+    for (i, host) in net.hosts().iter().enumerate() {
+        let mut c = chatter_in(&host.ns, &format!("user{i}")).await?;
+        c.join("ops", None).await?;
+        chatters.push(c);
+    }
+    chatters[0].publish("ops", "before", "before the partition").await?;
+    for c in &mut chatters {
+        c.pump_until("the first message", |c| c.messages.len() == 1).await?;
+    }
+
+    net.partition(2)?;
+    let (isolated, majority) = all.split_last().context("three")?;
+    wait_converged(majority, 3).await?;
+    wait_status(isolated, "without quorum", CONVERGE, |s| s["quorum"] == false).await?;
+
+    // The minority refuses writes; the majority keeps taking them.
+    chatters[2].publish("ops", "minority", "written on the minority side").await?;
+    chatters[2].pump_until("a refusal", |c| !c.errors.is_empty()).await?;
+    ensure!(chatters[2].errors[0]["code"] == "unavailable", "minority publish: {:?}", chatters[2].errors);
+    for i in 1..=5 {
+        chatters[0].publish("ops", &format!("m{i}"), &format!("during the partition {i}")).await?;
+    }
+    chatters[0].pump_until("five acks", |c| c.acks.len() == 6).await?;
+    chatters[1].pump_until("six messages", |c| c.messages.len() == 6).await?;
+    ensure!(chatters[2].messages.len() == 1, "the minority saw nothing new: {:?}", chatters[2].log());
+
+    net.heal(2)?;
+    wait_converged(&all, 3).await?;
+    // The minority's subscriber receives what it missed, in order, with the same offsets.
+    chatters[2].pump_until("the partition's messages", |c| c.messages.len() == 6).await?;
+    ensure!(chatters[2].log() == chatters[1].log(), "converged: {:?} vs {:?}", chatters[2].log(), chatters[1].log());
+    chatters[2].assert_in_order_once()?;
+    chatters[2].publish("ops", "after", "written after the heal").await?;
+    for c in &mut chatters {
+        c.pump_until("the post-heal message", |c| c.messages.len() == 7).await?;
+    }
+    ensure!(chatters[0].log() == chatters[2].log(), "one order after the heal");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_with_the_wrong_secret_cannot_inject_messages() -> anyhow::Result<()> {
+    let mut cluster = LoopbackCluster::start(3).await?;
+    wait_converged(&cluster.all(), 3).await?;
+    let mut insider = Chatter::connect(&cluster.members[0].node, "insider").await?;
+    insider.join("vault", None).await?;
+
+    cluster.dns.add_record(loopback(6));
+    let cfg = cluster.config("node-0", 6, "a-different-secret-0000000000");
+    let intruder = start(&cfg).await?;
+    let mut mallory = Chatter::connect(&intruder, "mallory").await?;
+    mallory.join("vault", None).await.ok();
+    mallory.publish("vault", "x", "injected").await?;
+    mallory.pump_until("a refusal", |c| !c.errors.is_empty() || !c.acks.is_empty()).await?;
+    ensure!(mallory.acks.is_empty(), "the intruder alone cannot commit: {:?}", mallory.acks);
+
+    insider.publish("vault", "ok", "legit").await?;
+    insider.pump_until("own message", |c| c.messages.len() == 1).await?;
+    for m in &cluster.members {
+        let mut probe = Chatter::connect(&m.node, "probe").await?;
+        probe.join("vault", None).await?;
+        probe.client.send_json(json!({"type": "history", "id": "h", "room": "vault"})).await?;
+        let history = probe.client.recv_until("history", WAIT).await?;
+        ensure!(!history.to_string().contains("injected"), "{}: {history}", m.id);
+    }
+    cluster.members.push(Member { id: "node-0".into(), node: intruder });
     Ok(())
 }

@@ -172,11 +172,11 @@ async fn sweep_rooms(hub: Arc<Hub>) {
 async fn hand_over(hub: &Hub, replication: &crate::replication::Replication) {
     replication.cluster().leave();
     let started = tokio::time::Instant::now();
-    while replication.owned_rooms(hub) > 0 && started.elapsed() < HAND_OVER_TIMEOUT {
+    while !replication.owned_room_names(hub).is_empty() && started.elapsed() < HAND_OVER_TIMEOUT {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tracing::info!(
-        still_owned = replication.owned_rooms(hub),
+        still_owned = replication.owned_room_names(hub).len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "handed rooms over"
     );
@@ -199,6 +199,10 @@ async fn drain(hub: &Arc<Hub>) {
         hub.disconnect_all(drain.rate_per_sec).await;
         while hub.open_connections() > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The closed sessions' records (and presence departures) go to the peers before exit.
+        if let Some(replication) = hub.replication() {
+            replication.cluster().flush(Duration::from_secs(1)).await;
         }
     };
     match tokio::time::timeout(deadline, orderly).await {

@@ -187,22 +187,33 @@ where
 /// Frames written before one flush: the queue is drained in batches under load.
 const WRITE_BATCH: usize = 512;
 
+struct Written {
+    /// Frames taken from the queue (written, or lost with the failed link).
+    written: usize,
+    failed: bool,
+}
+
 async fn write_batch<S>(
     ws: &mut WebSocketStream<S>,
     first: Utf8Bytes,
     queued: &mut tokio::sync::mpsc::UnboundedReceiver<Utf8Bytes>,
-) -> Result<(), tokio_tungstenite::tungstenite::Error>
+) -> Written
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    ws.feed(Message::Text(first)).await?;
-    for _ in 1..WRITE_BATCH {
+    let mut written = 1;
+    let mut failed = ws.feed(Message::Text(first)).await.is_err();
+    while !failed && written < WRITE_BATCH {
         match queued.try_recv() {
-            Ok(text) => ws.feed(Message::Text(text)).await?,
+            Ok(text) => {
+                written += 1;
+                failed = ws.feed(Message::Text(text)).await.is_err();
+            }
             Err(_) => break,
         }
     }
-    ws.flush().await
+    failed = failed || ws.flush().await.is_err();
+    Written { written, failed }
 }
 
 /// Microseconds since `origin`, carried in pings to measure round trips.
@@ -218,6 +229,7 @@ where
     let (outbound, mut queued) = tokio::sync::mpsc::unbounded_channel();
     let generation = cluster.register(&peer_id, peer_addr, rtt_us.clone(), outbound);
     let handler = cluster.handler();
+    let unsent = cluster.unsent_counter();
     let heartbeat = Duration::from_millis(cluster.config().heartbeat_ms);
     let timeout = Duration::from_millis(cluster.config().peer_timeout_ms);
     let origin = Instant::now();
@@ -249,7 +261,9 @@ where
             }
             next = queued.recv() => {
                 let Some(first) = next else { break "unregistered" };
-                if write_batch(&mut ws, first, &mut queued).await.is_err() {
+                let result = write_batch(&mut ws, first, &mut queued).await;
+                unsent.fetch_sub(result.written, Ordering::AcqRel);
+                if result.failed {
                     break "write failed";
                 }
             }
@@ -269,4 +283,11 @@ where
     };
     tracing::debug!(peer = peer_id, reason, "peer link ended");
     cluster.unregister(&peer_id, generation);
+    // Frames still queued die with the link; catch-up on the next link covers them.
+    queued.close();
+    let mut dropped = 0;
+    while queued.try_recv().is_ok() {
+        dropped += 1;
+    }
+    unsent.fetch_sub(dropped, Ordering::AcqRel);
 }

@@ -9,7 +9,7 @@ pub mod wire;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -90,6 +90,8 @@ pub struct Cluster {
     /// This node is draining and owns no rooms.
     leaving: AtomicBool,
     handler: OnceLock<Weak<dyn PeerHandler>>,
+    /// Frames queued on links and not yet written, so a draining node can wait for them.
+    unsent: Arc<AtomicUsize>,
 }
 
 /// A link as `/cluster` shows it.
@@ -154,6 +156,7 @@ impl Cluster {
             ready: AtomicBool::new(false),
             leaving: AtomicBool::new(false),
             handler: OnceLock::new(),
+            unsent: Arc::default(),
         }))
     }
 
@@ -240,13 +243,30 @@ impl Cluster {
     /// Queues a frame to one peer; false if it is not linked.
     pub fn send(&self, peer: &str, frame: &PeerFrame) -> bool {
         let text = encode(frame);
-        self.lock().links.get(peer).is_some_and(|l| l.outbound.send(text).is_ok())
+        let sent = self.lock().links.get(peer).is_some_and(|l| l.outbound.send(text).is_ok());
+        self.unsent.fetch_add(usize::from(sent), Ordering::AcqRel);
+        sent
     }
 
     /// Queues a frame to every linked peer; returns how many.
     pub fn broadcast(&self, frame: &PeerFrame) -> usize {
         let text = encode(frame);
-        self.lock().links.values().filter(|l| l.outbound.send(text.clone()).is_ok()).count()
+        let sent = self.lock().links.values().filter(|l| l.outbound.send(text.clone()).is_ok()).count();
+        self.unsent.fetch_add(sent, Ordering::AcqRel);
+        sent
+    }
+
+    /// The counter link tasks decrement as they write (or drop) queued frames.
+    pub(crate) fn unsent_counter(&self) -> Arc<AtomicUsize> {
+        self.unsent.clone()
+    }
+
+    /// Waits until every queued peer frame was written, at most `timeout`.
+    pub async fn flush(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.unsent.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Stops owning rooms and tells the peers, so they take over before this node goes.

@@ -47,6 +47,15 @@ pub(crate) fn plain(status: StatusCode, body: &'static str) -> Response<Bytes> {
 }
 
 /// Every route of the client port.
+/// `/cluster`: membership and links, plus the rooms this node sequences.
+#[derive(serde::Serialize)]
+struct ClusterView {
+    #[serde(flatten)]
+    status: crate::cluster::ClusterStatus,
+    owned_rooms: Vec<String>,
+    publishes_in_flight: usize,
+}
+
 pub fn routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (Response<Bytes>,), Error = Infallible> + Clone + Send + Sync + 'static {
@@ -71,9 +80,16 @@ pub fn routes(
             .unwrap_or_else(|_| Response::new(Bytes::new()))
     });
     let cluster = warp::path!("cluster").and(with_state.clone()).map(|state: Arc<AppState>| {
-        let body = match &state.cluster {
-            Some(cluster) => serde_json::to_vec_pretty(&cluster.status()),
-            None => serde_json::to_vec_pretty(&serde_json::json!({
+        let body = match (&state.cluster, state.hub.replication()) {
+            (Some(cluster), Some(replication)) => {
+                let view = ClusterView {
+                    status: cluster.status(),
+                    owned_rooms: replication.owned_room_names(&state.hub),
+                    publishes_in_flight: replication.in_flight(),
+                };
+                serde_json::to_vec_pretty(&view)
+            }
+            _ => serde_json::to_vec_pretty(&serde_json::json!({
                 "node_id": state.hub.node_id(),
                 "members": [],
                 "clustered": false,

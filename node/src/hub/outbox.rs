@@ -121,11 +121,6 @@ impl Outbox {
 }
 
 impl Inbox {
-    /// Whether everything queued so far was taken.
-    pub fn is_empty(&self) -> bool {
-        self.signal.queue().frames.is_empty()
-    }
-
     /// Moves what is queued (up to `max` frames) into `out`, without waiting.
     pub fn take_into(&mut self, out: &mut Vec<Frame>, max: usize) {
         let mut queue = self.signal.queue();

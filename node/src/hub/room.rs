@@ -163,18 +163,21 @@ impl Room {
     }
 
     /// Unsubscribes `conn`; tells the others if that was the user's last connection here.
-    pub fn leave(&self, conn: u64, user: &UserInfo) -> LocalPresence {
+    /// Returns the room's position at that moment: everything up to it was queued to `conn`.
+    pub fn leave(&self, conn: u64, user: &UserInfo) -> (LocalPresence, Option<StreamPosition>) {
         let mut st = self.lock();
+        let position = st.epoch.clone().map(|epoch| StreamPosition { epoch, offset: st.last_offset });
         let was_waiting = st.waiters.iter().any(|w| w.conn == conn);
         st.waiters.retain(|w| w.conn != conn);
         if st.subscribers.remove(&conn).is_none() && !was_waiting {
-            return LocalPresence::Unchanged;
+            return (LocalPresence::Unchanged, position);
         }
-        let presence = st.remove_local_presence(user, Some(conn));
+        let presence = st.remove_local_presence(user);
         if st.subscribers.is_empty() && st.waiters.is_empty() {
             st.empty_since = Some(Instant::now());
         }
-        presence
+        // A join still waiting for the stream has seen nothing.
+        (presence, if was_waiting { None } else { position })
     }
 
     /// Sequences, stores and delivers a message on a node that is not in a cluster.
@@ -183,12 +186,6 @@ impl Room {
         let entry = Entry { offset: st.last_offset + 1, term: 0, pid, sender: sender.clone(), body, ts };
         st.apply(&entry);
         (st.last_offset, st.epoch.clone().unwrap_or_default())
-    }
-
-    /// The room's latest position, once its stream is known.
-    pub fn position(&self) -> Option<StreamPosition> {
-        let st = self.lock();
-        st.epoch.clone().map(|epoch| StreamPosition { epoch, offset: st.last_offset })
     }
 
     /// History after `since` (when it is in this epoch), else the last `limit` messages.
@@ -392,7 +389,7 @@ impl RoomState {
         if arrived { LocalPresence::Arrived } else { LocalPresence::Unchanged }
     }
 
-    fn remove_local_presence(&mut self, user: &UserInfo, _conn: Option<u64>) -> LocalPresence {
+    fn remove_local_presence(&mut self, user: &UserInfo) -> LocalPresence {
         let Some(entry) = self.presence.get_mut(&user.id) else { return LocalPresence::Unchanged };
         entry.local = entry.local.saturating_sub(1);
         if entry.local > 0 {

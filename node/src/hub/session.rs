@@ -49,7 +49,6 @@ pub(super) async fn run<C: Connection>(
         strikes: 0,
     };
     let code = session.drive(&mut conn, &mut inbox, resumed).await;
-    session.save(inbox.is_empty());
     session.leave_all();
     hub.unregister(conn_id);
     hub.metrics.disconnected(code);
@@ -169,11 +168,16 @@ impl Session<'_> {
                 None => continue,
                 Some(End::Gone(code)) => return code,
                 Some(End::Close(code)) => {
-                    // Anything already queued for this client goes out before the close.
+                    // Leaving first fixes each room's position: everything up to it is queued
+                    // already, and goes out before the close.
+                    let positions = self.leave_all();
                     inbox.take_into(&mut outgoing, usize::MAX);
                     if write_all(conn, &mut outgoing).await.is_err() {
                         return 1006;
                     }
+                    // Everything up to these positions was written before the close: the
+                    // session resumes there. Saved first, as the close may linger.
+                    self.save(&positions);
                     conn.close(code, close_reason(code)).await;
                     return code;
                 }
@@ -258,7 +262,7 @@ impl Session<'_> {
                 }
             };
             self.rooms.insert(room, (target, position));
-            self.save(false);
+            self.save(&HashMap::new());
             return;
         }
         replies.push(error(id, ErrorCode::Internal, "room is being recreated; retry"));
@@ -275,17 +279,15 @@ impl Session<'_> {
         }
     }
 
-    /// Records the session (every node gets it in a cluster). At the end of a connection whose
-    /// queue was fully written, the rooms' current positions are what the client has seen.
-    fn save(&self, caught_up: bool) {
-        let rooms = self
-            .rooms
-            .iter()
-            .map(|(name, (room, joined_at))| {
-                let current = caught_up.then(|| room.position()).flatten();
-                (name.clone(), current.or_else(|| joined_at.clone()))
-            })
-            .collect();
+    /// Records the session (every node gets it in a cluster): its rooms, each with the given
+    /// position or else the one it was joined at. A client's own close says nothing about what
+    /// it read, so only a close the server sent after flushing moves positions forward.
+    fn save(&self, positions: &HashMap<String, Option<StreamPosition>>) {
+        let rooms = if positions.is_empty() {
+            self.rooms.iter().map(|(name, (_, joined_at))| (name.clone(), joined_at.clone())).collect()
+        } else {
+            positions.iter().map(|(name, position)| (name.clone(), position.clone())).collect()
+        };
         let record = SessionRecord {
             id: self.session_id.clone(),
             user_id: self.identity.user.id.clone(),
@@ -301,9 +303,9 @@ impl Session<'_> {
     fn leave(&mut self, id: Option<String>, room: String, replies: &mut Vec<Frame>) {
         match self.rooms.remove(&room) {
             Some((joined, _)) => {
-                let presence = joined.leave(self.conn_id, &self.identity.user);
+                let (presence, _) = joined.leave(self.conn_id, &self.identity.user);
                 self.presence_changed(&room, presence);
-                self.save(false);
+                self.save(&HashMap::new());
                 replies.push(encode(&ServerFrame::Left { id, room }));
             }
             None => replies.push(not_joined(id, &room)),
@@ -354,12 +356,16 @@ impl Session<'_> {
         None
     }
 
-    fn leave_all(&mut self) {
+    /// Leaves every room; returns each room's position at the moment of leaving.
+    fn leave_all(&mut self) -> HashMap<String, Option<StreamPosition>> {
         let rooms: Vec<(String, Arc<Room>)> = self.rooms.drain().map(|(name, (room, _))| (name, room)).collect();
+        let mut positions = HashMap::with_capacity(rooms.len());
         for (name, room) in rooms {
-            let presence = room.leave(self.conn_id, &self.identity.user);
+            let (presence, position) = room.leave(self.conn_id, &self.identity.user);
             self.presence_changed(&name, presence);
+            positions.insert(name, position);
         }
+        positions
     }
 }
 

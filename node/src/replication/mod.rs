@@ -182,18 +182,28 @@ impl Replication {
         for (room, pid) in expired {
             self.complete(&room, &pid, stream::unavailable("no answer from the room's owner in time; retry"));
         }
-        let mut owned = 0;
         for room in hub.rooms_snapshot() {
             self.tick_room(hub, room.name());
-            owned += usize::from(room.lock().replica.is_sequencing());
         }
-        self.cluster.metrics().rooms_owned.set(owned as i64);
+        self.cluster.metrics().rooms_owned.set(self.owned_room_names(hub).len() as i64);
         hub.sessions().expire(crate::hub::unix_millis());
     }
 
     /// Rooms this node sequences right now.
-    pub fn owned_rooms(&self, hub: &Hub) -> usize {
-        hub.rooms_snapshot().iter().filter(|r| r.lock().replica.is_sequencing()).count()
+    pub fn owned_room_names(&self, hub: &Hub) -> Vec<String> {
+        let mut names: Vec<String> = hub
+            .rooms_snapshot()
+            .iter()
+            .filter(|r| r.lock().replica.is_sequencing())
+            .map(|r| r.name().to_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Publishes of this node's clients waiting for their owner's answer.
+    pub fn in_flight(&self) -> usize {
+        self.waiting().len()
     }
 
     /// Takes over (where this node now ranks first) the rooms `peer` was sequencing.
