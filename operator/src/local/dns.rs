@@ -207,3 +207,57 @@ fn zone(name: &str) -> Result<Zone, DnsError> {
     );
     Ok(Zone { name: LowerName::from(&absolute), origin: LowerName::from(&origin), soa, addrs: Mutex::new(Vec::new()) })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use hickory_server::proto::op::{Message, Query};
+
+    use super::*;
+
+    const NAME: &str = "chat-peers.default.svc.cluster.local";
+
+    /// One question over UDP: the response code and the answers' addresses.
+    async fn ask(server: SocketAddr, name: &str, kind: RecordType) -> (ResponseCode, Vec<IpAddr>) {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut query = Message::query();
+        query.metadata.id = 7;
+        query.add_query(Query::query(Name::from_ascii(name).unwrap(), kind));
+        socket.send_to(&query.to_vec().unwrap(), server).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf)).await.unwrap().unwrap();
+        let answer = Message::from_vec(&buf[..n]).unwrap();
+        let ips = answer
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                _ => None,
+            })
+            .collect();
+        (answer.metadata.response_code, ips)
+    }
+
+    #[tokio::test]
+    async fn answers_the_running_nodes_like_a_headless_service() {
+        let dns = DnsServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), NAME).unwrap();
+        let ip = |last| IpAddr::V4(Ipv4Addr::new(127, 0, 0, last));
+        assert_eq!(ask(dns.addr(), NAME, RecordType::A).await.0, ResponseCode::NXDomain, "no endpoints yet");
+
+        dns.add_record(ip(10));
+        dns.add_record(ip(11));
+        dns.add_record(ip(11));
+        assert_eq!(ask(dns.addr(), NAME, RecordType::A).await, (ResponseCode::NoError, vec![ip(10), ip(11)]));
+        assert_eq!(ask(dns.addr(), NAME, RecordType::AAAA).await, (ResponseCode::NoError, vec![]), "NODATA");
+
+        dns.remove_record(ip(10));
+        assert_eq!(dns.records(), vec![ip(11)]);
+        assert_eq!(ask(dns.addr(), NAME, RecordType::A).await.1, vec![ip(11)]);
+
+        let other = "other.default.svc.cluster.local";
+        assert_eq!(ask(dns.addr(), other, RecordType::A).await.0, ResponseCode::NXDomain);
+        assert_eq!(ask(dns.addr(), "example.com", RecordType::A).await.0, ResponseCode::Refused);
+    }
+}
