@@ -294,9 +294,13 @@ def render(api: FakeApi, label: str, values: dict) -> list[tuple[str, dict]] | N
         obj = yaml.safe_load(chunk)
         if obj:
             docs.append((m.group(1) if m else "?", obj))
-    crd_created = any(k.startswith("CustomResourceDefinition/") for k in api.created_kinds())
-    if not crd_created:
-        fail(f"helm install ({label}) did not install the chart's CRD from crds/")
+    created = api.created_kinds()
+    crds = [k for k in created if k.startswith("CustomResourceDefinition/")]
+    if crds != ["CustomResourceDefinition/chatclusters.chatcluster.dev"]:
+        fail(f"helm install ({label}) did not install the chart's CRD from crds/ (created: {crds})")
+    if len(created) - len(crds) != len(docs):
+        fail(f"helm install ({label}): the manifest has {len(docs)} objects but the fake API received "
+             f"{len(created) - len(crds)}: {created}")
     notes = (rel.get("info") or {}).get("notes", "")
     dump = os.environ.get("CHART_LINT_DUMP")
     if dump:
