@@ -68,7 +68,17 @@ impl Server {
         std::fs::write(&cfg, node_config(port, secret, tuning))?;
         let mut cmd = Command::new(bin);
         cmd.arg("--config").arg(&cfg);
-        Self::start(Kind::Node, cmd, dir, port).await
+        Self::start(Kind::Node, cmd, dir, SocketAddr::from(([127, 0, 0, 1], port))).await
+    }
+
+    /// A node with a config of the caller's, listening at `addr`.
+    pub async fn spawn_node_with(bin: &Path, toml: &str, addr: SocketAddr) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let cfg = dir.path().join("node.toml");
+        std::fs::write(&cfg, toml)?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--config").arg(&cfg);
+        Self::start(Kind::Node, cmd, dir, addr).await
     }
 
     pub async fn spawn_ref(bin: &Path) -> anyhow::Result<Self> {
@@ -76,17 +86,16 @@ impl Server {
         let port = free_port()?;
         let mut cmd = Command::new(bin);
         cmd.arg("--listen").arg(format!("127.0.0.1:{port}"));
-        Self::start(Kind::Ref, cmd, dir, port).await
+        Self::start(Kind::Ref, cmd, dir, SocketAddr::from(([127, 0, 0, 1], port))).await
     }
 
-    async fn start(kind: Kind, mut cmd: Command, dir: tempfile::TempDir, port: u16) -> anyhow::Result<Self> {
+    async fn start(kind: Kind, mut cmd: Command, dir: tempfile::TempDir, addr: SocketAddr) -> anyhow::Result<Self> {
         let log = dir.path().join("server.log");
         let out = std::fs::File::create(&log)?;
         let err = out.try_clone()?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true);
         let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
         let pid = child.id().context("server pid")?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let mut server = Server { kind, addr, pid, log, child, _dir: dir };
         server.wait_ready().await?;
         Ok(server)
@@ -140,6 +149,16 @@ impl Server {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
         Ok(())
     }
+}
+
+/// The body of a GET (the whole response after the headers).
+pub async fn http_get_body(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8_lossy(&raw);
+    Ok(text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default())
 }
 
 async fn http_get_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
