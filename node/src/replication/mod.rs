@@ -156,7 +156,7 @@ impl Replication {
 
     /// A join found the room's stream unknown here: fetch it from the owner, or claim it.
     pub fn want_stream(&self, hub: &Hub, room: &str) {
-        self.tick_room(hub, room);
+        self.tick_room(hub, room, &self.cluster.owner_candidates());
     }
 
     /// A user's first connection on this node joined a room, or its last one left.
@@ -165,10 +165,10 @@ impl Replication {
         self.cluster.broadcast(&frame);
     }
 
-    fn tick_room(&self, hub: &Hub, room: &str) {
-        let owner = self.owner(room);
-        let owner_is_me = owner.as_deref() == Some(self.me());
-        self.with_room(hub, room, |net, st, reroute| stream::tick(net, st, owner_is_me, owner.as_deref(), reroute));
+    fn tick_room(&self, hub: &Hub, room: &str, candidates: &[String]) {
+        let owner = ranking::owner(room, candidates);
+        let owner_is_me = owner == Some(self.me());
+        self.with_room(hub, room, |net, st, reroute| stream::tick(net, st, owner_is_me, owner, reroute));
     }
 
     /// Periodic care of every room and of publishes waiting too long.
@@ -182,8 +182,10 @@ impl Replication {
         for (room, pid) in expired {
             self.complete(&room, &pid, stream::unavailable("no answer from the room's owner in time; retry"));
         }
+        // One view of membership for the whole round.
+        let candidates = self.cluster.owner_candidates();
         for room in hub.rooms_snapshot() {
-            self.tick_room(hub, room.name());
+            self.tick_room(hub, room.name(), &candidates);
         }
         self.cluster.metrics().rooms_owned.set(self.owned_room_names(hub).len() as i64);
         hub.sessions().expire(crate::hub::unix_millis());
@@ -208,8 +210,9 @@ impl Replication {
 
     /// Takes over (where this node now ranks first) the rooms `peer` was sequencing.
     fn take_over_from(&self, hub: &Hub, peer: &str) {
+        let candidates = self.cluster.owner_candidates();
         for room in hub.rooms_snapshot() {
-            let owner_is_me = self.owner(room.name()).as_deref() == Some(self.me());
+            let owner_is_me = ranking::owner(room.name(), &candidates) == Some(self.me());
             if owner_is_me {
                 self.with_room(hub, room.name(), |net, st, _| {
                     if stream::sequenced_by(st, peer) {
