@@ -21,9 +21,9 @@ if [ "$hard" != unlimited ] && [ "$hard" -lt 10200 ]; then
 fi
 ulimit -Sn "$hard"
 
-cargo build --release -p chat-node -p chat-e2e --bin chat-node --bin ref-server --bin chat-bench --bin cluster-bench
+cargo build --release -p chat-node -p chat-e2e --bin chat-node --bin ref-server --bin chat-bench
 
 target/release/chat-bench "${BENCH:-all}" "$@"
 echo
 # Three nodes on 127.0.0.2-4: cross-node latency at 10 000 msg/s, then saturation.
-target/release/cluster-bench
+target/release/chat-bench cluster

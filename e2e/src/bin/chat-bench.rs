@@ -7,6 +7,8 @@
 
 #[path = "../bench/client.rs"]
 mod client;
+#[path = "../bench/cluster.rs"]
+mod cluster;
 #[path = "../bench/load.rs"]
 mod load;
 #[path = "../bench/procs.rs"]
@@ -43,6 +45,8 @@ enum Cmd {
     Connect(Opts),
     /// memory, connect and broadcast, then one table.
     All(Opts),
+    /// Three nodes: cross-node latency at a fixed message rate, then saturation.
+    Cluster(cluster::Opts),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -191,6 +195,7 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<()> {
         Cmd::Connect(o) => (o, [false, true, false]),
         Cmd::Broadcast(o) => (o, [false, false, true]),
         Cmd::All(o) => (o, [true, true, true]),
+        Cmd::Cluster(o) => return cluster::run(o).await,
     };
     if opts.publishers == 0 || opts.publishers > opts.members {
         bail!("--publishers must be between 1 and --members");

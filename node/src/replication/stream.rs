@@ -385,13 +385,9 @@ pub fn on_append(
         net.cluster.send(from, &PeerFrame::Refuse { room: st.name().to_owned(), term: st.replica.promised });
         return;
     }
-    adopt_term(st, term, reroute);
-    st.replica.sequencer = Some(from.to_owned());
-    st.replica.last_activity = Some(Instant::now());
-    if st.epoch.as_deref() != Some(epoch) {
-        // Our copy of the stream is not the owner's (new here, or from a split start).
-        fetch(net, st, from, 0);
-    }
+    // Entries are stored (they count for the commit) even while our copy of the stream is
+    // fetched again for another epoch.
+    heard_from_owner(net, st, from, epoch, term, reroute);
     let (Some(first), Some(last)) = (entries.first().map(|e| e.offset), entries.last().map(|e| e.offset)) else {
         return;
     };
@@ -402,6 +398,19 @@ pub fn on_append(
     }
     let ack = PeerFrame::Appended { room: st.name().to_owned(), term, from: first, to: last };
     net.cluster.send(from, &ack);
+}
+
+/// Notes an append or commit of the current term from the room's owner. False when our copy
+/// of the stream has another epoch than the owner's: it is fetched again.
+fn heard_from_owner(net: &Net, st: &mut RoomState, from: &str, epoch: &str, term: u64, reroute: &mut Reroute) -> bool {
+    adopt_term(st, term, reroute);
+    st.replica.sequencer = Some(from.to_owned());
+    st.replica.last_activity = Some(Instant::now());
+    if st.epoch.as_deref() == Some(epoch) {
+        return true;
+    }
+    fetch(net, st, from, 0);
+    false
 }
 
 pub fn on_appended(net: &Net, st: &mut RoomState, from: &str, term: u64, first: u64, last: u64) {
@@ -416,14 +425,7 @@ pub fn on_appended(net: &Net, st: &mut RoomState, from: &str, term: u64, first: 
 }
 
 pub fn on_commit(net: &Net, st: &mut RoomState, from: &str, epoch: &str, term: u64, upto: u64, reroute: &mut Reroute) {
-    if term < st.replica.promised {
-        return;
-    }
-    adopt_term(st, term, reroute);
-    st.replica.sequencer = Some(from.to_owned());
-    st.replica.last_activity = Some(Instant::now());
-    if st.epoch.as_deref() != Some(epoch) {
-        fetch(net, st, from, 0);
+    if term < st.replica.promised || !heard_from_owner(net, st, from, epoch, term, reroute) {
         return;
     }
     while st.last_offset < upto {

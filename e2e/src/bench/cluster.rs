@@ -1,14 +1,7 @@
-//! Cross-node benchmark: three `chat-node` processes on 127.0.0.2–4 form a cluster; publishers
+//! `chat-bench cluster`: three `chat-node` processes on 127.0.0.2–4 form a cluster; publishers
 //! on the first node, subscribers on the other two. Measures publish → deliver latency on the
 //! remote nodes at a fixed message rate, then the highest sustained cross-node delivery rate.
 //! See docs/benchmarks.md. Everything runs on loopback and is killed when the run ends.
-
-#[path = "../bench/client.rs"]
-mod client;
-#[path = "../bench/load.rs"]
-mod load;
-#[path = "../bench/procs.rs"]
-mod procs;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -16,15 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
-use clap::Parser;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use load::{Pace, PublishPlan, Spec, Stats};
-use procs::{CpuMeter, Kind, Server};
+use anyhow::bail;
 
-#[derive(Parser, Debug)]
-#[command(about = "ChatCluster cross-node benchmark: 3 nodes, publishers on one, subscribers on the others")]
-struct Opts {
+use crate::load::{self, Pace, PublishPlan, Spec, Stats};
+use crate::procs::{self, CpuMeter, Kind, Server};
+
+#[derive(clap::Args, Debug)]
+pub struct Opts {
     /// chat-node binary (default: chat-node next to this binary).
     #[arg(long)]
     node_bin: Option<PathBuf>,
@@ -69,40 +60,11 @@ fn node_toml(last: u8, port: u16, peer_port: u16, jwt: &str, cluster_secret: &st
     )
 }
 
-fn tokens(secret: &str, n: usize) -> anyhow::Result<Vec<String>> {
-    #[derive(serde::Serialize)]
-    struct Claims {
-        sub: String,
-        exp: u64,
-    }
-    let key = EncodingKey::from_secret(secret.as_bytes());
-    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + 3600;
-    (0..n)
-        .map(|i| {
-            let claims = Claims { sub: format!("bench-{i}"), exp };
-            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).context("token")
-        })
-        .collect()
-}
-
-fn random_hex() -> String {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    (0..4).map(|_| format!("{:016x}", std::collections::hash_map::RandomState::new().build_hasher().finish())).collect()
-}
-
-fn main() -> anyhow::Result<()> {
-    let opts = Opts::parse();
-    load::now_ns();
-    procs::raise_nofile();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("runtime")?;
-    rt.block_on(run(opts))
-}
-
-async fn run(o: Opts) -> anyhow::Result<()> {
+pub async fn run(o: Opts) -> anyhow::Result<()> {
     let here = std::env::current_exe()?.parent().map(|p| p.to_path_buf()).unwrap_or_default();
     let bin = o.node_bin.clone().unwrap_or_else(|| here.join("chat-node"));
     let (port, peer_port) = (procs::free_port()?, procs::free_port()?);
-    let (jwt, cluster_secret) = (random_hex(), random_hex());
+    let (jwt, cluster_secret) = (crate::random_hex(), crate::random_hex());
     let mut nodes = Vec::new();
     for last in NODES {
         let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)), port);
@@ -110,10 +72,10 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         nodes.push(Server::spawn_node_with(&bin, &toml, addr).await?);
     }
     wait_meshed(&nodes).await?;
-    println!("# cluster-bench: 3 nodes on 127.0.0.2-4, {} cores", std::thread::available_parallelism()?.get());
+    println!("# chat-bench cluster: 3 nodes on 127.0.0.2-4, {} cores", std::thread::available_parallelism()?.get());
     println!("# command: {}", std::env::args().collect::<Vec<_>>().join(" "));
 
-    let all_tokens = Arc::new(tokens(&jwt, o.publishers + 2 * o.subscribers_per_node)?);
+    let all_tokens = Arc::new(crate::make_tokens(&jwt, o.publishers + 2 * o.subscribers_per_node)?);
     let spec = |addr: SocketAddr, publishers: usize, offset: usize| Spec {
         kind: Kind::Node,
         addr,
