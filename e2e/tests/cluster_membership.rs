@@ -36,6 +36,7 @@ async fn three_nodes_discover_each_other_through_dns() -> anyhow::Result<()> {
             let addr: SocketAddr = member["addr"].as_str().context("member addr")?.parse()?;
             assert_eq!(addr.port(), cluster.ports.peer, "peers are reached on the peer port: {member}");
             assert!(member["linked_for_ms"].is_u64() && member["rtt_ms"].is_number(), "{member}");
+            assert!(member["queued_frames"].is_u64() && member["synced"] == true, "link lag and sync: {member}");
         }
         assert_eq!(m.node.http_get("/readyz").await?.0, 200, "{} ready", m.id);
         assert_eq!(metric_of(&m.node, "chat_cluster_members").await?, 3.0, "{} gauge", m.id);

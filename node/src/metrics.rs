@@ -32,6 +32,7 @@ pub struct Metrics {
     pub room_claims: Counter,
     pub rooms_owned: Gauge,
     pub publishes_in_flight: Gauge,
+    pub peer_queued_frames: Gauge,
 }
 
 impl Default for Metrics {
@@ -64,6 +65,7 @@ impl Metrics {
             room_claims: Counter::default(),
             rooms_owned: Gauge::default(),
             publishes_in_flight: Gauge::default(),
+            peer_queued_frames: Gauge::default(),
             registry: Registry::with_prefix("chat"),
         };
         let registry = &mut m.registry;
@@ -115,6 +117,11 @@ impl Metrics {
             "publishes_in_flight",
             "Publishes of this node's clients waiting for the room owner's answer",
             m.publishes_in_flight.clone(),
+        );
+        registry.register(
+            "peer_queued_frames",
+            "Frames queued for peers and not yet written (replication lag)",
+            m.peer_queued_frames.clone(),
         );
         m
     }

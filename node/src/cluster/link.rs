@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -227,9 +227,9 @@ where
 {
     let rtt_us = Arc::new(AtomicU64::new(0));
     let (outbound, mut queued) = tokio::sync::mpsc::unbounded_channel();
-    let generation = cluster.register(&peer_id, peer_addr, rtt_us.clone(), outbound);
+    let unsent = Arc::new(AtomicUsize::new(0));
+    let generation = cluster.register(&peer_id, peer_addr, rtt_us.clone(), outbound, unsent.clone());
     let handler = cluster.handler();
-    let unsent = cluster.unsent_counter();
     let heartbeat = Duration::from_millis(cluster.config().heartbeat_ms);
     let timeout = Duration::from_millis(cluster.config().peer_timeout_ms);
     let origin = Instant::now();

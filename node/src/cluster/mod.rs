@@ -47,6 +47,14 @@ pub enum AddrState {
     Unreachable,
 }
 
+impl Link {
+    fn queue(&self, text: Utf8Bytes) -> bool {
+        let queued = self.outbound.send(text).is_ok();
+        self.queued.fetch_add(usize::from(queued), Ordering::AcqRel);
+        queued
+    }
+}
+
 /// What the rest of the node does with peer traffic (the replication layer implements it).
 pub trait PeerHandler: Send + Sync {
     fn on_link_up(&self, peer: &str);
@@ -61,6 +69,8 @@ struct Link {
     rtt_us: Arc<AtomicU64>,
     /// Serialized frames for the link's task to write, in order.
     outbound: UnboundedSender<Utf8Bytes>,
+    /// Frames queued and not yet written: the link's lag.
+    queued: Arc<AtomicUsize>,
     /// The peer said it is draining: it stays a voter but owns no rooms.
     leaving: bool,
     /// The peer has answered our digest.
@@ -90,8 +100,6 @@ pub struct Cluster {
     /// This node is draining and owns no rooms.
     leaving: AtomicBool,
     handler: OnceLock<Weak<dyn PeerHandler>>,
-    /// Frames queued on links and not yet written, so a draining node can wait for them.
-    unsent: Arc<AtomicUsize>,
 }
 
 /// A link as `/cluster` shows it.
@@ -103,6 +111,8 @@ pub struct MemberStatus {
     pub rtt_ms: f64,
     pub leaving: bool,
     pub synced: bool,
+    /// Frames queued for the peer and not yet written.
+    pub queued_frames: usize,
 }
 
 /// What `/cluster` returns.
@@ -156,7 +166,6 @@ impl Cluster {
             ready: AtomicBool::new(false),
             leaving: AtomicBool::new(false),
             handler: OnceLock::new(),
-            unsent: Arc::default(),
         }))
     }
 
@@ -243,28 +252,24 @@ impl Cluster {
     /// Queues a frame to one peer; false if it is not linked.
     pub fn send(&self, peer: &str, frame: &PeerFrame) -> bool {
         let text = encode(frame);
-        let sent = self.lock().links.get(peer).is_some_and(|l| l.outbound.send(text).is_ok());
-        self.unsent.fetch_add(usize::from(sent), Ordering::AcqRel);
-        sent
+        self.lock().links.get(peer).is_some_and(|l| l.queue(text))
     }
 
     /// Queues a frame to every linked peer; returns how many.
     pub fn broadcast(&self, frame: &PeerFrame) -> usize {
         let text = encode(frame);
-        let sent = self.lock().links.values().filter(|l| l.outbound.send(text.clone()).is_ok()).count();
-        self.unsent.fetch_add(sent, Ordering::AcqRel);
-        sent
+        self.lock().links.values().filter(|l| l.queue(text.clone())).count()
     }
 
-    /// The counter link tasks decrement as they write (or drop) queued frames.
-    pub(crate) fn unsent_counter(&self) -> Arc<AtomicUsize> {
-        self.unsent.clone()
+    /// Frames queued on every link and not yet written.
+    pub fn queued_frames(&self) -> usize {
+        self.lock().links.values().map(|l| l.queued.load(Ordering::Acquire)).sum()
     }
 
     /// Waits until every queued peer frame was written, at most `timeout`.
     pub async fn flush(&self, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
-        while self.unsent.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+        while self.queued_frames() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -318,6 +323,7 @@ impl Cluster {
         addr: String,
         rtt_us: Arc<AtomicU64>,
         outbound: UnboundedSender<Utf8Bytes>,
+        queued: Arc<AtomicUsize>,
     ) -> u64 {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         {
@@ -325,8 +331,8 @@ impl Cluster {
             if let Ok(sock) = addr.parse::<SocketAddr>() {
                 state.discovered.entry(sock).and_modify(|s| *s = AddrState::Linked(node_id.to_owned()));
             }
-            let link =
-                Link { addr, generation, since: Instant::now(), rtt_us, outbound, leaving: false, synced: false };
+            let since = Instant::now();
+            let link = Link { addr, generation, since, rtt_us, outbound, queued, leaving: false, synced: false };
             state.links.insert(node_id.to_owned(), link);
         }
         self.metrics.peer_links_established.inc();
@@ -388,6 +394,7 @@ impl Cluster {
                 rtt_ms: l.rtt_us.load(Ordering::Relaxed) as f64 / 1000.0,
                 leaving: l.leaving,
                 synced: l.synced,
+                queued_frames: l.queued.load(Ordering::Relaxed),
             })
             .collect();
         members.sort_by(|a, b| a.node_id.cmp(&b.node_id));

@@ -5,7 +5,7 @@
 //! block per channel up front), which matters at tens of thousands of idle connections.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -28,6 +28,8 @@ pub struct ConnSignal {
     max_frames: usize,
     max_bytes: usize,
     close_code: AtomicU16,
+    /// Set once a frame was refused: the client has not seen everything it was sent.
+    lost: AtomicBool,
     /// Wakes the connection's task: frames were queued or a close was requested.
     wake: Notify,
     metrics: Arc<Metrics>,
@@ -50,6 +52,11 @@ impl ConnSignal {
             0 => None,
             code => Some(code),
         }
+    }
+
+    /// Whether a frame meant for this connection was ever refused.
+    pub fn lost_frames(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
     }
 
     fn slow(&self) {
@@ -84,6 +91,7 @@ pub fn outbox(max_frames: usize, max_bytes: usize, metrics: Arc<Metrics>) -> (Ou
         max_frames,
         max_bytes,
         close_code: AtomicU16::new(0),
+        lost: AtomicBool::new(false),
         wake: Notify::new(),
         metrics,
     });
@@ -91,15 +99,19 @@ pub fn outbox(max_frames: usize, max_bytes: usize, metrics: Arc<Metrics>) -> (Ou
 }
 
 impl Outbox {
-    /// Queues a frame; false if it was not queued (connection closing, or now marked slow).
+    /// Queues a frame; false if it was not queued (the queue overflowed: now or before).
+    /// A connection asked to close for another reason still takes frames: its task writes
+    /// everything queued before the close, so what it reports as delivered was delivered.
     pub fn push(&self, frame: &Frame) -> bool {
         let signal = &self.signal;
-        if signal.close_requested().is_some() {
+        if signal.close_requested() == Some(close::SLOW_CONSUMER) {
+            signal.lost.store(true, Ordering::Release);
             return false;
         }
         let mut queue = signal.queue();
         if queue.frames.len() >= signal.max_frames || queue.bytes + frame.len() > signal.max_bytes {
             drop(queue);
+            signal.lost.store(true, Ordering::Release);
             signal.metrics.dropped_frames.inc();
             signal.slow();
             return false;
@@ -167,7 +179,8 @@ mod tests {
         assert!(!out.push(&Frame::from_static("1")), "11 bytes exceed the 10-byte budget");
         assert_eq!(inbox.signal().close_requested(), Some(close::SLOW_CONSUMER));
         assert_eq!(metrics.slow_consumer_disconnects.get(), 1);
-        assert!(!out.push(&Frame::from_static("1")), "nothing is queued once closing");
+        assert!(!out.push(&Frame::from_static("1")), "nothing is queued once marked slow");
+        assert!(inbox.signal().lost_frames());
         let mut taken = Vec::new();
         inbox.take_into(&mut taken, 10);
         assert_eq!(taken.len(), 2);
@@ -179,6 +192,17 @@ mod tests {
         let pushed = (0..20).filter(|_| out.push(&Frame::from_static("x"))).count();
         assert_eq!(pushed, 16);
         assert_eq!(out.signal().close_requested(), Some(close::SLOW_CONSUMER));
+    }
+
+    #[test]
+    fn a_connection_asked_to_close_still_takes_frames() {
+        let (out, mut inbox) = outbox(16, 1 << 20, Arc::new(Metrics::new()));
+        out.signal().close(close::RECONNECT_ELSEWHERE);
+        assert!(out.push(&Frame::from_static("a")), "queued: the task flushes before closing");
+        let mut taken = Vec::new();
+        inbox.take_into(&mut taken, 10);
+        assert_eq!(taken.len(), 1);
+        assert!(!out.signal().lost_frames());
     }
 
     #[tokio::test]

@@ -175,9 +175,12 @@ impl Session<'_> {
                     if write_all(conn, &mut outgoing).await.is_err() {
                         return 1006;
                     }
-                    // Everything up to these positions was written before the close: the
-                    // session resumes there. Saved first, as the close may linger.
-                    self.save(&positions);
+                    // Everything up to these positions was written before the close (unless
+                    // frames were refused): the session resumes there. Saved before the close,
+                    // which may linger.
+                    if !self.outbox.signal().lost_frames() {
+                        self.save(&positions);
+                    }
                     conn.close(code, close_reason(code)).await;
                     return code;
                 }

@@ -187,7 +187,9 @@ impl Replication {
         for room in hub.rooms_snapshot() {
             self.tick_room(hub, room.name(), &candidates);
         }
-        self.cluster.metrics().rooms_owned.set(self.owned_room_names(hub).len() as i64);
+        let metrics = self.cluster.metrics();
+        metrics.rooms_owned.set(self.owned_room_names(hub).len() as i64);
+        metrics.peer_queued_frames.set(self.cluster.queued_frames() as i64);
         hub.sessions().expire(crate::hub::unix_millis());
     }
 
