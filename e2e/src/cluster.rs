@@ -213,3 +213,39 @@ impl LoopbackCluster {
         self.members.iter().collect()
     }
 }
+
+/// Ports of the nodes of a [`NetnsCluster`]: the same in every namespace.
+pub const NETNS_PORTS: Ports = Ports { client: 18080, peer: 18081 };
+
+/// Hosts in network namespaces on one bridge (so links can be cut), a DNS server listing them
+/// and a node on each, listening on every address of its namespace (reached at 127.0.0.1 in
+/// there). Needs root. Fields drop in order: nodes, DNS, then the namespaces.
+pub struct NetnsCluster {
+    pub members: Vec<Member>,
+    pub dns: DnsServer,
+    pub net: crate::netns::TestNet,
+}
+
+impl NetnsCluster {
+    /// `n` nodes `node-0` … started concurrently and converged.
+    pub async fn start(n: usize) -> anyhow::Result<NetnsCluster> {
+        let net = crate::netns::TestNet::new(n)?;
+        let dns = net.start_dns(NAME).await?;
+        dns.set_records(net.hosts().iter().map(|h| h.ip_addr()).collect());
+        let starts = net.hosts().iter().enumerate().map(|(i, host)| {
+            let id = format!("node-{i}");
+            let mut cfg = node_config(&id, host.ip_addr(), NETNS_PORTS, dns.addr(), SECRET);
+            cfg.listen = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), NETNS_PORTS.client);
+            let ns = host.ns.clone();
+            async move { start_in(&ns, &cfg).await.map(|node| Member { id, node }) }
+        });
+        let members = futures_util::future::try_join_all(starts).await?;
+        let cluster = NetnsCluster { members, dns, net };
+        wait_converged(&cluster.all(), n).await?;
+        Ok(cluster)
+    }
+
+    pub fn all(&self) -> Vec<&Member> {
+        self.members.iter().collect()
+    }
+}

@@ -11,14 +11,13 @@
 //! namespaces. Build the binary first: `cargo build -p chat-node`.
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use chat_e2e::client::{handshake_status, http_get};
 use chat_e2e::cluster::*;
 use chat_e2e::dns::RecordType;
-use chat_e2e::netns::TestNet;
 
 // ---------- a. discovery ----------
 
@@ -314,21 +313,8 @@ async fn peer_endpoint_only_on_the_peer_port() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn partitioned_minority_loses_quorum_and_heals() -> anyhow::Result<()> {
-    let net = TestNet::new(3)?;
-    let dns = net.start_dns(NAME).await?;
-    dns.set_records(net.hosts().iter().map(|h| h.ip_addr()).collect());
-    let ports = Ports { client: 18080, peer: 18081 };
-    let starts = net.hosts().iter().enumerate().map(|(i, host)| {
-        let id = format!("node-{i}");
-        let mut cfg = node_config(&id, host.ip_addr(), ports, dns.addr(), SECRET);
-        // Every address in the host's namespace; the test reaches it at 127.0.0.1 in there.
-        cfg.listen = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), ports.client);
-        let ns = host.ns.clone();
-        async move { start_in(&ns, &cfg).await.map(|node| Member { id, node }) }
-    });
-    let members = futures_util::future::try_join_all(starts).await?;
-    let all: Vec<&Member> = members.iter().collect();
-    wait_converged(&all, 3).await?;
+    let cluster = NetnsCluster::start(3).await?;
+    let (net, all) = (&cluster.net, cluster.all());
 
     // Cut node-2 off (it is the acceptor of both its links).
     net.partition(2)?;

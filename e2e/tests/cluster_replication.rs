@@ -682,7 +682,7 @@ async fn scale_one_to_three_to_one_under_load() -> anyhow::Result<()> {
 
 /// A chat client connected from inside a node's network namespace.
 async fn chatter_in(ns: &str, name: &str) -> anyhow::Result<Chatter> {
-    let addr: std::net::SocketAddr = "127.0.0.1:18080".parse()?;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], NETNS_PORTS.client));
     let stream = chat_e2e::netns::connect_in(ns, addr, Duration::from_secs(2)).await?;
     let client = Client::connect_on(stream, &format!("ws://{addr}/ws?name={name}")).await?;
     Chatter::from_client(client, name).await
@@ -690,20 +690,8 @@ async fn chatter_in(ns: &str, name: &str) -> anyhow::Result<Chatter> {
 
 #[tokio::test]
 async fn partition_minority_refuses_publishes_and_converges_after_heal() -> anyhow::Result<()> {
-    let net = chat_e2e::netns::TestNet::new(3)?;
-    let dns = net.start_dns(NAME).await?;
-    dns.set_records(net.hosts().iter().map(|h| h.ip_addr()).collect());
-    let ports = Ports { client: 18080, peer: 18081 };
-    let starts = net.hosts().iter().enumerate().map(|(i, host)| {
-        let id = format!("node-{i}");
-        let mut cfg = node_config(&id, host.ip_addr(), ports, dns.addr(), SECRET);
-        cfg.listen = std::net::SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), ports.client);
-        let ns = host.ns.clone();
-        async move { start_in(&ns, &cfg).await.map(|node| Member { id, node }) }
-    });
-    let members = futures_util::future::try_join_all(starts).await?;
-    let all: Vec<&Member> = members.iter().collect();
-    wait_converged(&all, 3).await?;
+    let cluster = NetnsCluster::start(3).await?;
+    let (net, all) = (&cluster.net, cluster.all());
 
     let mut chatters = Vec::new();
     for (i, host) in net.hosts().iter().enumerate() {
