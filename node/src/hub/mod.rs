@@ -260,4 +260,4 @@ impl PeerHandler for Hub {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

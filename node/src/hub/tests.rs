@@ -13,7 +13,7 @@ use crate::protocol::{UserInfo, close};
 use crate::transport::Inbound;
 use crate::transport::memory::{MemoryClient, pair};
 
-fn config() -> NodeConfig {
+pub(crate) fn config() -> NodeConfig {
     let mut config = NodeConfig::default();
     config.auth.mode = AuthMode::Anonymous;
     config
@@ -23,7 +23,7 @@ fn hub(config: NodeConfig) -> Arc<Hub> {
     Hub::new("test-node".into(), config, Arc::new(Metrics::new()), None).unwrap()
 }
 
-fn identity(user: &str, roles: &[&str]) -> Identity {
+pub(crate) fn identity(user: &str, roles: &[&str]) -> Identity {
     Identity {
         user: UserInfo { id: user.into(), name: user.to_uppercase() },
         roles: roles.iter().map(|r| r.to_string()).collect(),
@@ -31,35 +31,35 @@ fn identity(user: &str, roles: &[&str]) -> Identity {
     }
 }
 
-async fn connect_as(hub: &Arc<Hub>, identity: Identity) -> MemoryClient {
+pub(crate) async fn connect_as(hub: &Arc<Hub>, identity: Identity) -> MemoryClient {
     let (conn, mut client) = pair(64);
     let permit = hub.admit().unwrap();
     tokio::spawn(hub.clone().serve(conn, identity, None, permit));
     let welcome = client.next_json().await.unwrap();
     assert_eq!(welcome["type"], "welcome");
-    assert_eq!(welcome["node_id"], "test-node");
+    assert_eq!(welcome["node_id"], hub.node_id());
     client
 }
 
-async fn connect(hub: &Arc<Hub>, user: &str) -> MemoryClient {
+pub(crate) async fn connect(hub: &Arc<Hub>, user: &str) -> MemoryClient {
     connect_as(hub, identity(user, &[])).await
 }
 
-async fn send(client: &MemoryClient, frame: Value) {
+pub(crate) async fn send(client: &MemoryClient, frame: Value) {
     assert!(client.send_text(&frame.to_string()).await);
 }
 
-async fn next(client: &mut MemoryClient) -> Value {
+pub(crate) async fn next(client: &mut MemoryClient) -> Value {
     tokio::time::timeout(Duration::from_secs(5), client.next_json()).await.expect("a frame in time").expect("open")
 }
 
-async fn expect(client: &mut MemoryClient, kind: &str) -> Value {
+pub(crate) async fn expect(client: &mut MemoryClient, kind: &str) -> Value {
     let frame = next(client).await;
     assert_eq!(frame["type"], kind, "{frame}");
     frame
 }
 
-async fn join(client: &mut MemoryClient, room: &str) -> Value {
+pub(crate) async fn join(client: &mut MemoryClient, room: &str) -> Value {
     send(client, json!({"type": "join", "room": room})).await;
     expect(client, "joined").await
 }

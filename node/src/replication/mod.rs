@@ -10,6 +10,8 @@
 pub mod ranking;
 pub mod sessions;
 pub mod stream;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
