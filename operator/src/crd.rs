@@ -54,8 +54,11 @@ pub struct ChatClusterSpec {
     #[serde(default = "default_image")]
     #[schemars(length(min = 1))]
     pub image: String,
+    /// When the kubelet pulls the image; unset: Kubernetes' default (`Always` for `:latest`, else
+    /// `IfNotPresent`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<PullPolicy>,
+    /// Secrets (same namespace) with the registry credentials for the image.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_pull_secrets: Vec<LocalObjectReference>,
     /// CPU and memory requests/limits of the chat container.
@@ -144,6 +147,7 @@ pub struct AuthSpec {
 /// A key in a Secret of the cluster's namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct SecretKeyRef {
+    /// Name of the Secret.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Key inside the Secret's data.
@@ -171,6 +175,7 @@ pub struct AssetsSpec {
 /// A named object in the cluster's namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct LocalRef {
+    /// Name of the object.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
 }
@@ -179,8 +184,10 @@ pub struct LocalRef {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceSpec {
+    /// Kubernetes Service type; `NodePort` and `LoadBalancer` reach outside the cluster.
     #[serde(default = "default_service_type", rename = "type")]
     pub type_: ServiceType,
+    /// Port of the client Service (it forwards to the nodes' client port, 8080).
     #[serde(default = "default_service_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
@@ -188,6 +195,7 @@ pub struct ServiceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub node_port: Option<i32>,
+    /// Extra annotations of the client Service (e.g. for a cloud load balancer).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
 }
@@ -232,16 +240,22 @@ impl ServiceType {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PodSettings {
+    /// Node labels a node must have to run the pods.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
+    /// Taints of nodes the pods tolerate.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
+    /// Node affinity and pod (anti-)affinity of the pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
+    /// How the pods spread over topology domains (zones, nodes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// PriorityClass of the pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
+    /// ServiceAccount the pods run as; unset: the namespace's `default`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
     /// Extra pod annotations (the operator's own `chatcluster.dev/*` keys win).
@@ -256,8 +270,10 @@ pub struct PodSettings {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PdbSpec {
+    /// Whether the operator creates the PodDisruptionBudget.
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// Chat pods that voluntary disruptions (node drains, evictions) may take down at once.
     #[serde(default = "default_one")]
     #[schemars(range(min = 1))]
     pub max_unavailable: i32,
@@ -356,12 +372,16 @@ pub enum RolloutStrategy {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ChatClusterStatus {
+    /// `metadata.generation` of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Chat pods that exist.
     #[serde(default)]
     pub replicas: i32,
+    /// Chat pods that are ready.
     #[serde(default)]
     pub ready_replicas: i32,
+    /// Chat pods running the current pod template.
     #[serde(default)]
     pub updated_replicas: i32,
     /// Config hash every pod runs (set once a rollout completes).
@@ -379,6 +399,7 @@ pub struct ChatClusterStatus {
     /// One word summary: Running, Progressing, Degraded or Paused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    /// `Available`, `Progressing`, `Degraded` and `ReconcileSuccess` (see docs/operator.md).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

@@ -10,4 +10,5 @@ pub mod leader;
 pub mod local;
 pub mod metrics;
 pub mod reconcile;
+pub mod reference;
 pub mod resources;

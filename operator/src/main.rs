@@ -1,5 +1,6 @@
 //! The `chat-operator` binary: `run` (default) reconciles ChatClusters; `crd` prints the CRD;
-//! `local` runs a manifest's ChatCluster on this machine without Kubernetes.
+//! `crd-reference` prints its field reference (docs/chatcluster-reference.md); `local` runs a
+//! manifest's ChatCluster on this machine without Kubernetes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use chat_operator::http::{self, Health};
 use chat_operator::leader::LeaseElector;
 use chat_operator::metrics::Metrics;
 use chat_operator::reconcile::Context;
-use chat_operator::{controller, crd};
+use chat_operator::{controller, crd, reference};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
 
@@ -30,6 +31,8 @@ enum Command {
     Run,
     /// Print the ChatCluster CRD as YAML.
     Crd,
+    /// Print the Markdown reference of the ChatCluster's fields (docs/chatcluster-reference.md).
+    CrdReference,
     /// Run the ChatCluster of a manifest on this machine, without Kubernetes (see docs/local.md).
     #[cfg(unix)]
     Local(LocalArgs),
@@ -113,6 +116,10 @@ async fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Crd => {
             print!("{}", crd::crd_yaml().context("rendering the CRD")?);
+            Ok(())
+        }
+        Command::CrdReference => {
+            print!("{}", reference::markdown().context("rendering the ChatCluster reference")?);
             Ok(())
         }
         Command::Run => run(cli.run).await,
