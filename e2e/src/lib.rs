@@ -5,7 +5,7 @@ pub mod client;
 pub mod cluster;
 mod process;
 
-pub use process::{NodeProcess, free_port, node_binary};
+pub use process::{NodeProcess, free_port, node_binary, operator_binary};
 
 use jsonwebtoken::{EncodingKey, Header, encode};
 use serde::Serialize;

@@ -13,17 +13,28 @@ use tokio::process::{Child, Command};
 /// The `chat-node` binary next to the running test (`target/<profile>/chat-node`), or
 /// `$CHAT_NODE_BIN`.
 pub fn node_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("CHAT_NODE_BIN") {
+    workspace_binary("chat-node", "CHAT_NODE_BIN")
+}
+
+/// The `chat-operator` binary next to the running test, or `$CHAT_OPERATOR_BIN`.
+pub fn operator_binary() -> PathBuf {
+    workspace_binary("chat-operator", "CHAT_OPERATOR_BIN")
+}
+
+/// A binary of this workspace built next to the running test (`target/<profile>/<name>`), or
+/// the path in `$<env>`.
+fn workspace_binary(name: &str, env: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("the test knows its own path");
-    // target/<profile>/deps/test-xxxx → target/<profile>/chat-node
+    // target/<profile>/deps/test-xxxx → target/<profile>/<name>
     let mut dir = exe.parent().expect("test binary has a folder").to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
-    let bin = dir.join("chat-node");
-    assert!(bin.exists(), "{} is missing: run `cargo build -p chat-node` first", bin.display());
+    let bin = dir.join(name);
+    assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins` first", bin.display());
     bin
 }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use chat_e2e::client::{Client, http_get};
-use chat_e2e::free_port;
+use chat_e2e::{free_port, operator_binary};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
@@ -83,22 +83,6 @@ spec:
 }
 
 // ---------- local mode as a process ----------
-
-/// `chat-operator` next to the running test (`target/<profile>/chat-operator`), or
-/// `$CHAT_OPERATOR_BIN`.
-fn operator_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("CHAT_OPERATOR_BIN") {
-        return PathBuf::from(path);
-    }
-    let exe = std::env::current_exe().expect("the test knows its own path");
-    let mut dir = exe.parent().expect("test binary has a folder").to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let bin = dir.join("chat-operator");
-    assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins` first", bin.display());
-    bin
-}
 
 struct LocalMode {
     child: Child,
