@@ -511,7 +511,16 @@ pub fn tick(net: &Net, st: &mut RoomState, owner_is_me: bool, owner: Option<&str
                 step_down(st, reroute);
             }
         }
-        Role::Follower if owner_is_me && quiet && (!st.replica.pending.is_empty() || st.has_waiters()) => {
+        // Take over a room this node now ranks first for: one whose entries are stuck in flight,
+        // one a join waits for, or (scale-up, a restarted node) one another node sequences while
+        // it is idle — a busy one moves with its next publish, which is routed here.
+        Role::Follower
+            if owner_is_me
+                && quiet
+                && (!st.replica.pending.is_empty()
+                    || st.has_waiters()
+                    || (net.cluster.is_ready() && st.epoch.is_some() && st.replica.sequencer() != Some(net.me))) =>
+        {
             claim(net, st, Vec::new(), None);
         }
         Role::Follower if st.epoch.is_none() && st.has_waiters() => {

@@ -32,20 +32,7 @@ struct MemCluster {
 
 impl MemCluster {
     fn new(n: usize) -> MemCluster {
-        let nodes: Vec<MemNode> = (0..n)
-            .map(|i| {
-                let id = format!("mem-{i}");
-                let mut cfg = config();
-                cfg.node_id = Some(id.clone());
-                cfg.cluster.static_peers = vec!["in-memory:1".into()];
-                cfg.cluster.secret = Some("in-memory-cluster-secret".into());
-                let metrics = Arc::new(Metrics::new());
-                let cluster = Cluster::new(id.clone(), cfg.cluster.clone(), metrics.clone()).unwrap();
-                let hub = Hub::new(id.clone(), cfg, metrics, Some(cluster.clone())).unwrap();
-                MemNode { id, hub, cluster }
-            })
-            .collect();
-        let mut cluster = MemCluster { nodes, links: HashMap::new() };
+        let mut cluster = Self::unlinked(n);
         for from in 0..n {
             for to in 0..n {
                 if from != to {
@@ -54,6 +41,26 @@ impl MemCluster {
             }
         }
         cluster
+    }
+
+    /// `n` nodes that know nothing of each other yet.
+    fn unlinked(n: usize) -> MemCluster {
+        let nodes: Vec<MemNode> = (0..n)
+            .map(|i| {
+                let id = format!("mem-{i}");
+                let mut cfg = config();
+                cfg.node_id = Some(id.clone());
+                cfg.cluster.static_peers = vec!["in-memory:1".into()];
+                cfg.cluster.secret = Some("in-memory-cluster-secret".into());
+                // No discovery runs in memory: readiness comes from the timeout.
+                cfg.cluster.ready_timeout_secs = 1;
+                let metrics = Arc::new(Metrics::new());
+                let cluster = Cluster::new(id.clone(), cfg.cluster.clone(), metrics.clone()).unwrap();
+                let hub = Hub::new(id.clone(), cfg, metrics, Some(cluster.clone())).unwrap();
+                MemNode { id, hub, cluster }
+            })
+            .collect();
+        MemCluster { nodes, links: HashMap::new() }
     }
 
     fn link(&mut self, from: usize, to: usize) {
@@ -218,4 +225,42 @@ async fn a_newer_claim_takes_the_room_without_losing_or_renumbering_messages() {
     // and nothing committed is lost or renumbered.
     let after = publish_acked(&mut writer, "r", "b", 2).await;
     assert_eq!(after, vec![3, 4]);
+}
+
+#[tokio::test]
+async fn a_new_node_takes_over_the_idle_rooms_it_ranks_first_for() {
+    let mut cluster = MemCluster::unlinked(3);
+    cluster.link(0, 1);
+    cluster.link(1, 0);
+    let all: Vec<String> = cluster.nodes.iter().map(|n| n.id.clone()).collect();
+    // Rooms the third node will rank first for once it is a member.
+    let rooms: Vec<String> =
+        (0..40).map(|i| format!("room-{i}")).filter(|r| ranking::owner(r, &all) == Some("mem-2")).take(3).collect();
+    assert!(!rooms.is_empty());
+    let mut writer = connect(&cluster.nodes[0].hub, "wes").await;
+    for room in &rooms {
+        join(&mut writer, room).await;
+    }
+    for room in &rooms {
+        publish_acked(&mut writer, room, room, 2).await;
+    }
+    // Scale-up: the third node links to both; once synced and ready it claims its share.
+    for (a, b) in [(0, 2), (2, 0), (1, 2), (2, 1)] {
+        cluster.link(a, b);
+    }
+    let newcomer = &cluster.nodes[2];
+    let replication = newcomer.hub.replication().expect("clustered");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        replication.tick(&newcomer.hub);
+        if replication.owned_room_names(&newcomer.hub).len() == rooms.len() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "owns {:?}", replication.owned_room_names(&newcomer.hub));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Nothing moved backwards: the next publish continues each room's offsets.
+    for room in &rooms {
+        assert_eq!(publish_acked(&mut writer, room, "next", 1).await, vec![3], "{room}");
+    }
 }
