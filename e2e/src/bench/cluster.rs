@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-use crate::load::{self, Pace, PublishPlan, Spec, Stats};
+use crate::load::{self, Pace, Spec, Stats};
 use crate::procs::{self, CpuMeter, Kind, Server};
 
 #[derive(clap::Args, Debug)]
@@ -166,27 +166,14 @@ async fn phase(
 ) -> anyhow::Result<(f64, f64, f64, f64, String)> {
     let warmup = Duration::from_secs_f64(o.warmup_secs);
     let window = Duration::from_secs_f64(secs);
-    let plan = PublishPlan {
-        room: "bench".to_owned(),
-        body_bytes: o.body_bytes,
-        pace,
-        duration: warmup + window + Duration::from_millis(200),
-    };
     let writers = std::mem::take(&mut pubs.writers);
-    let measure = async {
-        tokio::time::sleep(warmup).await;
-        remote.record_from_now();
-        let d0 = remote.delivered.load(Ordering::Relaxed);
-        let meters: Vec<CpuMeter> = nodes.iter().map(CpuMeter::start).collect();
-        let t = Instant::now();
-        tokio::time::sleep(window).await;
-        remote.record_until_now();
-        let d1 = remote.delivered.load(Ordering::Relaxed);
-        let cpu: Vec<String> = meters.iter().map(|m| format!("{:.0} %", m.read().server_pct())).collect();
-        ((d1 - d0) as f64 / t.elapsed().as_secs_f64(), cpu.join(" / "))
+    let meters = || nodes.iter().map(CpuMeter::start).collect::<Vec<_>>();
+    let read = |meters: Vec<CpuMeter>| {
+        meters.iter().map(|m| format!("{:.0} %", m.read().server_pct())).collect::<Vec<_>>().join(" / ")
     };
-    let (writers, (per_sec, cpu)) = tokio::join!(load::publish_phase(writers, local, &plan), measure);
-    pubs.writers = writers?;
+    let (writers, per_sec, cpu) =
+        load::measured_phase(writers, local, remote, o.body_bytes, pace, warmup, window, meters, read).await?;
+    pubs.writers = writers;
     load::settle(local, Duration::from_secs(20)).await;
     let h = remote.latency();
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;

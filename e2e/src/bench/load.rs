@@ -423,6 +423,42 @@ async fn publisher(
     Ok(w)
 }
 
+/// One publishing phase: publishers send per `pace` for `warmup + window`; over `window` the
+/// deliveries counted by `measured` give the rate and its latencies are recorded. `meter` starts
+/// when the window opens and its reading (CPU use) is returned with the rate.
+#[allow(clippy::too_many_arguments)]
+pub async fn measured_phase<M, R>(
+    writers: Vec<OwnedWriteHalf>,
+    publishing: &Arc<Stats>,
+    measured: &Stats,
+    body_bytes: usize,
+    pace: Pace,
+    warmup: Duration,
+    window: Duration,
+    meter: impl FnOnce() -> M,
+    read: impl FnOnce(M) -> R,
+) -> anyhow::Result<(Vec<OwnedWriteHalf>, f64, R)> {
+    let plan = PublishPlan {
+        room: "bench".to_owned(),
+        body_bytes,
+        pace,
+        duration: warmup + window + Duration::from_millis(200),
+    };
+    let measure = async {
+        tokio::time::sleep(warmup).await;
+        measured.record_from_now();
+        let d0 = measured.delivered.load(Ordering::Relaxed);
+        let started = meter();
+        let t = Instant::now();
+        tokio::time::sleep(window).await;
+        measured.record_until_now();
+        let d1 = measured.delivered.load(Ordering::Relaxed);
+        ((d1 - d0) as f64 / t.elapsed().as_secs_f64(), read(started))
+    };
+    let (writers, (per_sec, reading)) = tokio::join!(publish_phase(writers, publishing, &plan), measure);
+    Ok((writers?, per_sec, reading))
+}
+
 /// Waits until every publish has come back to its publisher and deliveries stop, at most
 /// `limit`. Returns whether it settled.
 pub async fn settle(stats: &Stats, limit: Duration) -> bool {

@@ -25,7 +25,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
-use load::{Fleet, Pace, PublishPlan, Spec, Stats};
+use load::{Fleet, Pace, Spec, Stats};
 use procs::{CpuMeter, CpuUse, Kind, NodeTuning, Server};
 
 #[derive(Parser, Debug)]
@@ -468,27 +468,11 @@ async fn run_phase(
 ) -> anyhow::Result<Phase> {
     let warmup = Duration::from_secs_f64(o.warmup_secs.max(0.0));
     let window = Duration::from_secs_f64(secs.max(0.1));
-    let plan = PublishPlan {
-        room: "bench".to_owned(),
-        body_bytes: o.body_bytes,
-        pace,
-        duration: warmup + window + Duration::from_millis(200),
-    };
     let writers = std::mem::take(&mut fleet.writers);
-    let measure = async {
-        tokio::time::sleep(warmup).await;
-        stats.record_from_now();
-        let d0 = stats.delivered.load(Ordering::Relaxed);
-        let meter = CpuMeter::start(server);
-        let t = Instant::now();
-        tokio::time::sleep(window).await;
-        stats.record_until_now();
-        let d1 = stats.delivered.load(Ordering::Relaxed);
-        let elapsed = t.elapsed().as_secs_f64();
-        ((d1 - d0) as f64 / elapsed, meter.read())
-    };
-    let (writers, (per_sec, cpu)) = tokio::join!(load::publish_phase(writers, stats, &plan), measure);
-    fleet.writers = writers?;
+    let meter = || CpuMeter::start(server);
+    let (writers, per_sec, cpu) =
+        load::measured_phase(writers, stats, stats, o.body_bytes, pace, warmup, window, meter, |m| m.read()).await?;
+    fleet.writers = writers;
     if !load::settle(stats, Duration::from_secs(20)).await {
         eprintln!("warning: deliveries still outstanding 20 s after the phase ended");
     }
