@@ -123,6 +123,22 @@ impl Chatter {
         self.client.send_json(json!({"type": "publish", "id": id, "room": room, "body": body})).await
     }
 
+    /// Names of the users present in `room`, as this connection's node answers.
+    async fn presence_names(&mut self, room: &str) -> anyhow::Result<Vec<String>> {
+        self.client.send_json(json!({"type": "presence", "id": "p", "room": room})).await?;
+        let presence = self.client.recv_until("presence", WAIT).await?;
+        let users = presence["users"].as_array().with_context(|| format!("users in {presence}"))?;
+        Ok(users.iter().filter_map(|u| u["name"].as_str().map(str::to_owned)).collect())
+    }
+
+    /// Bodies of the room's history, as this connection's node answers.
+    async fn history_bodies(&mut self, room: &str) -> anyhow::Result<Vec<String>> {
+        self.client.send_json(json!({"type": "history", "id": "h", "room": room})).await?;
+        let history = self.client.recv_until("history", WAIT).await?;
+        let messages = history["messages"].as_array().with_context(|| format!("messages in {history}"))?;
+        Ok(messages.iter().filter_map(|m| m["body"].as_str().map(str::to_owned)).collect())
+    }
+
     /// Messages received so far, in offset order, as (offset, body).
     fn log(&self) -> Vec<(u64, String)> {
         self.messages.iter().map(|(o, b)| (*o, b.clone())).collect()
@@ -233,10 +249,7 @@ async fn resume_on_another_node_gets_exactly_what_was_missed() -> anyhow::Result
         back.log()
     );
     // History through any node agrees too.
-    back.client.send_json(json!({"type": "history", "id": "h", "room": "news"})).await?;
-    let history = back.client.recv_until("history", WAIT).await?;
-    let bodies: Vec<&str> =
-        history["messages"].as_array().context("messages")?.iter().filter_map(|m| m["body"].as_str()).collect();
+    let bodies = back.history_bodies("news").await?;
     ensure!(bodies == (1..=9).map(|i| format!("m{i}")).collect::<Vec<_>>(), "history {bodies:?}");
     Ok(())
 }
@@ -254,11 +267,8 @@ async fn presence_is_cluster_wide_and_a_killed_node_leaves_no_zombies() -> anyho
     let mut ann_c = Chatter::connect_as(&cluster.members[2].node, "ann").await?;
     ann_c.join("hall", None).await?;
     watcher.pump_until("ann joined", |c| c.presence_events.contains(&("user_joined".into(), "ann".into()))).await?;
-    watcher.client.send_json(json!({"type": "presence", "id": "p", "room": "hall"})).await?;
-    let presence = watcher.client.recv_until("presence", WAIT).await?;
-    let names: Vec<&str> =
-        presence["users"].as_array().context("users")?.iter().filter_map(|u| u["name"].as_str()).collect();
-    ensure!(names == ["ann", "watcher"], "presence through node 0: {presence}");
+    let names = watcher.presence_names("hall").await?;
+    ensure!(names == ["ann", "watcher"], "presence through node 0: {names:?}");
 
     // Ann's connection on node 1 ends: she is still present through node 2.
     ann_b.client.close().await;
@@ -282,11 +292,8 @@ async fn presence_is_cluster_wide_and_a_killed_node_leaves_no_zombies() -> anyho
     for m in &cluster.members {
         let mut probe = Chatter::connect_as(&m.node, "probe").await?;
         probe.join("hall", None).await?;
-        probe.client.send_json(json!({"type": "presence", "id": "p", "room": "hall"})).await?;
-        let presence = probe.client.recv_until("presence", WAIT).await?;
-        let names: Vec<&str> =
-            presence["users"].as_array().context("users")?.iter().filter_map(|u| u["name"].as_str()).collect();
-        ensure!(names == ["probe", "watcher"], "{}: no zombies: {presence}", m.id);
+        let names = probe.presence_names("hall").await?;
+        ensure!(names == ["probe", "watcher"], "{}: no zombies: {names:?}", m.id);
     }
     let joins = watcher.presence_events.iter().filter(|e| *e == &("user_joined".to_owned(), "ann".to_owned())).count();
     ensure!(joins == 1, "one user_joined for ann: {:?}", watcher.presence_events);
@@ -728,7 +735,11 @@ async fn partition_minority_refuses_publishes_and_converges_after_heal() -> anyh
     chatters[2].assert_in_order_once()?;
     chatters[2].publish("ops", "after", "written after the heal").await?;
     for c in &mut chatters {
-        c.pump_until("the post-heal message", |c| c.messages.len() == 7).await?;
+        let got = c.pump_until("the post-heal message", |c| c.messages.len() == 7).await;
+        if let Err(err) = got {
+            let logs: Vec<String> = all.iter().map(|m| format!("--- {} ---\n{}", m.id, m.node.output())).collect();
+            return Err(err.context(logs.join("\n")));
+        }
     }
     ensure!(chatters[0].log() == chatters[2].log(), "one order after the heal");
     Ok(())
@@ -755,9 +766,8 @@ async fn a_node_with_the_wrong_secret_cannot_inject_messages() -> anyhow::Result
     for m in &cluster.members {
         let mut probe = Chatter::connect(&m.node, "probe").await?;
         probe.join("vault", None).await?;
-        probe.client.send_json(json!({"type": "history", "id": "h", "room": "vault"})).await?;
-        let history = probe.client.recv_until("history", WAIT).await?;
-        ensure!(!history.to_string().contains("injected"), "{}: {history}", m.id);
+        let bodies = probe.history_bodies("vault").await?;
+        ensure!(!bodies.iter().any(|b| b == "injected"), "{}: {bodies:?}", m.id);
     }
     cluster.members.push(Member { id: "node-0".into(), node: intruder });
     Ok(())

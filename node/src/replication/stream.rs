@@ -127,6 +127,12 @@ pub fn propose(net: &Net, st: &mut RoomState, proposal: Proposal) {
         return;
     }
     match &mut st.replica.role {
+        // Committed entries past our numbering came from another owner (we were cut off):
+        // our sequencing is stale, so claim afresh.
+        Role::Sequencing(seq) if seq.next <= st.last_offset => {
+            st.replica.role = Role::Follower;
+            claim(net, st, vec![proposal], None);
+        }
         Role::Sequencing(_) => sequence(net, st, vec![proposal]),
         Role::Claiming(claim) => claim.queue.push(proposal),
         Role::Follower => claim(net, st, vec![proposal], None),
@@ -311,6 +317,10 @@ fn sequence(net: &Net, st: &mut RoomState, proposals: Vec<Proposal>) {
             net.result(st.name(), &p.pid, Outcome::Stored { offset, epoch });
             continue;
         }
+        if st.replica.pending.values().any(|e| e.pid == p.pid) {
+            // Carried over from a previous owner and in flight: its commit answers it.
+            continue;
+        }
         entries.push(Entry { offset: next, term, pid: p.pid, sender: p.sender, body: p.body, ts: p.ts });
         next += 1;
     }
@@ -425,7 +435,16 @@ pub fn on_appended(net: &Net, st: &mut RoomState, from: &str, term: u64, first: 
 }
 
 pub fn on_commit(net: &Net, st: &mut RoomState, from: &str, epoch: &str, term: u64, upto: u64, reroute: &mut Reroute) {
-    if term < st.replica.promised || !heard_from_owner(net, st, from, epoch, term, reroute) {
+    if term < st.replica.promised {
+        // An older owner's commit is still a fact, but our copies of its entries may be of
+        // another term (or refused): take the committed messages themselves from it.
+        if upto > st.last_offset && st.epoch.as_deref() == Some(epoch) {
+            let after = st.last_offset;
+            fetch(net, st, from, after);
+        }
+        return;
+    }
+    if !heard_from_owner(net, st, from, epoch, term, reroute) {
         return;
     }
     while st.last_offset < upto {
@@ -491,9 +510,8 @@ pub fn on_entries(st: &mut RoomState, epoch: &str, committed: u64, entries: &[En
     if !take {
         return;
     }
-    if st.epoch.as_deref().is_some_and(|ours| ours != epoch) {
-        step_down(st, reroute);
-    }
+    // Someone else committed what we lacked: whatever we were sequencing or claiming is stale.
+    step_down(st, reroute);
     st.adopt(epoch, committed, entries);
 }
 
