@@ -43,6 +43,11 @@ pub enum ClientFrame {
         id: Option<String>,
         room: String,
         body: String,
+        /// Idempotency key: a publish with a key this user already used in this room is stored
+        /// at most once, and its ack carries the first one's offset. Lets a client retry after
+        /// `unavailable` or a reconnect without storing the message twice.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
     },
     /// The last `limit` messages of a room (all kept ones if omitted), or those after `since`.
     History {

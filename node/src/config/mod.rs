@@ -252,9 +252,29 @@ pub struct ClusterConfig {
     /// Seconds between DNS lookups.
     #[schemars(range(min = 1))]
     pub discovery_interval_secs: u64,
-    /// Nodes that must hold a message before it is acked (capped by the cluster size).
-    #[schemars(range(min = 1, max = 5))]
-    pub replication: usize,
+    /// How many nodes the cluster is meant to have (the operator writes the ChatCluster's
+    /// `spec.replicas`). Voters are the lowest ordinals, at most 5; a node has quorum once a
+    /// majority of them is linked. Re-read from the config file while the node runs, so a scale
+    /// needs no restart.
+    #[schemars(range(min = 1))]
+    pub size: usize,
+    /// This node's ordinal in the cluster (0, 1, …). Defaults to the number after the last `-`
+    /// of the node id, as in StatefulSet pod names (`chat-2` → 2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ordinal: Option<u32>,
+    /// Raft groups the rooms are spread over (by a hash of the room name). Each group has its
+    /// own leader, so sequencing is spread over the nodes. Fixed for the life of a cluster's
+    /// stored data.
+    #[schemars(range(min = 1, max = 64))]
+    pub partitions: u32,
+    /// Where the replicated room logs live: `memory` (a restarted node rejoins as a new member
+    /// and copies the logs from its peers) or `disk` (under `data_dir`; a restarted node, or a
+    /// whole cluster, comes back with every room's history).
+    pub storage: StorageMode,
+    /// Directory of the on-disk room logs (`storage = "disk"`); the operator mounts the
+    /// ChatCluster's volume here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
     /// File holding the shared cluster secret (the operator mounts the peer Secret here).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret_file: Option<PathBuf>,
@@ -267,9 +287,13 @@ pub struct ClusterConfig {
     /// Milliseconds without a frame after which a peer link counts as dead.
     #[schemars(range(min = 200))]
     pub peer_timeout_ms: u64,
-    /// Seconds a starting node waits for its peers before it reports ready anyway.
-    #[schemars(range(min = 1))]
-    pub ready_timeout_secs: u64,
+    /// Milliseconds between a Raft leader's heartbeats to its followers.
+    #[schemars(range(min = 10))]
+    pub raft_heartbeat_ms: u64,
+    /// Milliseconds a follower waits without hearing from its leader before it stands for
+    /// election (randomized between this and twice this). Must exceed 3 × `raft_heartbeat_ms`.
+    #[schemars(range(min = 50))]
+    pub election_timeout_ms: u64,
     /// Milliseconds a client's publish waits for the room owner's answer before it gets error
     /// `unavailable` (the message may still have been stored).
     #[schemars(range(min = 100))]
@@ -285,21 +309,39 @@ impl Default for ClusterConfig {
             static_peers: Vec::new(),
             advertise_ip: None,
             discovery_interval_secs: 5,
-            replication: 2,
+            size: 1,
+            ordinal: None,
+            partitions: 8,
+            storage: StorageMode::Memory,
+            data_dir: None,
             secret_file: None,
             secret: None,
             heartbeat_ms: 1000,
             peer_timeout_ms: 5000,
-            ready_timeout_secs: 10,
+            raft_heartbeat_ms: 50,
+            election_timeout_ms: 200,
             publish_timeout_ms: 5000,
         }
     }
+}
+
+/// Where a node keeps its replicated room logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageMode {
+    Memory,
+    Disk,
 }
 
 impl ClusterConfig {
     /// Whether this node looks for peers at all.
     pub fn enabled(&self) -> bool {
         self.dns_name.is_some() || !self.static_peers.is_empty()
+    }
+
+    /// This node's ordinal: `ordinal`, else the number ending `node_id` (`chat-2` → 2).
+    pub fn ordinal_of(&self, node_id: &str) -> Option<u32> {
+        self.ordinal.or_else(|| node_id.rsplit_once('-').and_then(|(_, n)| n.parse().ok()))
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -311,8 +353,20 @@ impl ClusterConfig {
             ("cluster.secret", &self.secret),
             "required when peers are configured (or set cluster.secret / CHAT_CLUSTER__SECRET)",
         )?;
-        if !(1..=5).contains(&self.replication) {
-            return Err(invalid("cluster.replication", "must be between 1 and 5"));
+        if self.size == 0 {
+            return Err(invalid("cluster.size", "must be at least 1"));
+        }
+        if !(1..=64).contains(&self.partitions) {
+            return Err(invalid("cluster.partitions", "must be between 1 and 64"));
+        }
+        if self.storage == StorageMode::Disk && self.data_dir.is_none() {
+            return Err(invalid("cluster.data_dir", "required when cluster.storage is \"disk\""));
+        }
+        if self.raft_heartbeat_ms < 10 {
+            return Err(invalid("cluster.raft_heartbeat_ms", "must be at least 10"));
+        }
+        if self.election_timeout_ms <= self.raft_heartbeat_ms * 3 {
+            return Err(invalid("cluster.election_timeout_ms", "must be more than 3 × cluster.raft_heartbeat_ms"));
         }
         if self.discovery_interval_secs == 0 {
             return Err(invalid("cluster.discovery_interval_secs", "must be at least 1"));
@@ -322,9 +376,6 @@ impl ClusterConfig {
         }
         if self.peer_timeout_ms <= self.heartbeat_ms * 2 {
             return Err(invalid("cluster.peer_timeout_ms", "must be more than twice cluster.heartbeat_ms"));
-        }
-        if self.ready_timeout_secs == 0 {
-            return Err(invalid("cluster.ready_timeout_secs", "must be at least 1"));
         }
         if self.publish_timeout_ms < 100 {
             return Err(invalid("cluster.publish_timeout_ms", "must be at least 100"));
