@@ -17,6 +17,9 @@ pub const NAME: &str = "chat-peers.test.svc.cluster.local";
 pub const SECRET: &str = "cluster-e2e-secret-0123456789";
 pub const HEARTBEAT_MS: u64 = 100;
 pub const PEER_TIMEOUT_MS: u64 = 600;
+pub const RAFT_HEARTBEAT_MS: u64 = 50;
+/// Generous for a loaded 2-core machine running several nodes: no spurious elections.
+pub const ELECTION_TIMEOUT_MS: u64 = 300;
 /// Bound for a cluster to (re)converge: a discovery round, redial backoff (which grows to 5 s
 /// while a peer is away) and a loaded CI machine.
 pub const CONVERGE: Duration = Duration::from_secs(15);
@@ -60,7 +63,8 @@ pub fn node_config(id: &str, ip: IpAddr, ports: Ports, dns: SocketAddr, secret: 
     c.discovery_interval_secs = 1;
     c.heartbeat_ms = HEARTBEAT_MS;
     c.peer_timeout_ms = PEER_TIMEOUT_MS;
-    c.ready_timeout_secs = 5;
+    c.raft_heartbeat_ms = RAFT_HEARTBEAT_MS;
+    c.election_timeout_ms = ELECTION_TIMEOUT_MS;
     c.secret = Some(secret.into());
     cfg
 }
@@ -87,8 +91,9 @@ pub async fn cluster_status(node: &NodeProcess) -> anyhow::Result<Value> {
     serde_json::from_str(&body).with_context(|| format!("/cluster is not JSON: {body}"))
 }
 
+/// The peers a node is linked to.
 pub fn member_ids(status: &Value) -> BTreeSet<String> {
-    status["members"]
+    status["links"]
         .as_array()
         .map(|m| m.iter().filter_map(|m| m["node_id"].as_str().map(str::to_owned)).collect())
         .unwrap_or_default()
@@ -144,24 +149,48 @@ pub async fn wait_status(
     }
 }
 
-/// Waits until every node in `group` lists exactly the others of `group` as members, knows
-/// `known` nodes and has quorum.
-pub async fn wait_converged(group: &[&Member], known: usize) -> anyhow::Result<()> {
+/// The node names voting in every room-log group, if all groups agree.
+pub fn voters(status: &Value) -> Option<BTreeSet<String>> {
+    let groups = status["groups"].as_array()?;
+    let sets: BTreeSet<BTreeSet<String>> = groups
+        .iter()
+        .map(|g| g["voters"].as_array().map(|v| v.iter().filter_map(|n| n.as_str().map(str::to_owned)).collect()))
+        .collect::<Option<_>>()?;
+    (sets.len() == 1).then(|| sets.into_iter().next()).flatten()
+}
+
+/// Waits until every node in `group` is linked to exactly the others, intends a cluster of
+/// `size`, is ready, and sees `voters` voting in every group.
+pub async fn wait_converged_with(group: &[&Member], size: usize, voters_wanted: &BTreeSet<String>) -> anyhow::Result<()> {
     let ids: BTreeSet<String> = group.iter().map(|m| m.id.clone()).collect();
     for m in group {
         let mut others = ids.clone();
         others.remove(&m.id);
-        let what = format!("linked to exactly {others:?} with known_size {known} and quorum");
-        wait_status(m, &what, CONVERGE, |s| member_ids(s) == others && s["known_size"] == known && s["quorum"] == true)
-            .await?;
+        let what = format!("linked to exactly {others:?}, size {size}, ready, voters {voters_wanted:?}");
+        wait_status(m, &what, CONVERGE, |s| {
+            member_ids(s) == others
+                && s["size"] == size
+                && s["ready"] == true
+                && voters(s).as_ref() == Some(voters_wanted)
+        })
+        .await?;
     }
     Ok(())
+}
+
+/// Waits until every node of `group` is linked to the others, ready, and every one of them
+/// votes in every group (clusters of at most 5).
+pub async fn wait_converged(group: &[&Member], size: usize) -> anyhow::Result<()> {
+    let ids: BTreeSet<String> = group.iter().map(|m| m.id.clone()).collect();
+    wait_converged_with(group, size, &ids).await
 }
 
 /// A DNS server on 127.0.0.1 plus nodes on 127.0.0.2, .3, … listed in it.
 pub struct LoopbackCluster {
     pub dns: DnsServer,
     pub ports: Ports,
+    /// The intended size new node configs get (`cluster.size`).
+    pub size: usize,
     pub members: Vec<Member>,
     /// Nodes take JWTs signed with [`JWT_SECRET`] instead of anonymous names.
     pub jwt: bool,
@@ -176,8 +205,8 @@ pub fn user_token(sub: &str) -> String {
 }
 
 impl LoopbackCluster {
-    /// `n` nodes `node-2` … on 127.0.0.2 …, all in DNS before they start (as with
-    /// `publishNotReadyAddresses`), started concurrently.
+    /// `n` nodes `node-2` … on 127.0.0.2 … (ordinals 0 …), all in DNS before they start (as
+    /// with `publishNotReadyAddresses`), started concurrently.
     pub async fn start(n: u8) -> anyhow::Result<LoopbackCluster> {
         Self::start_with(n, false).await
     }
@@ -189,7 +218,7 @@ impl LoopbackCluster {
 
     async fn start_with(n: u8, jwt: bool) -> anyhow::Result<LoopbackCluster> {
         let dns = DnsServer::start(loopback(1), NAME).await?;
-        let mut cluster = LoopbackCluster { dns, ports: Ports::free(), members: Vec::new(), jwt };
+        let mut cluster = LoopbackCluster { dns, ports: Ports::free(), size: n.into(), members: Vec::new(), jwt };
         let lasts: Vec<u8> = (2..2 + n).collect();
         cluster.dns.set_records(lasts.iter().map(|l| loopback(*l)).collect());
         let starts = lasts.iter().map(|l| {
@@ -200,8 +229,11 @@ impl LoopbackCluster {
         Ok(cluster)
     }
 
+    /// The config of the node on 127.0.0.`last`: ordinal `last - 2`, this cluster's size.
     pub fn config(&self, id: &str, last: u8, secret: &str) -> NodeConfig {
         let mut cfg = node_config(id, loopback(last), self.ports, self.dns.addr(), secret);
+        cfg.cluster.ordinal = Some(u32::from(last.saturating_sub(2)));
+        cfg.cluster.size = self.size;
         if self.jwt {
             cfg.auth.mode = AuthMode::Jwt;
             cfg.auth.jwt_secret = Some(JWT_SECRET.into());
@@ -211,6 +243,24 @@ impl LoopbackCluster {
 
     pub fn all(&self) -> Vec<&Member> {
         self.members.iter().collect()
+    }
+
+    /// Sets the intended size and tells every running node (they re-read their config file).
+    pub fn resize(&mut self, size: usize) -> anyhow::Result<()> {
+        self.size = size;
+        for m in &self.members {
+            let last = last_octet(&m.node)?;
+            let cfg = self.config(&m.id, last, SECRET);
+            m.node.rewrite_config(&toml::to_string(&cfg)?)?;
+        }
+        Ok(())
+    }
+}
+
+fn last_octet(node: &NodeProcess) -> anyhow::Result<u8> {
+    match node.addr().ip() {
+        IpAddr::V4(ip) => Ok(ip.octets()[3]),
+        IpAddr::V6(_) => bail!("loopback test nodes are IPv4"),
     }
 }
 
@@ -235,6 +285,7 @@ impl NetnsCluster {
         let starts = net.hosts().iter().enumerate().map(|(i, host)| {
             let id = format!("node-{i}");
             let mut cfg = node_config(&id, host.ip_addr(), NETNS_PORTS, dns.addr(), SECRET);
+            cfg.cluster.size = n;
             cfg.listen = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), NETNS_PORTS.client);
             let ns = host.ns.clone();
             async move { start_in(&ns, &cfg).await.map(|node| Member { id, node }) }

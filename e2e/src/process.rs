@@ -116,6 +116,15 @@ impl NodeProcess {
         Ok(NodeProcess { child, addr, netns: netns.map(str::to_owned), log, _dir: dir })
     }
 
+    /// Replaces the node's config file; a running node re-reads `cluster.size` from it.
+    pub fn rewrite_config(&self, toml: &str) -> anyhow::Result<()> {
+        let path = self._dir.path().join("node.toml");
+        let temp = self._dir.path().join("node.toml.new");
+        std::fs::write(&temp, toml)?;
+        std::fs::rename(&temp, &path)?;
+        Ok(())
+    }
+
     /// Waits until `/readyz` answers 200 (fails early if the node exits).
     pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;

@@ -17,6 +17,8 @@ pub mod hub;
 #[cfg(feature = "server")]
 pub mod metrics;
 #[cfg(feature = "server")]
+pub mod random;
+#[cfg(feature = "server")]
 pub mod replication;
 #[cfg(feature = "server")]
 pub mod server;

@@ -92,7 +92,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::CheckConfig) => toml::to_string(&config).map(|t| print!("{t}")).context("render config"),
         Some(Command::Token { sub, name, roles, ttl_secs }) => mint_token(&config, &sub, name, roles, ttl_secs),
-        Some(Command::Schema | Command::ConfigReference) | None => run(config),
+        Some(Command::Schema | Command::ConfigReference) | None => run(config, cli.config.clone(), overrides),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -120,7 +120,7 @@ fn error_text(err: &LoadError) -> String {
     }
 }
 
-fn run(config: chat_node::config::NodeConfig) -> anyhow::Result<()> {
+fn run(config: chat_node::config::NodeConfig, path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
     chat_node::telemetry::init(&config.log);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start runtime")?;
     runtime.block_on(async move {
@@ -133,9 +133,29 @@ fn run(config: chat_node::config::NodeConfig) -> anyhow::Result<()> {
         };
         tracing::info!(node_id = server.hub().node_id(), "listening on http://{addr}");
         println!("chat-node {} listening on http://{addr} — web chat: {page}", server.hub().node_id());
+        if let Some(log) = server.room_log() {
+            tokio::spawn(follow_cluster_size(log, path, overrides));
+        }
         server.run(shutdown_signal()).await;
         Ok(())
     })
+}
+
+/// Re-reads `cluster.size` from the config file (the operator rewrites it on a scale, without
+/// restarting the pod); every other field needs a restart. An unreadable edit changes nothing.
+async fn follow_cluster_size(
+    log: std::sync::Arc<chat_node::replication::ReplicatedLog>,
+    path: Option<PathBuf>,
+    overrides: Overrides,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        match load(path.as_deref(), &overrides) {
+            Ok(config) => log.set_size(config.cluster.size),
+            Err(err) => tracing::warn!(err = error_text(&err), "config file unreadable; keeping cluster.size"),
+        }
+    }
 }
 
 /// Resolves on SIGTERM (Kubernetes) or Ctrl-C.

@@ -29,8 +29,8 @@ pub struct Metrics {
     pub peer_auth_failures: Counter,
     pub messages_committed: Counter,
     pub publishes_unavailable: Counter,
-    pub room_claims: Counter,
-    pub rooms_owned: Gauge,
+    pub raft_groups_led: Gauge,
+    pub raft_groups_voting: Gauge,
     pub publishes_in_flight: Gauge,
     pub peer_queued_frames: Gauge,
 }
@@ -62,8 +62,8 @@ impl Metrics {
             peer_auth_failures: Counter::default(),
             messages_committed: Counter::default(),
             publishes_unavailable: Counter::default(),
-            room_claims: Counter::default(),
-            rooms_owned: Gauge::default(),
+            raft_groups_led: Gauge::default(),
+            raft_groups_voting: Gauge::default(),
             publishes_in_flight: Gauge::default(),
             peer_queued_frames: Gauge::default(),
             registry: Registry::with_prefix("chat"),
@@ -111,11 +111,11 @@ impl Metrics {
             "Publishes answered `unavailable` (no quorum, or no owner answer in time)",
             m.publishes_unavailable.clone(),
         );
-        registry.register("room_claims", "Claims of room ownership started by this node", m.room_claims.clone());
-        registry.register("rooms_owned", "Rooms this node sequences", m.rooms_owned.clone());
+        registry.register("raft_groups_led", "Room-log Raft groups this node leads", m.raft_groups_led.clone());
+        registry.register("raft_groups_voting", "Room-log Raft groups this node votes in", m.raft_groups_voting.clone());
         registry.register(
             "publishes_in_flight",
-            "Publishes of this node's clients waiting for the room owner's answer",
+            "Publishes of this node's clients waiting to be committed",
             m.publishes_in_flight.clone(),
         );
         registry.register(

@@ -18,6 +18,7 @@ use crate::http::assets::Assets;
 use crate::http::{AppState, routes};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::replication::{ReplicatedLog, ReplicationError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -27,6 +28,8 @@ pub enum ServerError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
 }
 
 /// A bound, not yet running node.
@@ -58,14 +61,19 @@ impl Server {
         let assets = Assets::new(config.assets_dir.clone());
         let metrics = Arc::new(Metrics::new());
         let id = node_id(&config);
-        let (cluster, peer_listener) = if config.cluster.enabled() {
+        let (cluster, peer_listener, room_log) = if config.cluster.enabled() {
             let cluster = Cluster::new(id.clone(), config.cluster.clone(), metrics.clone())?;
-            (Some(cluster), Some(bind(config.cluster.peer_listen).await?))
+            let log = ReplicatedLog::new(id.clone(), config.cluster.clone(), cluster.clone(), metrics.clone())?;
+            (Some(cluster), Some(bind(config.cluster.peer_listen).await?), Some(log))
         } else {
-            (None, None)
+            (None, None, None)
         };
-        let hub = Hub::new(id, config, metrics, cluster.clone())?;
-        let state = Arc::new(AppState { hub, assets, cluster, started: AtomicBool::new(false) });
+        let hub = Hub::new(id, config, metrics, room_log.clone().map(|log| log as _))?;
+        if let Some(log) = &room_log {
+            // After the hub is attached: stored snapshots and logs are applied to it.
+            log.start().await?;
+        }
+        let state = Arc::new(AppState { hub, assets, cluster, room_log, started: AtomicBool::new(false) });
         Ok(Server { listener, peer_listener, state })
     }
 
@@ -75,6 +83,11 @@ impl Server {
 
     pub fn hub(&self) -> &Arc<Hub> {
         &self.state.hub
+    }
+
+    /// The replicated room log, in a cluster.
+    pub fn room_log(&self) -> Option<Arc<ReplicatedLog>> {
+        self.state.room_log.clone()
     }
 
     /// Serves until `shutdown` resolves, then drains and returns.
@@ -93,13 +106,18 @@ impl Server {
                 header_timeout,
             )));
             tasks.push(tokio::spawn(discovery::run(cluster.clone())));
-            tasks.push(tokio::spawn(tend_replication(hub.clone())));
+        }
+        if let Some(log) = &state.room_log {
+            tasks.push(tokio::spawn(log.clone().run()));
         }
         state.started.store(true, Ordering::Release);
         shutdown.await;
-        drain(&hub).await;
+        drain(&hub, state.room_log.as_deref(), state.cluster.as_deref()).await;
         for task in tasks {
             task.abort();
+        }
+        if let Some(log) = &state.room_log {
+            log.shutdown().await;
         }
     }
 }
@@ -145,16 +163,6 @@ where
     }
 }
 
-async fn tend_replication(hub: Arc<Hub>) {
-    let mut tick = tokio::time::interval(crate::replication::TICK);
-    loop {
-        tick.tick().await;
-        if let Some(replication) = hub.replication() {
-            replication.tick(&hub);
-        }
-    }
-}
-
 async fn sweep_rooms(hub: Arc<Hub>) {
     let every = Duration::from_secs(hub.config().history.empty_room_ttl_secs.clamp(1, 60));
     let mut tick = tokio::time::interval(every);
@@ -167,33 +175,20 @@ async fn sweep_rooms(hub: Arc<Hub>) {
     }
 }
 
-/// Leaves room ownership to the other nodes before clients are sent away, so their publishes
-/// keep flowing; bounded, in case no peer can take over.
-async fn hand_over(hub: &Hub, replication: &crate::replication::Replication) {
-    replication.cluster().leave();
-    let started = tokio::time::Instant::now();
-    while !replication.owned_room_names(hub).is_empty() && started.elapsed() < HAND_OVER_TIMEOUT {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tracing::info!(
-        still_owned = replication.owned_room_names(hub).len(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "handed rooms over"
-    );
-}
-
-const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bound for leaving the room-log groups: a leader change and a membership commit per group.
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Drains within `drain.deadline_secs`: whatever is not done by then is cut off.
-async fn drain(hub: &Arc<Hub>) {
+async fn drain(hub: &Arc<Hub>, room_log: Option<&ReplicatedLog>, cluster: Option<&Cluster>) {
     let drain = &hub.config().drain;
     let deadline = Duration::from_secs(drain.deadline_secs);
     let started = tokio::time::Instant::now();
     hub.start_draining();
     tracing::info!(connections = hub.open_connections(), "draining: not ready, refusing new connections");
     let orderly = async {
-        if let Some(replication) = hub.replication() {
-            hand_over(hub, replication).await;
+        // Leaves the groups before clients are sent away, so their publishes keep flowing.
+        if let Some(log) = room_log {
+            log.leave(HAND_OVER_TIMEOUT).await;
         }
         tokio::time::sleep(Duration::from_secs(drain.lb_grace_secs)).await;
         hub.disconnect_all(drain.rate_per_sec).await;
@@ -201,8 +196,8 @@ async fn drain(hub: &Arc<Hub>) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // The closed sessions' records (and presence departures) go to the peers before exit.
-        if let Some(replication) = hub.replication() {
-            replication.cluster().flush(Duration::from_secs(1)).await;
+        if let Some(cluster) = cluster {
+            cluster.flush(Duration::from_secs(1)).await;
         }
     };
     match tokio::time::timeout(deadline, orderly).await {

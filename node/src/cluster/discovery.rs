@@ -84,7 +84,6 @@ pub async fn run(cluster: Arc<Cluster>) {
     let resolver = cluster.config().dns_name.as_ref().and_then(|_| resolver(cluster.config().dns_server));
     let interval = Duration::from_secs(cluster.config().discovery_interval_secs);
     let mut tick = tokio::time::interval(interval);
-    let mut first = true;
     loop {
         tick.tick().await;
         let Some(found) = lookup(&cluster, resolver.as_ref()).await else { continue };
@@ -92,19 +91,7 @@ pub async fn run(cluster: Arc<Cluster>) {
         for addr in fresh {
             tokio::spawn(supervise(cluster.clone(), addr));
         }
-        if first {
-            first = false;
-            tokio::spawn(mark_first_round(cluster.clone()));
-        }
     }
-}
-
-async fn mark_first_round(cluster: Arc<Cluster>) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(cluster.config().ready_timeout_secs);
-    while tokio::time::Instant::now() < deadline && cluster.dials_pending() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    cluster.first_round_finished();
 }
 
 fn jittered(backoff: Duration) -> Duration {
@@ -187,13 +174,5 @@ impl Cluster {
                 *current = new;
             }
         }
-    }
-
-    fn dials_pending(&self) -> bool {
-        self.lock().discovered.values().any(|s| matches!(s, AddrState::New | AddrState::Dialing))
-    }
-
-    fn first_round_finished(&self) {
-        self.lock().first_round_done = true;
     }
 }

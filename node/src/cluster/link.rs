@@ -246,14 +246,11 @@ where
                             rtt_us.store(now.saturating_sub(u64::from_be_bytes(sent)), Ordering::Relaxed);
                         }
                     }
-                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<PeerFrame>(&text) {
-                        Ok(frame) => {
-                            if let Some(handler) = &handler {
-                                handler.on_frame(&peer_id, frame);
-                            }
+                    Some(Ok(Message::Text(text))) => {
+                        if let Some(handler) = &handler {
+                            handler.on_frame(&peer_id, &text);
                         }
-                        Err(err) => tracing::warn!(peer = peer_id, %err, "dropped a malformed peer frame"),
-                    },
+                    }
                     Some(Ok(Message::Close(_))) | None => break "closed by peer",
                     Some(Ok(_)) => {}
                     Some(Err(_)) => break "read failed",

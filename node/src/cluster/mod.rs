@@ -1,23 +1,22 @@
-//! Cluster membership: which peers this node is linked to, which it has discovered, whether it
-//! has quorum, and when it is ready. Discovery (`discovery`) feeds addresses in, peer links
-//! (`link`) register themselves here; `/cluster` and the metrics read the snapshot.
+//! The mesh of peer links: which peers this node has discovered and which it is linked to.
+//! Discovery (`discovery`) feeds addresses in, peer links (`link`) register themselves here.
+//! After the authenticated handshake a link carries opaque text frames for the replication
+//! layer ([`PeerHandler`]); who is a member of the cluster is decided there, not here.
 
 pub mod auth;
 pub mod discovery;
 pub mod link;
 pub mod wire;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
-
-use wire::PeerFrame;
 
 use crate::auth::{KeyError, read_secret};
 use crate::config::ClusterConfig;
@@ -59,7 +58,7 @@ impl Link {
 pub trait PeerHandler: Send + Sync {
     fn on_link_up(&self, peer: &str);
     fn on_link_down(&self, peer: &str);
-    fn on_frame(&self, peer: &str, frame: PeerFrame);
+    fn on_frame(&self, peer: &str, text: &str);
 }
 
 struct Link {
@@ -71,18 +70,13 @@ struct Link {
     outbound: UnboundedSender<Utf8Bytes>,
     /// Frames queued and not yet written: the link's lag.
     queued: Arc<AtomicUsize>,
-    /// The peer said it is draining: it stays a voter but owns no rooms.
-    leaving: bool,
-    /// The peer has answered our digest.
-    synced: bool,
 }
 
 #[derive(Default)]
 struct State {
-    links: HashMap<String, Link>,
+    /// Ordered, so a broadcast reaches the peers in the same order every time.
+    links: BTreeMap<String, Link>,
     discovered: HashMap<SocketAddr, AddrState>,
-    /// Set once every address of the first discovery round has been tried.
-    first_round_done: bool,
 }
 
 pub struct Cluster {
@@ -95,10 +89,6 @@ pub struct Cluster {
     state: Mutex<State>,
     generation: AtomicU64,
     metrics: Arc<Metrics>,
-    started: Instant,
-    ready: AtomicBool,
-    /// This node is draining and owns no rooms.
-    leaving: AtomicBool,
     handler: OnceLock<Weak<dyn PeerHandler>>,
 }
 
@@ -109,8 +99,6 @@ pub struct MemberStatus {
     pub addr: String,
     pub linked_for_ms: u64,
     pub rtt_ms: f64,
-    pub leaving: bool,
-    pub synced: bool,
     /// Frames queued for the peer and not yet written.
     pub queued_frames: usize,
 }
@@ -120,16 +108,8 @@ pub struct MemberStatus {
 pub struct ClusterStatus {
     pub node_id: String,
     pub peer_addr: String,
-    pub members: Vec<MemberStatus>,
+    pub links: Vec<MemberStatus>,
     pub discovered: Vec<(String, AddrState)>,
-    pub known_size: usize,
-    pub quorum: bool,
-    pub ready: bool,
-}
-
-fn encode(frame: &PeerFrame) -> Utf8Bytes {
-    // Our own frame types always serialize: plain strings, numbers and vectors of them.
-    Utf8Bytes::from(serde_json::to_string(frame).unwrap_or_default())
 }
 
 fn cluster_secret(config: &ClusterConfig) -> Result<Vec<u8>, ClusterError> {
@@ -162,9 +142,6 @@ impl Cluster {
             state: Mutex::default(),
             generation: AtomicU64::new(0),
             metrics,
-            started: Instant::now(),
-            ready: AtomicBool::new(false),
-            leaving: AtomicBool::new(false),
             handler: OnceLock::new(),
         }))
     }
@@ -203,61 +180,18 @@ impl Cluster {
         self.metrics.cluster_members.set(members as i64);
     }
 
-    fn known_size(state: &State) -> usize {
-        let discovered = state.discovered.values().filter(|s| **s != AddrState::Itself).count();
-        (discovered + 1).max(state.links.len() + 1)
-    }
-
-    /// Whether this node sees a strict majority of the nodes it knows of.
-    fn has_quorum(state: &State) -> bool {
-        (state.links.len() + 1) * 2 > Self::known_size(state)
-    }
-
-    pub fn quorum(&self) -> bool {
-        Self::has_quorum(&self.lock())
-    }
-
-    /// Nodes that must hold a message before it is committed: `replication` (capped by the
-    /// cluster size), and never fewer than a majority, so any two commits — and any claim of a
-    /// room — share a node, even across a partition.
-    pub fn commit_quorum(&self) -> usize {
-        let known = Self::known_size(&self.lock());
-        self.config.replication.min(known).max(known / 2 + 1)
-    }
-
-    /// A majority of the known nodes: the promises a claim needs.
-    pub fn majority(&self) -> usize {
-        Self::known_size(&self.lock()) / 2 + 1
-    }
-
-    /// Nodes that may own rooms: this one unless draining, and linked peers that are not
-    /// draining. Empty without quorum, so a minority side owns nothing.
-    pub fn owner_candidates(&self) -> Vec<String> {
-        let state = self.lock();
-        if !Self::has_quorum(&state) {
-            return Vec::new();
-        }
-        let mut nodes: Vec<String> = state.links.iter().filter(|(_, l)| !l.leaving).map(|(id, _)| id.clone()).collect();
-        if !self.leaving.load(Ordering::Acquire) {
-            nodes.push(self.node_id.clone());
-        }
-        nodes
-    }
-
     /// Linked peers.
     pub fn peers(&self) -> Vec<String> {
         self.lock().links.keys().cloned().collect()
     }
 
     /// Queues a frame to one peer; false if it is not linked.
-    pub fn send(&self, peer: &str, frame: &PeerFrame) -> bool {
-        let text = encode(frame);
+    pub fn send(&self, peer: &str, text: Utf8Bytes) -> bool {
         self.lock().links.get(peer).is_some_and(|l| l.queue(text))
     }
 
     /// Queues a frame to every linked peer; returns how many.
-    pub fn broadcast(&self, frame: &PeerFrame) -> usize {
-        let text = encode(frame);
+    pub fn broadcast(&self, text: Utf8Bytes) -> usize {
         self.lock().links.values().filter(|l| l.queue(text.clone())).count()
     }
 
@@ -272,47 +206,6 @@ impl Cluster {
         while self.queued_frames() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-    }
-
-    /// Stops owning rooms and tells the peers, so they take over before this node goes.
-    pub fn leave(&self) {
-        if !self.leaving.swap(true, Ordering::AcqRel) {
-            self.broadcast(&PeerFrame::Leaving);
-        }
-    }
-
-    pub fn is_leaving(&self) -> bool {
-        self.leaving.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn mark_leaving(&self, peer: &str) {
-        if let Some(link) = self.lock().links.get_mut(peer) {
-            link.leaving = true;
-        }
-        tracing::info!(peer, "peer is draining");
-    }
-
-    pub(crate) fn mark_synced(&self, peer: &str) {
-        if let Some(link) = self.lock().links.get_mut(peer) {
-            link.synced = true;
-        }
-    }
-
-    /// True once every peer of the first discovery round was tried and every linked peer has
-    /// sent us what we lacked, or the ready timeout passed.
-    pub fn is_ready(&self) -> bool {
-        if self.ready.load(Ordering::Acquire) {
-            return true;
-        }
-        let timed_out = self.started.elapsed() >= Duration::from_secs(self.config.ready_timeout_secs);
-        let done = timed_out || {
-            let state = self.lock();
-            state.first_round_done && state.links.values().all(|l| l.synced)
-        };
-        if done {
-            self.ready.store(true, Ordering::Release);
-        }
-        done
     }
 
     /// Registers a link; a previous link to the same node is replaced (its task sees its
@@ -332,15 +225,12 @@ impl Cluster {
                 state.discovered.entry(sock).and_modify(|s| *s = AddrState::Linked(node_id.to_owned()));
             }
             let since = Instant::now();
-            let link = Link { addr, generation, since, rtt_us, outbound, queued, leaving: false, synced: false };
+            let link = Link { addr, generation, since, rtt_us, outbound, queued };
             state.links.insert(node_id.to_owned(), link);
         }
         self.metrics.peer_links_established.inc();
         tracing::info!(peer = node_id, "peer linked");
         self.changed();
-        if self.is_leaving() {
-            self.send(node_id, &PeerFrame::Leaving);
-        }
         if let Some(handler) = self.handler() {
             handler.on_link_up(node_id);
         }
@@ -392,8 +282,6 @@ impl Cluster {
                 addr: l.addr.clone(),
                 linked_for_ms: l.since.elapsed().as_millis() as u64,
                 rtt_ms: l.rtt_us.load(Ordering::Relaxed) as f64 / 1000.0,
-                leaving: l.leaving,
-                synced: l.synced,
                 queued_frames: l.queued.load(Ordering::Relaxed),
             })
             .collect();
@@ -401,17 +289,6 @@ impl Cluster {
         let mut discovered: Vec<(String, AddrState)> =
             state.discovered.iter().map(|(a, s)| (a.to_string(), s.clone())).collect();
         discovered.sort_by(|a, b| a.0.cmp(&b.0));
-        let known_size = Self::known_size(&state);
-        let quorum = Self::has_quorum(&state);
-        drop(state);
-        ClusterStatus {
-            node_id: self.node_id.clone(),
-            peer_addr: self.advertised.clone(),
-            members,
-            discovered,
-            known_size,
-            quorum,
-            ready: self.is_ready(),
-        }
+        ClusterStatus { node_id: self.node_id.clone(), peer_addr: self.advertised.clone(), links: members, discovered }
     }
 }

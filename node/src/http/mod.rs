@@ -15,6 +15,7 @@ use warp::http::{Response, StatusCode, header};
 
 use crate::cluster::Cluster;
 use crate::hub::Hub;
+use crate::replication::ReplicatedLog;
 use assets::Assets;
 
 /// The client's address, put on every request by the accept loop.
@@ -26,15 +27,14 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub assets: Assets,
     pub cluster: Option<Arc<Cluster>>,
+    pub room_log: Option<Arc<ReplicatedLog>>,
     /// Set once start-up is done; `/readyz` stays 503 before that and while draining.
     pub started: AtomicBool,
 }
 
 impl AppState {
     pub fn is_ready(&self) -> bool {
-        self.started.load(Ordering::Acquire)
-            && !self.hub.is_draining()
-            && self.cluster.as_ref().is_none_or(|c| c.is_ready())
+        self.started.load(Ordering::Acquire) && self.hub.is_ready()
     }
 }
 
@@ -47,13 +47,13 @@ pub(crate) fn plain(status: StatusCode, body: &'static str) -> Response<Bytes> {
 }
 
 /// Every route of the client port.
-/// `/cluster`: membership and links, plus the rooms this node sequences.
+/// `/cluster`: the peer links, and the room log's members, groups and readiness.
 #[derive(serde::Serialize)]
 struct ClusterView {
     #[serde(flatten)]
-    status: crate::cluster::ClusterStatus,
-    owned_rooms: Vec<String>,
-    publishes_in_flight: usize,
+    links: crate::cluster::ClusterStatus,
+    #[serde(flatten)]
+    log: crate::replication::ReplicationStatus,
 }
 
 pub fn routes(
@@ -80,14 +80,9 @@ pub fn routes(
             .unwrap_or_else(|_| Response::new(Bytes::new()))
     });
     let cluster = warp::path!("cluster").and(with_state.clone()).map(|state: Arc<AppState>| {
-        let body = match (&state.cluster, state.hub.replication()) {
-            (Some(cluster), Some(replication)) => {
-                let view = ClusterView {
-                    status: cluster.status(),
-                    owned_rooms: replication.owned_room_names(&state.hub),
-                    publishes_in_flight: replication.in_flight(),
-                };
-                serde_json::to_vec_pretty(&view)
+        let body = match (&state.cluster, &state.room_log) {
+            (Some(cluster), Some(log)) => {
+                serde_json::to_vec_pretty(&ClusterView { links: cluster.status(), log: log.status() })
             }
             _ => serde_json::to_vec_pretty(&serde_json::json!({
                 "node_id": state.hub.node_id(),

@@ -1,9 +1,11 @@
 //! The chat core: rooms, sessions, dispatch of protocol frames, admission and drain. It knows
 //! nothing of HTTP or WebSocket libraries; connections arrive through `transport::Connection`.
 
+pub mod log;
 pub mod outbox;
 pub mod room;
 mod session;
+pub mod sessions;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -11,16 +13,15 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::auth::{Authenticator, Identity, KeyError};
-use crate::cluster::wire::PeerFrame;
-use crate::cluster::{Cluster, PeerHandler};
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
-use crate::replication::Replication;
-use crate::replication::sessions::Sessions;
+use crate::protocol::UserInfo;
 use crate::transport::Connection;
 
+use log::{Applied, Command, LocalLog, RoomLog};
 use outbox::ConnSignal;
-use room::{Room, new_epoch};
+use room::{Room, RoomImage};
+use sessions::Sessions;
 
 pub(crate) fn unix_millis() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -55,11 +56,12 @@ pub struct Hub {
     next_conn: AtomicU64,
     open: AtomicUsize,
     draining: AtomicBool,
-    /// Present when the node is part of a cluster.
-    replication: Option<Replication>,
+    /// Orders and stores the rooms' streams: at once alone, through Raft in a cluster.
+    log: Arc<dyn RoomLog>,
     sessions: Sessions,
-    /// Publish ids of a node without a cluster.
-    next_pid: AtomicU64,
+    /// Random per process, so the keys of keyless publishes never repeat across restarts.
+    boot: u64,
+    next_key: AtomicU64,
 }
 
 /// A reserved connection slot; released when dropped.
@@ -75,12 +77,12 @@ impl Drop for Permit {
 }
 
 impl Hub {
-    /// A hub on its own (`cluster` is `None`) or sharing rooms with the cluster's other nodes.
+    /// A hub on its own (`log` is `None`) or sharing rooms with other nodes through `log`.
     pub fn new(
         node_id: String,
         config: NodeConfig,
         metrics: Arc<Metrics>,
-        cluster: Option<Arc<Cluster>>,
+        log: Option<Arc<dyn RoomLog>>,
     ) -> Result<Arc<Hub>, KeyError> {
         let auth = Authenticator::from_config(&config.auth)?;
         let hub = Arc::new(Hub {
@@ -93,19 +95,22 @@ impl Hub {
             next_conn: AtomicU64::new(1),
             open: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
-            replication: cluster.clone().map(Replication::new),
+            log: log.unwrap_or_else(|| Arc::new(LocalLog::default())),
             sessions: Sessions::default(),
-            next_pid: AtomicU64::new(1),
+            boot: crate::random::random(),
+            next_key: AtomicU64::new(1),
         });
-        if let Some(cluster) = cluster {
-            let handler: std::sync::Weak<dyn PeerHandler> = Arc::downgrade(&hub) as _;
-            cluster.set_handler(handler);
-        }
+        hub.log.attach(Arc::downgrade(&hub));
         Ok(hub)
     }
 
-    pub fn replication(&self) -> Option<&Replication> {
-        self.replication.as_ref()
+    pub fn log(&self) -> &Arc<dyn RoomLog> {
+        &self.log
+    }
+
+    /// Ready for clients: not draining, and the log can order messages.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.log.ready()
     }
 
     pub fn sessions(&self) -> &Sessions {
@@ -154,9 +159,105 @@ impl Hub {
         session::run(self, conn, identity, resume, permit).await
     }
 
-    fn next_publish_id(&self) -> crate::cluster::wire::PublishId {
-        let seq = self.next_pid.fetch_add(1, Ordering::Relaxed);
-        crate::cluster::wire::PublishId { node: self.node_id.clone(), seq }
+    /// The dedupe key of a publish: the client's idempotency key scoped to its user, else one
+    /// unique to this process (so the log's own retries are stored once).
+    fn publish_key(&self, user: &UserInfo, client_key: Option<String>) -> String {
+        match client_key {
+            Some(key) => format!("u:{}:{key}", user.id),
+            None => format!("n:{:016x}:{}", self.boot, self.next_key.fetch_add(1, Ordering::Relaxed)),
+        }
+    }
+
+    /// Applies a committed command of the room log to its room.
+    pub fn apply(&self, command: &Command) -> Applied {
+        self.room(command.room()).lock().apply(command)
+    }
+
+    /// Rooms whose joins wait for the stream to start (its `open` is not committed yet); joins
+    /// that waited a whole call interval for a position never reached are answered as they are.
+    pub fn rooms_awaiting_stream(&self) -> Vec<String> {
+        let mut waiting = Vec::new();
+        for room in self.rooms_snapshot() {
+            let mut st = room.lock();
+            if st.epoch.is_none() && st.has_waiters() {
+                waiting.push(room.name().to_owned());
+            } else {
+                st.answer_overdue_waiters();
+            }
+        }
+        waiting.sort();
+        waiting
+    }
+
+    /// Where the publish with dedupe `key` was stored in `room`, if it is among the recent ones.
+    pub fn stored(&self, room: &str, key: &str) -> Option<(u64, String)> {
+        let room = self.existing_room(room)?;
+        let st = room.lock();
+        st.stored_offset(key).map(|offset| (offset, st.epoch.clone().unwrap_or_default()))
+    }
+
+    /// The replicated state of every room `wanted` selects, for a snapshot.
+    pub fn images(&self, wanted: impl Fn(&str) -> bool) -> Vec<RoomImage> {
+        let mut images: Vec<RoomImage> = self
+            .rooms_snapshot()
+            .iter()
+            .filter(|r| wanted(r.name()))
+            .map(|r| r.lock().image())
+            .filter(|image| image.epoch.is_some())
+            .collect();
+        images.sort_by(|a, b| a.name.cmp(&b.name));
+        images
+    }
+
+    /// Makes the rooms `wanted` selects exactly those of a snapshot.
+    pub fn install_images(&self, wanted: impl Fn(&str) -> bool, images: Vec<RoomImage>) {
+        let names: std::collections::HashSet<String> = images.iter().map(|i| i.name.clone()).collect();
+        for room in self.rooms_snapshot() {
+            if wanted(room.name()) && !names.contains(room.name()) {
+                room.lock().reset();
+            }
+        }
+        for image in images {
+            self.room(&image.name.clone()).lock().install(image);
+        }
+    }
+
+    /// Records that `node` has (or no longer has) connections of `user` in `room`.
+    pub fn set_remote_presence(&self, node: &str, room: &str, user: &UserInfo, present: bool) {
+        self.room(room).lock().set_remote_presence(node, user, present);
+    }
+
+    /// Every (room, user) with connections on this node.
+    pub fn local_presence(&self) -> Vec<(String, UserInfo)> {
+        let mut entries = Vec::new();
+        for room in self.rooms_snapshot() {
+            entries.extend(room.lock().local_users().map(|u| (room.name().to_owned(), u.clone())));
+        }
+        entries
+    }
+
+    /// Replaces what is known of `node`'s presence with `entries` (empty: it went away).
+    pub fn replace_remote_presence(&self, node: &str, entries: Vec<(String, UserInfo)>) {
+        let mut by_room: HashMap<String, Vec<UserInfo>> = HashMap::new();
+        for (room, user) in entries {
+            by_room.entry(room).or_default().push(user);
+        }
+        for room in self.rooms_snapshot() {
+            let users = by_room.remove(room.name()).unwrap_or_default();
+            let keep: Vec<&str> = users.iter().map(|u| u.id.as_str()).collect();
+            let mut st = room.lock();
+            st.retain_remote_presence(node, &keep);
+            for user in &users {
+                st.set_remote_presence(node, user, true);
+            }
+        }
+        for (room, users) in by_room {
+            let target = self.room(&room);
+            let mut st = target.lock();
+            for user in &users {
+                st.set_remote_presence(node, user, true);
+            }
+        }
     }
 
     pub fn open_connections(&self) -> usize {
@@ -175,16 +276,15 @@ impl Hub {
         self.rooms.read().map(|r| r.values().cloned().collect()).unwrap_or_default()
     }
 
-    /// The room named `name`, created on first use. Alone, a node starts the room's stream;
-    /// in a cluster the stream comes from the room's owner.
+    /// The room named `name`, created on first use; its stream starts with the log's first
+    /// command for it.
     pub(crate) fn room(&self, name: &str) -> Arc<Room> {
         if let Some(room) = self.existing_room(name) {
             return room;
         }
         let mut rooms = self.rooms.write().unwrap_or_else(|p| p.into_inner());
         let room = rooms.entry(name.to_owned()).or_insert_with(|| {
-            let epoch = self.replication.is_none().then(new_epoch);
-            Arc::new(Room::new(name.to_owned(), epoch, self.config.history.size, self.metrics.clone()))
+            Arc::new(Room::new(name.to_owned(), self.config.history.size, self.metrics.clone()))
         });
         let room = room.clone();
         self.metrics.rooms.set(rooms.len() as i64);
@@ -195,9 +295,11 @@ impl Hub {
     pub fn sweep_rooms(&self, now: Instant) -> usize {
         let ttl = Duration::from_secs(self.config.history.empty_room_ttl_secs);
         let Some(cutoff) = now.checked_sub(ttl) else { return 0 };
+        // A replicated room's stream is state every node must agree on: only the log may drop it.
+        let streams_too = !self.log.keeps_streams();
         let mut rooms = self.rooms.write().unwrap_or_else(|p| p.into_inner());
         let before = rooms.len();
-        rooms.retain(|_, room| !room.retire_if_idle_since(cutoff));
+        rooms.retain(|_, room| !room.retire_if_idle_since(cutoff, streams_too));
         self.metrics.rooms.set(rooms.len() as i64);
         before - rooms.len()
     }
@@ -235,26 +337,6 @@ impl Hub {
             for signal in chunk {
                 signal.close(crate::protocol::close::RECONNECT_ELSEWHERE);
             }
-        }
-    }
-}
-
-impl PeerHandler for Hub {
-    fn on_link_up(&self, peer: &str) {
-        if let Some(replication) = &self.replication {
-            replication.on_link_up(self, peer);
-        }
-    }
-
-    fn on_link_down(&self, peer: &str) {
-        if let Some(replication) = &self.replication {
-            replication.on_link_down(self, peer);
-        }
-    }
-
-    fn on_frame(&self, peer: &str, frame: PeerFrame) {
-        if let Some(replication) = &self.replication {
-            replication.on_frame(self, peer, frame);
         }
     }
 }

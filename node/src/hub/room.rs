@@ -1,25 +1,40 @@
-//! One room: its ordered stream (epoch + offsets), the bounded history ring, the subscribed
-//! connections and the presence of users. Everything about a room happens under its one lock,
-//! so sequencing, history and fan-out agree. In a cluster the room's stream is sequenced by its
-//! owner (`replication`); this node applies committed messages here in offset order.
+//! One room: its ordered stream (epoch + offsets), the bounded history ring, the keys of recent
+//! publishes, the subscribed connections and the presence of users. Everything about a room
+//! happens under its one lock, so ordering, history and fan-out agree. The stream changes only
+//! by applying the room log's commands ([`RoomState::apply`]), in log order, on every node.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use crate::cluster::wire::{Entry, PublishId};
+use serde::{Deserialize, Serialize};
+
 use crate::metrics::Metrics;
 use crate::protocol::{ChatMessage, ServerFrame, StreamPosition, UserInfo};
-use crate::replication::stream::Replica;
 use crate::transport::Frame;
 
+use super::log::{Applied, Command};
 use super::outbox::Outbox;
+
+/// Publish keys remembered per room at least, so a retried publish is stored once even in a
+/// room with a small history.
+pub const MIN_DEDUPE_WINDOW: usize = 1000;
 
 /// A stored message and its serialized `message` frame (shared by every delivery).
 pub struct Stored {
     pub message: ChatMessage,
     pub frame: Frame,
-    pub pid: Option<PublishId>,
+}
+
+/// A room's replicated state, as snapshots carry it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoomImage {
+    pub name: String,
+    pub epoch: Option<String>,
+    pub last_offset: u64,
+    pub history: Vec<ChatMessage>,
+    /// Recent publish keys, oldest first, with the offset each was stored at.
+    pub keys: Vec<(String, u64)>,
 }
 
 /// What a connection gets back when it joins.
@@ -43,6 +58,8 @@ struct Waiter {
     outbox: Outbox,
     id: Option<String>,
     since: Option<StreamPosition>,
+    /// Seen by one sweep already: the next one answers it with what there is.
+    overdue: bool,
 }
 
 /// A user's presence in a room: connections on this node, and the other nodes that have some.
@@ -81,8 +98,9 @@ pub struct RoomState {
     pub(crate) last_offset: u64,
     history: VecDeque<Arc<Stored>>,
     history_size: usize,
-    /// Publish ids of the messages in history, so a retried publish is not stored twice.
-    pids: HashMap<PublishId, u64>,
+    /// Keys of recent publishes and where they were stored, so a retry is stored once.
+    keys: HashMap<String, u64>,
+    key_order: VecDeque<String>,
     subscribers: HashMap<u64, Outbox>,
     waiters: Vec<Waiter>,
     presence: HashMap<String, Presence>,
@@ -90,8 +108,6 @@ pub struct RoomState {
     /// Set when the room was forgotten; a join that raced with that must look it up again.
     removed: bool,
     metrics: Arc<Metrics>,
-    /// Ownership and replication state (cluster mode only).
-    pub(crate) replica: Replica,
 }
 
 pub(crate) fn encode(frame: &ServerFrame) -> Frame {
@@ -100,26 +116,26 @@ pub(crate) fn encode(frame: &ServerFrame) -> Frame {
 }
 
 pub(crate) fn new_epoch() -> String {
-    format!("{:016x}", rand::random::<u64>())
+    format!("{:016x}", crate::random::random::<u64>())
 }
 
 impl Room {
-    /// A room whose stream starts here (`epoch` given) or is learnt from its owner (`None`).
-    pub fn new(name: String, epoch: Option<String>, history_size: usize, metrics: Arc<Metrics>) -> Self {
+    /// A room without a stream yet: the log's first command for it starts one.
+    pub fn new(name: String, history_size: usize, metrics: Arc<Metrics>) -> Self {
         let state = RoomState {
             name: name.clone(),
-            epoch,
+            epoch: None,
             last_offset: 0,
             history: VecDeque::new(),
             history_size,
-            pids: HashMap::new(),
+            keys: HashMap::new(),
+            key_order: VecDeque::new(),
             subscribers: HashMap::new(),
             waiters: Vec::new(),
             presence: HashMap::new(),
             empty_since: Some(Instant::now()),
             removed: false,
             metrics,
-            replica: Replica::default(),
         };
         Self { name, state: Mutex::new(state) }
     }
@@ -150,8 +166,11 @@ impl Room {
         }
         let presence = st.add_local_presence(user, conn);
         st.empty_since = None;
-        let Some(epoch) = st.epoch.clone() else {
-            st.waiters.push(Waiter { conn, outbox, id, since });
+        // No stream yet, or a resume from further along than this node has applied (it is
+        // catching up): the join is answered once the stream gets there.
+        let ahead = since.as_ref().is_some_and(|pos| Some(&pos.epoch) == st.epoch.as_ref() && pos.offset > st.last_offset);
+        let Some(epoch) = st.epoch.clone().filter(|_| !ahead) else {
+            st.waiters.push(Waiter { conn, outbox, id, since, overdue: false });
             return (JoinOutcome::Waiting, presence);
         };
         let (recovered, missed) = match &since {
@@ -178,14 +197,6 @@ impl Room {
         }
         // A join still waiting for the stream has seen nothing.
         (presence, if was_waiting { None } else { position })
-    }
-
-    /// Sequences, stores and delivers a message on a node that is not in a cluster.
-    pub fn publish(&self, pid: PublishId, sender: &UserInfo, body: String, ts: u64) -> (u64, String) {
-        let mut st = self.lock();
-        let entry = Entry { offset: st.last_offset + 1, term: 0, pid, sender: sender.clone(), body, ts };
-        st.apply(&entry);
-        (st.last_offset, st.epoch.clone().unwrap_or_default())
     }
 
     /// History after `since` (when it is in this epoch), else the last `limit` messages.
@@ -219,13 +230,13 @@ impl Room {
     }
 
     /// Marks the room removed if it has had no subscribers (and no one elsewhere is present)
-    /// since before `cutoff`.
-    pub fn retire_if_idle_since(&self, cutoff: Instant) -> bool {
+    /// since before `cutoff`; a room with a stream only when `streams_too`.
+    pub fn retire_if_idle_since(&self, cutoff: Instant, streams_too: bool) -> bool {
         let mut st = self.lock();
-        let idle = st.subscribers.is_empty()
+        let idle = (streams_too || st.epoch.is_none())
+            && st.subscribers.is_empty()
             && st.waiters.is_empty()
             && st.presence.is_empty()
-            && st.replica.is_idle()
             && st.empty_since.is_some_and(|t| t <= cutoff);
         if idle {
             st.removed = true;
@@ -258,98 +269,116 @@ impl RoomState {
         (self.covers(pos.offset), missed)
     }
 
-    /// The offset a publish id was stored at, if it is still in history.
-    pub(crate) fn stored_offset(&self, pid: &PublishId) -> Option<u64> {
-        self.pids.get(pid).copied()
+    pub(crate) fn stored_offset(&self, key: &str) -> Option<u64> {
+        self.keys.get(key).copied()
     }
 
-    /// Stores the next message of the stream and queues it to every subscriber. The caller
-    /// guarantees `entry.offset == last_offset + 1` and a known epoch.
-    pub(crate) fn apply(&mut self, entry: &Entry) {
-        let epoch = self.epoch.clone().unwrap_or_default();
-        self.last_offset = entry.offset;
-        let message = ChatMessage {
-            room: self.name.clone(),
-            offset: entry.offset,
-            epoch,
-            sender: entry.sender.clone(),
-            body: entry.body.clone(),
-            ts: entry.ts,
-        };
+    /// Applies one command of the room log. Deterministic: every node gets the same result.
+    pub(crate) fn apply(&mut self, command: &Command) -> Applied {
+        match command {
+            Command::Open { epoch, .. } => {
+                if self.epoch.is_none() {
+                    self.epoch = Some(epoch.clone());
+                    self.answer_waiters();
+                }
+                Applied::Opened
+            }
+            Command::Publish { key, sender, body, ts, epoch, .. } => {
+                if self.epoch.is_none() {
+                    self.epoch = Some(epoch.clone());
+                    self.answer_waiters();
+                }
+                let epoch = self.epoch.clone().unwrap_or_default();
+                if let Some(&offset) = self.keys.get(key) {
+                    return Applied::Stored { offset, epoch, duplicate: true };
+                }
+                let offset = self.last_offset + 1;
+                self.last_offset = offset;
+                let message =
+                    ChatMessage { room: self.name.clone(), offset, epoch: epoch.clone(), sender: sender.clone(), body: body.clone(), ts: *ts };
+                self.store(message, true);
+                self.remember_key(key.clone(), offset);
+                if !self.waiters.is_empty() {
+                    self.answer_waiters();
+                }
+                Applied::Stored { offset, epoch, duplicate: false }
+            }
+        }
+    }
+
+    /// Adds a message to history, delivering it to the subscribers when `deliver`.
+    fn store(&mut self, message: ChatMessage, deliver: bool) {
         let frame = encode(&ServerFrame::Message(message.clone()));
-        self.broadcast(&frame, None);
-        self.push_history(Stored { message, frame, pid: Some(entry.pid.clone()) });
-        self.metrics.messages_committed.inc();
-    }
-
-    fn push_history(&mut self, stored: Stored) {
+        if deliver {
+            self.broadcast(&frame, None);
+            self.metrics.messages_committed.inc();
+        }
         if self.history_size == 0 {
             return;
         }
-        if self.history.len() >= self.history_size
-            && let Some(old) = self.history.pop_front()
-            && let Some(pid) = &old.pid
+        if self.history.len() >= self.history_size {
+            self.history.pop_front();
+        }
+        self.history.push_back(Arc::new(Stored { message, frame }));
+    }
+
+    fn remember_key(&mut self, key: String, offset: u64) {
+        if self.key_order.len() >= self.history_size.max(MIN_DEDUPE_WINDOW)
+            && let Some(old) = self.key_order.pop_front()
         {
-            self.pids.remove(pid);
+            self.keys.remove(&old);
         }
-        if let Some(pid) = &stored.pid {
-            self.pids.insert(pid.clone(), stored.message.offset);
-        }
-        self.history.push_back(Arc::new(stored));
+        self.keys.insert(key.clone(), offset);
+        self.key_order.push_back(key);
     }
 
-    /// Committed messages after `after` (all kept ones if `after` is older than the window).
-    pub(crate) fn entries_after(&self, after: u64, term: u64) -> Vec<Entry> {
-        self.history
-            .iter()
-            .filter(|s| s.message.offset > after)
-            .map(|s| Entry {
-                offset: s.message.offset,
-                term,
-                pid: s.pid.clone().unwrap_or_else(|| PublishId { node: String::new(), seq: s.message.offset }),
-                sender: s.message.sender.clone(),
-                body: s.message.body.clone(),
-                ts: s.message.ts,
-            })
-            .collect()
+    /// The replicated part of the room, for a snapshot.
+    pub(crate) fn image(&self) -> RoomImage {
+        RoomImage {
+            name: self.name.clone(),
+            epoch: self.epoch.clone(),
+            last_offset: self.last_offset,
+            history: self.history.iter().map(|s| s.message.clone()).collect(),
+            keys: self.key_order.iter().filter_map(|k| self.keys.get(k).map(|o| (k.clone(), *o))).collect(),
+        }
     }
 
-    /// Takes on a stream learnt from another node: `entries` are its committed messages up to
-    /// `committed`. Messages this node already has are kept; a gap or another epoch replaces
-    /// the local history. Joins that waited for the stream are answered.
-    pub(crate) fn adopt(&mut self, epoch: &str, committed: u64, entries: &[Entry]) {
-        let same_epoch = self.epoch.as_deref() == Some(epoch);
-        let contiguous = entries.first().is_none_or(|e| e.offset <= self.last_offset + 1);
-        if !same_epoch || !contiguous {
-            self.history.clear();
-            self.pids.clear();
-            self.epoch = Some(epoch.to_owned());
-            self.last_offset = entries.first().map_or(committed, |e| e.offset - 1);
-            self.replica.pending.clear();
+    /// Replaces the replicated part with a snapshot's. Subscribers get the messages they had
+    /// not received yet (same epoch); joins that waited for the stream are answered.
+    pub(crate) fn install(&mut self, image: RoomImage) {
+        let delivered = if self.epoch.is_some() && self.epoch == image.epoch { self.last_offset } else { u64::MAX };
+        self.epoch = image.epoch;
+        self.last_offset = image.last_offset;
+        self.history.clear();
+        for message in image.history {
+            let deliver = message.offset > delivered;
+            self.store(message, deliver);
         }
-        for entry in entries {
-            if entry.offset <= self.last_offset {
-                continue;
-            }
-            if entry.offset != self.last_offset + 1 {
-                break;
-            }
-            self.apply(entry);
+        self.keys.clear();
+        self.key_order.clear();
+        for (key, offset) in image.keys {
+            self.remember_key(key, offset);
         }
-        self.last_offset = self.last_offset.max(committed);
-        self.replica.pending.retain(|offset, _| *offset > committed);
         self.answer_waiters();
     }
 
-    /// Sets the epoch of a stream that starts here, and answers waiting joins.
-    pub(crate) fn start_stream(&mut self, epoch: String) {
-        self.epoch = Some(epoch);
-        self.answer_waiters();
+    /// Forgets the stream (a snapshot that does not hold the room).
+    pub(crate) fn reset(&mut self) {
+        self.epoch = None;
+        self.last_offset = 0;
+        self.history.clear();
+        self.keys.clear();
+        self.key_order.clear();
     }
 
-    fn answer_waiters(&mut self) {
+    /// Answers the joins that can be answered: all when `all`, else those not ahead of us.
+    fn answer_waiters_where(&mut self, all: bool) {
         let Some(epoch) = self.epoch.clone() else { return };
-        for waiter in std::mem::take(&mut self.waiters) {
+        let (ready, ahead): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters).into_iter().partition(|w| {
+            all || w.since.as_ref().is_none_or(|pos| pos.epoch != epoch || pos.offset <= self.last_offset)
+        });
+        self.waiters = ahead;
+        for waiter in ready {
             let (recovered, missed) = match &waiter.since {
                 Some(pos) => self.since(pos),
                 None => (false, Vec::new()),
@@ -366,6 +395,21 @@ impl RoomState {
             };
             waiter.outbox.push(&encode(&joined));
             self.subscribers.insert(waiter.conn, waiter.outbox);
+        }
+    }
+
+    fn answer_waiters(&mut self) {
+        self.answer_waiters_where(false);
+    }
+
+    /// Answers joins that waited through a whole sweep interval for a position this node never
+    /// reached (a stale or made-up `since`): with what there is, `recovered: false`.
+    pub(crate) fn answer_overdue_waiters(&mut self) {
+        if self.waiters.iter().any(|w| w.overdue) {
+            self.answer_waiters_where(true);
+        }
+        for waiter in &mut self.waiters {
+            waiter.overdue = true;
         }
     }
 

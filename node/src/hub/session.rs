@@ -10,11 +10,12 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use tokio::time::{Instant, MissedTickBehavior, interval_at};
 
+use super::log::{Command, Reply};
 use super::outbox::{Inbox, Outbox, Wake, outbox};
-use super::room::{JoinOutcome, LocalPresence, Room, encode};
+use super::room::{JoinOutcome, LocalPresence, Room, encode, new_epoch};
+use super::sessions::SessionRecord;
 use super::{Hub, Permit, unix_millis};
 use crate::auth::Identity;
-use crate::cluster::wire::{PeerFrame, SessionRecord};
 use crate::protocol::{
     ClientFrame, ErrorCode, MAX_REQUEST_ID, SUBPROTOCOL, ServerFrame, StreamPosition, close, validate_room_name,
 };
@@ -206,7 +207,7 @@ impl Session<'_> {
         match frame {
             ClientFrame::Join { room, since, .. } => self.join(id, room, since, replies),
             ClientFrame::Leave { room, .. } => self.leave(id, room, replies),
-            ClientFrame::Publish { room, body, .. } => return self.publish(id, room, body, replies),
+            ClientFrame::Publish { room, body, key, .. } => return self.publish(id, room, body, key, replies),
             ClientFrame::History { room, since, limit, .. } => match self.rooms.get(&room) {
                 Some((joined, _)) => {
                     let (epoch, messages, complete) = joined.history(since.as_ref(), limit);
@@ -258,9 +259,7 @@ impl Session<'_> {
                     Some(position)
                 }
                 JoinOutcome::Waiting => {
-                    if let Some(replication) = &self.hub.replication {
-                        replication.want_stream(self.hub, &room);
-                    }
+                    self.hub.log.open(&room);
                     since
                 }
             };
@@ -273,12 +272,10 @@ impl Session<'_> {
 
     /// Tells the other nodes when this node's first connection of the user arrived or its last left.
     fn presence_changed(&self, room: &str, presence: LocalPresence) {
-        if let Some(replication) = &self.hub.replication {
-            match presence {
-                LocalPresence::Unchanged => {}
-                LocalPresence::Arrived => replication.presence_changed(room, &self.identity.user, true),
-                LocalPresence::Departed => replication.presence_changed(room, &self.identity.user, false),
-            }
+        match presence {
+            LocalPresence::Unchanged => {}
+            LocalPresence::Arrived => self.hub.log.presence_changed(room, &self.identity.user, true),
+            LocalPresence::Departed => self.hub.log.presence_changed(room, &self.identity.user, false),
         }
     }
 
@@ -297,9 +294,7 @@ impl Session<'_> {
             rooms,
             updated: unix_millis(),
         };
-        if let Some(replication) = &self.hub.replication {
-            replication.cluster().broadcast(&PeerFrame::Session { session: record.clone() });
-        }
+        self.hub.log.session_changed(&record);
         self.hub.sessions.merge(record);
     }
 
@@ -315,11 +310,22 @@ impl Session<'_> {
         }
     }
 
-    fn publish(&mut self, id: Option<String>, room: String, body: String, replies: &mut Vec<Frame>) -> Option<u16> {
-        let Some((target, _)) = self.rooms.get(&room) else {
+    fn publish(
+        &mut self,
+        id: Option<String>,
+        room: String,
+        body: String,
+        key: Option<String>,
+        replies: &mut Vec<Frame>,
+    ) -> Option<u16> {
+        if !self.rooms.contains_key(&room) {
             replies.push(not_joined(id, &room));
             return None;
-        };
+        }
+        if key.as_ref().is_some_and(|k| k.is_empty() || k.len() > MAX_REQUEST_ID) {
+            replies.push(error(id, ErrorCode::BadRequest, "key must be 1 to 64 characters"));
+            return None;
+        }
         if !self.hub.auth.may_publish(&self.identity, &room) {
             replies.push(error(id, ErrorCode::Forbidden, format!("your roles may not publish in {room}")));
             return None;
@@ -345,16 +351,13 @@ impl Session<'_> {
         }
         self.strikes = 0;
         self.hub.metrics.publishes.inc();
-        match &self.hub.replication {
-            // The ack comes through the outbox once the room's owner committed the message.
-            Some(replication) => {
-                replication.publish(self.hub, &room, &self.identity.user, body, id, self.outbox.clone());
-            }
-            None => {
-                let pid = self.hub.next_publish_id();
-                let (offset, epoch) = target.publish(pid, &self.identity.user, body, unix_millis());
-                replies.push(encode(&ServerFrame::Ack { id, room, offset, epoch }));
-            }
+        let sender = self.identity.user.clone();
+        let key = self.hub.publish_key(&sender, key);
+        let command = Command::Publish { room, key, sender, body, ts: unix_millis(), epoch: new_epoch() };
+        // Alone the ack comes at once; in a cluster through the outbox, once the message is
+        // committed and applied here.
+        if let Some(answer) = self.hub.log.publish(command, Reply { outbox: self.outbox.clone(), id }) {
+            replies.push(answer);
         }
         None
     }

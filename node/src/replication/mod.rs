@@ -1,371 +1,622 @@
-//! Rooms, presence and sessions shared by every node of a cluster.
-//!
-//! Each room is owned by the node that ranks first for it (`ranking`) among the members that
-//! may own rooms; the owner sequences the room's messages and commits each one once enough
-//! nodes store it (`stream`). Every node applies every committed message, so history and
-//! resume work through any node. Presence entries belong to the node holding the connection
-//! and are broadcast; session records are replicated to every node (`sessions`).
+//! The replicated room log: rooms map by hash to `cluster.partitions` Raft groups (openraft),
+//! each a log of the hub's commands with its own leader. Raft RPCs travel over the peer links
+//! (`network`), logs live in memory or on disk (`store`, `disk`), and every node applies every
+//! committed command to its hub (`state_machine`), so history and resume are answered locally.
+//! Membership is explicit and changed through Raft by the groups' leaders (`steward`).
 //! `docs/cluster.md` describes the design and its failure cases.
 
-pub mod ranking;
-pub mod sessions;
-pub mod stream;
+pub mod disk;
+pub mod network;
+mod state_machine;
+mod steward;
+pub mod store;
+pub mod types;
+pub mod wire;
 #[cfg(test)]
-mod tests;
+mod sim;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Duration;
 
-use crate::cluster::Cluster;
-use crate::cluster::wire::{Outcome, PeerFrame, PublishId, RoomDigest};
+use tokio::time::Instant;
+
+use openraft::{Config, SnapshotPolicy};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use serde::Serialize;
+
+use crate::cluster::{Cluster, PeerHandler};
+use crate::config::{ClusterConfig, StorageMode};
 use crate::hub::Hub;
-use crate::hub::outbox::Outbox;
-use crate::hub::room::{RoomState, encode};
-use crate::protocol::{ErrorCode, ServerFrame, UserInfo};
+use crate::hub::log::{Applied, Command, Reply, RoomLog};
+use crate::hub::room::RoomImage;
+use crate::hub::sessions::SessionRecord;
+use crate::metrics::Metrics;
+use crate::protocol::{ErrorCode, UserInfo};
+use crate::transport::Frame;
 
-use stream::{Net, Proposal, Reroute};
+use disk::{Disk, DiskError, Loaded};
+use network::{Calls, NetworkFactory};
+use state_machine::{Applier, StateMachine};
+use store::LogStore;
+use types::{Raft, group_of, new_incarnation, raft_id};
+use wire::{MemberInfo, RaftReply, RaftRpc, ReplicaFrame};
 
-/// How often rooms are checked for stalled claims, missing streams and expired publishes.
-pub const TICK: Duration = Duration::from_millis(200);
+/// How often membership, readiness and waiting publishes are looked after.
+pub const TICK: Duration = Duration::from_millis(100);
+/// A waiting publish is proposed again after this long without an answer (dedupe makes it
+/// safe); at once when its group's leader changes.
+const RETRY_AFTER: Duration = Duration::from_millis(1000);
 
-/// Forwards of one publish before it is refused: views of membership differ only briefly.
-const MAX_HOPS: u8 = 3;
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("cluster.ordinal is not set and node id {0:?} does not end in -<number>")]
+    NoOrdinal(String),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("the data directory belongs to node ordinal {stored}, not {ours}")]
+    ForeignData { stored: u32, ours: u32 },
+    #[error("raft config: {0}")]
+    Config(#[from] openraft::ConfigError),
+    #[error("starting raft group {group}: {message}")]
+    Start { group: u32, message: String },
+    #[error("stored snapshot of group {group} is unreadable: {source}")]
+    Snapshot { group: u32, source: serde_json::Error },
+}
 
-/// A client's publish waiting for its owner's answer.
+/// A command for this node to append as a group's leader; `from` is the node that proposed it.
+struct Append {
+    command: Command,
+    from: Option<String>,
+}
+
+/// A client's publish waiting to be committed and applied here.
 struct Waiting {
-    outbox: Outbox,
-    id: Option<String>,
+    reply: Reply,
     room: String,
-    proposal: Proposal,
-    /// The owner it was forwarded to; if that link drops the publish is routed again.
-    sent_to: Option<String>,
+    group: u32,
+    command: Command,
     since: Instant,
+    /// When and to which leader it was last proposed.
+    sent_at: Instant,
+    sent_to: Option<u64>,
 }
 
-pub struct Replication {
+pub struct ReplicatedLog {
+    name: String,
+    ordinal: u32,
+    raft_id: u64,
+    config: ClusterConfig,
+    /// The cluster's intended size, re-read from the config file while running.
+    size: AtomicUsize,
     cluster: Arc<Cluster>,
-    next_seq: AtomicU64,
-    waiting: Mutex<HashMap<u64, Waiting>>,
-    publish_timeout: Duration,
+    metrics: Arc<Metrics>,
+    disk: Option<Arc<Disk>>,
+    this: Weak<ReplicatedLog>,
+    hub: OnceLock<Weak<Hub>>,
+    groups: OnceLock<Vec<Raft>>,
+    /// Per group, the commands this node appends as its leader, in arrival order: a client's
+    /// publishes keep their order.
+    appends: OnceLock<Vec<UnboundedSender<Append>>>,
+    calls: Arc<Calls>,
+    /// Linked peers by node name, once they have said who they are.
+    members: Mutex<HashMap<String, MemberInfo>>,
+    leaving: AtomicBool,
+    ready: AtomicBool,
+    ticks: AtomicU64,
+    /// Ordered, so retries go out in the same order every time (simulations replay exactly).
+    waiting: Mutex<BTreeMap<String, Waiting>>,
+    steward: Mutex<steward::Steward>,
+    /// A simulation fixes each node's election timeout (seeded) so runs replay exactly.
+    fixed_election_ms: OnceLock<u64>,
 }
 
-impl Replication {
-    pub fn new(cluster: Arc<Cluster>) -> Self {
-        let publish_timeout = Duration::from_millis(cluster.config().publish_timeout_ms);
-        Self { cluster, next_seq: AtomicU64::new(1), waiting: Mutex::default(), publish_timeout }
-    }
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
 
-    pub fn cluster(&self) -> &Arc<Cluster> {
-        &self.cluster
-    }
-
-    fn me(&self) -> &str {
-        self.cluster.node_id()
-    }
-
-    fn waiting(&self) -> MutexGuard<'_, HashMap<u64, Waiting>> {
-        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Runs `f` on the room's state under its lock, then routes again what it handed back.
-    fn with_room(&self, hub: &Hub, room: &str, f: impl FnOnce(&Net, &mut RoomState, &mut Reroute)) {
-        let target = hub.room(room);
-        let mut reroute = Reroute::new();
-        {
-            let complete = |room: &str, pid: &PublishId, outcome: Outcome| self.complete(room, pid, outcome);
-            let net = Net { me: self.me(), cluster: &self.cluster, local_result: &complete };
-            let mut st = target.lock();
-            f(&net, &mut st, &mut reroute);
-        }
-        for proposal in reroute {
-            self.route(hub, room, proposal, 1);
-        }
-    }
-
-    fn owner(&self, room: &str) -> Option<String> {
-        ranking::owner(room, &self.cluster.owner_candidates()).map(str::to_owned)
-    }
-
-    /// A client of this node publishes: the ack (or error) reaches it through its outbox.
-    pub fn publish(&self, hub: &Hub, room: &str, sender: &UserInfo, body: String, id: Option<String>, outbox: Outbox) {
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let pid = PublishId { node: self.me().to_owned(), seq };
-        let proposal = Proposal { pid, sender: sender.clone(), body, ts: crate::hub::unix_millis() };
-        let waiting = Waiting {
-            outbox,
-            id,
-            room: room.to_owned(),
-            proposal: proposal.clone(),
-            sent_to: None,
-            since: Instant::now(),
+impl ReplicatedLog {
+    /// The node's room log; `start` brings its Raft groups up once the hub is attached.
+    pub fn new(
+        name: String,
+        config: ClusterConfig,
+        cluster: Arc<Cluster>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<ReplicatedLog>, ReplicationError> {
+        let disk = match (config.storage, &config.data_dir) {
+            (StorageMode::Disk, Some(dir)) => Some(Disk::open(dir)?),
+            _ => None,
         };
-        self.waiting().insert(seq, waiting);
-        hub.metrics().publishes_in_flight.inc();
-        self.route(hub, room, proposal, 0);
+        Self::with_storage(name, config, cluster, metrics, disk)
     }
 
-    /// Sends a publish to the room's owner, or sequences it here if that is this node.
-    fn route(&self, hub: &Hub, room: &str, proposal: Proposal, hops: u8) {
-        match self.owner(room) {
-            None => self.refuse(room, &proposal.pid, "no quorum: this node cannot reach a majority of the cluster"),
-            Some(owner) if owner == self.me() => {
-                self.with_room(hub, room, |net, st, _| stream::propose(net, st, proposal));
-            }
-            Some(_) if hops >= MAX_HOPS => self.refuse(room, &proposal.pid, "room owner is moving; retry"),
-            Some(owner) => {
-                if proposal.pid.node == self.me()
-                    && let Some(waiting) = self.waiting().get_mut(&proposal.pid.seq)
-                {
-                    waiting.sent_to = Some(owner.clone());
+    /// Like [`ReplicatedLog::new`], with the node's stored state in `disk` (`None`: memory).
+    pub fn with_storage(
+        name: String,
+        config: ClusterConfig,
+        cluster: Arc<Cluster>,
+        metrics: Arc<Metrics>,
+        disk: Option<Arc<Disk>>,
+    ) -> Result<Arc<ReplicatedLog>, ReplicationError> {
+        let ordinal = config.ordinal_of(&name).ok_or_else(|| ReplicationError::NoOrdinal(name.clone()))?;
+        let raft_id = match &disk {
+            Some(disk) => {
+                let id = disk.identity(|| raft_id(ordinal, new_incarnation()))?;
+                if types::ordinal_of(id) != ordinal {
+                    return Err(ReplicationError::ForeignData { stored: types::ordinal_of(id), ours: ordinal });
                 }
-                let Proposal { pid, sender, body, ts } = proposal;
-                let frame = PeerFrame::Publish { room: room.to_owned(), pid, sender, body, ts, hops: hops + 1 };
-                self.cluster.send(&owner, &frame);
+                id
+            }
+            // Without durable state a restarted node is a new member (see `types::raft_id`).
+            None => raft_id(ordinal, new_incarnation()),
+        };
+        let log = Arc::new_cyclic(|this| ReplicatedLog {
+            name,
+            ordinal,
+            raft_id,
+            size: AtomicUsize::new(config.size),
+            config,
+            cluster: cluster.clone(),
+            metrics,
+            disk,
+            this: this.clone(),
+            hub: OnceLock::new(),
+            groups: OnceLock::new(),
+            appends: OnceLock::new(),
+            calls: Arc::default(),
+            members: Mutex::default(),
+            leaving: AtomicBool::new(false),
+            ready: AtomicBool::new(false),
+            ticks: AtomicU64::new(0),
+            waiting: Mutex::default(),
+            steward: Mutex::default(),
+            fixed_election_ms: OnceLock::new(),
+        });
+        let handler: Weak<dyn PeerHandler> = log.this.clone() as _;
+        cluster.set_handler(handler);
+        Ok(log)
+    }
+
+    fn raft_config(&self) -> Result<Arc<Config>, ReplicationError> {
+        let c = &self.config;
+        let (election_min, election_max) = match self.fixed_election_ms.get() {
+            Some(fixed) => (*fixed, fixed + 1),
+            None => (c.election_timeout_ms, c.election_timeout_ms * 2),
+        };
+        let config = Config {
+            cluster_name: "chatcluster".into(),
+            heartbeat_interval: c.raft_heartbeat_ms,
+            election_timeout_min: election_min,
+            election_timeout_max: election_max,
+            // Snapshots hold every room's history window: take one every few thousand entries
+            // and keep some log behind it, so a briefly absent follower catches up from the log.
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(5000),
+            max_in_snapshot_log_to_keep: 2000,
+            snapshot_max_chunk_size: 256 * 1024,
+            max_payload_entries: 512,
+            ..Config::default()
+        };
+        Ok(Arc::new(config.validate()?))
+    }
+
+    /// Starts the Raft groups: with disk storage each resumes from its stored snapshot and log.
+    pub async fn start(&self) -> Result<(), ReplicationError> {
+        let config = self.raft_config()?;
+        let applier: Weak<dyn Applier> = self.this.clone() as _;
+        let mut groups = Vec::new();
+        let mut appends = Vec::new();
+        for group in 0..self.config.partitions {
+            let mut loaded = match &self.disk {
+                Some(disk) => disk.load(group)?,
+                None => Loaded::default(),
+            };
+            let store = LogStore::new(group, self.disk.clone(), &mut loaded);
+            let sm = StateMachine::new(group, applier.clone(), self.disk.clone(), &mut loaded)
+                .map_err(|source| ReplicationError::Snapshot { group, source })?;
+            let network = NetworkFactory { group, cluster: self.cluster.clone(), calls: self.calls.clone() };
+            let raft = Raft::new(self.raft_id, config.clone(), network, store, sm)
+                .await
+                .map_err(|e| ReplicationError::Start { group, message: e.to_string() })?;
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(append_in_order(raft.clone(), rx, self.this.clone()));
+            appends.push(tx);
+            groups.push(raft);
+        }
+        let _ = self.groups.set(groups);
+        let _ = self.appends.set(appends);
+        tracing::info!(
+            raft_id = format!("{:x}", self.raft_id),
+            ordinal = self.ordinal,
+            partitions = self.config.partitions,
+            storage = ?self.config.storage,
+            "room log started"
+        );
+        Ok(())
+    }
+
+    /// Runs membership care, readiness and publish retries for the node's lifetime.
+    pub async fn run(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.tick();
+        }
+    }
+
+    fn tick(&self) {
+        steward::tend(self);
+        self.retry_waiting();
+        self.metrics.peer_queued_frames.set(self.cluster.queued_frames() as i64);
+        if let Some(hub) = self.hub() {
+            hub.sessions().expire(crate::hub::unix_millis());
+            if self.ticks.fetch_add(1, Ordering::Relaxed) % 10 == 0 {
+                for room in hub.rooms_awaiting_stream() {
+                    self.open(&room);
+                }
             }
         }
     }
 
-    fn refuse(&self, room: &str, pid: &PublishId, message: &str) {
-        let outcome = stream::unavailable(message);
-        if pid.node == self.me() {
-            self.complete(room, pid, outcome);
+    pub fn set_size(&self, size: usize) {
+        if self.size.swap(size.max(1), Ordering::AcqRel) != size {
+            tracing::info!(size, "cluster size changed");
+        }
+    }
+
+    pub fn size(&self) -> usize {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn hub(&self) -> Option<Arc<Hub>> {
+        self.hub.get().and_then(Weak::upgrade)
+    }
+
+    fn groups(&self) -> &[Raft] {
+        self.groups.get().map(Vec::as_slice).unwrap_or_default()
+    }
+
+    fn group_of(&self, room: &str) -> u32 {
+        group_of(room, self.config.partitions)
+    }
+
+    /// This node's own announcement.
+    fn member_info(&self) -> MemberInfo {
+        let initialized =
+            self.groups().iter().any(|raft| raft.metrics().borrow().membership_config.membership().nodes().count() > 0);
+        MemberInfo {
+            raft_id: self.raft_id,
+            ordinal: self.ordinal,
+            leaving: self.leaving.load(Ordering::Acquire),
+            initialized,
+        }
+    }
+
+    fn members(&self) -> MutexGuard<'_, HashMap<String, MemberInfo>> {
+        lock(&self.members)
+    }
+
+    /// The node name of Raft member `id` in `group`, from the group's membership.
+    fn name_of(&self, group: u32, id: u64) -> Option<String> {
+        let raft = self.groups().get(group as usize)?;
+        let metrics = raft.metrics().borrow().clone();
+        metrics.membership_config.membership().get_node(&id).map(|n| n.addr.clone())
+    }
+
+    /// Draining: leaders take this node out of their groups; it waits until it votes nowhere
+    /// (bounded by `timeout`), so its leaving never costs a group its quorum.
+    pub async fn leave(&self, timeout: Duration) {
+        self.leaving.store(true, Ordering::Release);
+        self.cluster.broadcast(ReplicaFrame::Member(self.member_info()).encode());
+        let started = Instant::now();
+        while started.elapsed() < timeout && steward::votes_anywhere(self) {
+            steward::tend(self);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!(
+            still_voting = steward::votes_anywhere(self),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "left the room-log groups"
+        );
+    }
+
+    /// Stops every group (after a drain, before exit).
+    pub async fn shutdown(&self) {
+        for raft in self.groups() {
+            let _ = raft.shutdown().await;
+        }
+    }
+
+    // ---------- publishing ----------
+
+    fn waiting(&self) -> MutexGuard<'_, BTreeMap<String, Waiting>> {
+        lock(&self.waiting)
+    }
+
+    /// Sends a command to its group's leader, or appends it here if that is this node.
+    fn propose(&self, group: u32, command: Command) -> Option<u64> {
+        let raft = self.groups().get(group as usize)?;
+        let leader = raft.metrics().borrow().current_leader?;
+        if leader == self.raft_id {
+            self.append(group, command, None);
         } else {
-            let frame = PeerFrame::PublishResult { room: room.to_owned(), pid: pid.clone(), outcome };
-            self.cluster.send(&pid.node, &frame);
+            let name = self.name_of(group, leader)?;
+            self.cluster.send(&name, ReplicaFrame::Propose { group, command }.encode());
+        }
+        Some(leader)
+    }
+
+    fn append(&self, group: u32, command: Command, from: Option<String>) {
+        if let Some(queue) = self.appends.get().and_then(|a| a.get(group as usize)) {
+            let _ = queue.send(Append { command, from });
         }
     }
 
-    /// Answers the client waiting for publish `pid` of this node.
-    fn complete(&self, room: &str, pid: &PublishId, outcome: Outcome) {
-        let Some(waiting) = self.waiting().remove(&pid.seq) else { return };
-        let metrics = self.cluster.metrics();
-        metrics.publishes_in_flight.dec();
-        let frame = match outcome {
-            Outcome::Stored { offset, epoch } => {
-                ServerFrame::Ack { id: waiting.id, room: room.to_owned(), offset, epoch }
+    /// An append failed (this node is no longer the leader, or is stopping): the proposer
+    /// retries now instead of at its next retry time.
+    fn append_failed(&self, key: &str, from: Option<&str>) {
+        match from {
+            Some(peer) => {
+                self.cluster.send(peer, ReplicaFrame::ProposeFailed { key: key.to_owned() }.encode());
             }
-            Outcome::Refused { code, message } => {
-                if code == ErrorCode::Unavailable {
-                    metrics.publishes_unavailable.inc();
+            None => {
+                if let Some(waiting) = self.waiting().get_mut(key) {
+                    waiting.sent_to = None;
                 }
-                ServerFrame::Error { id: waiting.id, code, message }
             }
+        }
+    }
+
+    /// Proposes again what waited too long or went to a leader that is no longer one; refuses
+    /// what waited past `publish_timeout_ms`.
+    fn retry_waiting(&self) {
+        let timeout = Duration::from_millis(self.config.publish_timeout_ms);
+        let leaders: Vec<Option<u64>> = self.groups().iter().map(|r| r.metrics().borrow().current_leader).collect();
+        let mut expired = Vec::new();
+        let mut again = Vec::new();
+        for (key, waiting) in self.waiting().iter() {
+            if waiting.since.elapsed() >= timeout {
+                expired.push(key.clone());
+            } else if waiting.sent_to.is_none()
+                || waiting.sent_to != leaders.get(waiting.group as usize).copied().flatten()
+                || waiting.sent_at.elapsed() >= RETRY_AFTER
+            {
+                again.push((key.clone(), waiting.group, waiting.command.clone()));
+            }
+        }
+        for key in expired {
+            if let Some(waiting) = self.waiting().remove(&key) {
+                self.metrics.publishes_in_flight.dec();
+                self.metrics.publishes_unavailable.inc();
+                waiting.reply.refuse(
+                    ErrorCode::Unavailable,
+                    "not committed in time (no leader or no quorum for this room); it may still appear once; retry with the same key",
+                );
+            }
+        }
+        for (key, group, command) in again {
+            let sent_to = self.propose(group, command);
+            if let Some(waiting) = self.waiting().get_mut(&key) {
+                waiting.sent_to = sent_to;
+                waiting.sent_at = Instant::now();
+            }
+        }
+    }
+
+    /// A command was applied here: answer the publish waiting for it, if any.
+    fn applied(&self, room: &str, key: &str, offset: u64, epoch: &str) {
+        if let Some(waiting) = self.waiting().remove(key) {
+            self.metrics.publishes_in_flight.dec();
+            waiting.reply.ack(room, offset, epoch);
+        }
+    }
+
+    // ---------- peer frames ----------
+
+    fn on_call(&self, peer: &str, call: u64, group: u32, to: u64, rpc: RaftRpc) {
+        let raft = self.groups().get(group as usize).cloned();
+        let (Some(raft), true) = (raft, to == self.raft_id) else {
+            // Addressed to an earlier incarnation: never answer for its promises.
+            self.cluster.send(peer, ReplicaFrame::Reply { call, reply: RaftReply::WrongMember }.encode());
+            return;
         };
-        waiting.outbox.push(&encode(&frame));
+        let cluster = self.cluster.clone();
+        let peer = peer.to_owned();
+        tokio::spawn(async move {
+            let reply = match rpc {
+                RaftRpc::Append(req) => RaftReply::Append(raft.append_entries(req).await),
+                RaftRpc::Vote(req) => RaftReply::Vote(raft.vote(req).await),
+                RaftRpc::Snapshot(req) => RaftReply::Snapshot(raft.install_snapshot(req).await),
+            };
+            cluster.send(&peer, ReplicaFrame::Reply { call, reply }.encode());
+        });
     }
 
-    /// A join found the room's stream unknown here: fetch it from the owner, or claim it.
-    pub fn want_stream(&self, hub: &Hub, room: &str) {
-        self.tick_room(hub, room, &self.cluster.owner_candidates());
-    }
-
-    /// A user's first connection on this node joined a room, or its last one left.
-    pub fn presence_changed(&self, room: &str, user: &UserInfo, present: bool) {
-        let frame = PeerFrame::Presence { room: room.to_owned(), user: user.clone(), present };
-        self.cluster.broadcast(&frame);
-    }
-
-    fn tick_room(&self, hub: &Hub, room: &str, candidates: &[String]) {
-        let owner = ranking::owner(room, candidates);
-        let owner_is_me = owner == Some(self.me());
-        self.with_room(hub, room, |net, st, reroute| stream::tick(net, st, owner_is_me, owner, reroute));
-    }
-
-    /// Periodic care of every room and of publishes waiting too long.
-    pub fn tick(&self, hub: &Hub) {
-        let expired: Vec<(String, PublishId)> = self
-            .waiting()
-            .values()
-            .filter(|w| w.since.elapsed() >= self.publish_timeout)
-            .map(|w| (w.room.clone(), w.proposal.pid.clone()))
-            .collect();
-        for (room, pid) in expired {
-            self.complete(&room, &pid, stream::unavailable("no answer from the room's owner in time; retry"));
-        }
-        // One view of membership for the whole round.
-        let candidates = self.cluster.owner_candidates();
-        for room in hub.rooms_snapshot() {
-            self.tick_room(hub, room.name(), &candidates);
-        }
-        let metrics = self.cluster.metrics();
-        metrics.rooms_owned.set(self.owned_room_names(hub).len() as i64);
-        metrics.peer_queued_frames.set(self.cluster.queued_frames() as i64);
-        hub.sessions().expire(crate::hub::unix_millis());
-    }
-
-    /// Rooms this node sequences right now.
-    pub fn owned_room_names(&self, hub: &Hub) -> Vec<String> {
-        let mut names: Vec<String> = hub
-            .rooms_snapshot()
-            .iter()
-            .filter(|r| r.lock().replica.is_sequencing())
-            .map(|r| r.name().to_owned())
-            .collect();
-        names.sort();
-        names
-    }
-
-    /// Publishes of this node's clients waiting for their owner's answer.
-    pub fn in_flight(&self) -> usize {
-        self.waiting().len()
-    }
-
-    /// Takes over (where this node now ranks first) the rooms `peer` was sequencing.
-    fn take_over_from(&self, hub: &Hub, peer: &str) {
-        let candidates = self.cluster.owner_candidates();
-        for room in hub.rooms_snapshot() {
-            let owner_is_me = ranking::owner(room.name(), &candidates) == Some(self.me());
-            if owner_is_me {
-                self.with_room(hub, room.name(), |net, st, _| {
-                    if stream::sequenced_by(st, peer) {
-                        stream::take_over(net, st);
+    fn handle(&self, peer: &str, frame: ReplicaFrame) {
+        let Some(hub) = self.hub() else { return };
+        match frame {
+            ReplicaFrame::Member(info) => {
+                self.members().insert(peer.to_owned(), info);
+            }
+            ReplicaFrame::Call { call, group, to, rpc } => self.on_call(peer, call, group, to, rpc),
+            ReplicaFrame::Reply { call, reply } => self.calls.answer(peer, call, reply),
+            // The answer is the commit itself, which reaches the proposer through the log; only
+            // a failure is reported back.
+            ReplicaFrame::Propose { group, command } => self.append(group, command, Some(peer.to_owned())),
+            ReplicaFrame::ProposeFailed { key } => {
+                if let Some(waiting) = self.waiting().get_mut(&key) {
+                    waiting.sent_to = None;
+                }
+            }
+            ReplicaFrame::Bootstrap { group, members } => {
+                let Some(raft) = self.groups().get(group as usize).cloned() else { return };
+                tokio::spawn(async move {
+                    // Refused when the group has begun already: then there is nothing to do.
+                    if let Err(err) = raft.initialize(members).await {
+                        tracing::debug!(group, %err, "bootstrap of a room-log group skipped");
                     }
                 });
             }
+            ReplicaFrame::Presence { room, user, present } => hub.set_remote_presence(peer, &room, &user, present),
+            ReplicaFrame::PresenceSnapshot { entries } => hub.replace_remote_presence(peer, entries),
+            ReplicaFrame::Session { session } => hub.sessions().merge(session),
         }
     }
 
-    pub fn on_link_up(&self, hub: &Hub, peer: &str) {
-        let rooms = hub.rooms_snapshot();
-        let mut digests = Vec::new();
-        let mut presence = Vec::new();
-        for room in &rooms {
-            let st = room.lock();
-            if let Some(epoch) = &st.epoch {
-                digests.push(RoomDigest {
-                    room: room.name().to_owned(),
-                    epoch: epoch.clone(),
-                    committed: st.last_offset,
-                });
+    pub fn status(&self) -> ReplicationStatus {
+        steward::status(self)
+    }
+}
+
+/// Appends one group's commands in the order they were queued; a failure goes back to the
+/// proposer.
+async fn append_in_order(raft: Raft, mut queue: UnboundedReceiver<Append>, log: Weak<ReplicatedLog>) {
+    while let Some(Append { command, from }) = queue.recv().await {
+        let key = command.key().unwrap_or_default().to_owned();
+        let outcome = match raft.client_write_ff(command).await {
+            Ok(outcome) => outcome,
+            Err(_) => break,
+        };
+        let log = log.clone();
+        tokio::spawn(async move {
+            if !matches!(outcome.await, Ok(Ok(_)))
+                && let Some(log) = log.upgrade()
+            {
+                log.append_failed(&key, from.as_deref());
             }
-            presence.extend(st.local_users().map(|u| (room.name().to_owned(), u.clone())));
+        });
+    }
+}
+
+/// `/cluster`'s view of the room log.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicationStatus {
+    pub raft_id: String,
+    pub ordinal: u32,
+    pub size: usize,
+    pub storage: StorageMode,
+    pub quorum: bool,
+    pub ready: bool,
+    pub leaving: bool,
+    pub publishes_in_flight: usize,
+    pub groups: Vec<GroupStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupStatus {
+    pub group: u32,
+    pub role: String,
+    pub leader: Option<String>,
+    pub term: u64,
+    pub voters: Vec<String>,
+    pub learners: Vec<String>,
+    pub last_log: Option<u64>,
+    pub last_applied: Option<u64>,
+}
+
+impl Applier for ReplicatedLog {
+    fn apply(&self, _group: u32, command: &Command) -> Applied {
+        let Some(hub) = self.hub() else { return Applied::Opened };
+        let applied = hub.apply(command);
+        if let (Applied::Stored { offset, epoch, .. }, Some(key)) = (&applied, command.key()) {
+            self.applied(command.room(), key, *offset, epoch);
         }
-        self.cluster.send(peer, &PeerFrame::Digest { rooms: digests });
-        self.cluster.send(peer, &PeerFrame::PresenceSnapshot { entries: presence });
-        for record in hub.sessions().all() {
-            self.cluster.send(peer, &PeerFrame::Session { session: record });
-        }
-        let complete = |room: &str, pid: &PublishId, outcome: Outcome| self.complete(room, pid, outcome);
-        let net = Net { me: self.me(), cluster: &self.cluster, local_result: &complete };
-        for room in &rooms {
-            stream::resend_in_flight(&net, &room.lock(), peer);
-        }
+        applied
     }
 
-    pub fn on_link_down(&self, hub: &Hub, peer: &str) {
-        for room in hub.rooms_snapshot() {
-            room.lock().retain_remote_presence(peer, &[]);
-        }
-        self.take_over_from(hub, peer);
-        let lost: Vec<(String, Proposal)> = self
+    fn images(&self, group: u32) -> Vec<RoomImage> {
+        let partitions = self.config.partitions;
+        self.hub().map(|hub| hub.images(|room| group_of(room, partitions) == group)).unwrap_or_default()
+    }
+
+    fn install(&self, group: u32, images: Vec<RoomImage>) {
+        let Some(hub) = self.hub() else { return };
+        let partitions = self.config.partitions;
+        hub.install_images(|room| group_of(room, partitions) == group, images);
+        // Publishes whose commit arrived inside the snapshot are answered from its keys.
+        let found: Vec<(String, String, u64, String)> = self
             .waiting()
-            .values()
-            .filter(|w| w.sent_to.as_deref() == Some(peer))
-            .map(|w| (w.room.clone(), w.proposal.clone()))
+            .iter()
+            .filter(|(_, w)| w.group == group)
+            .filter_map(|(key, w)| hub.stored(&w.room, key).map(|(o, e)| (w.room.clone(), key.clone(), o, e)))
             .collect();
-        // The owner may have stored them before it went: the new owner recognizes their ids.
-        for (room, proposal) in lost {
-            self.route(hub, &room, proposal, 0);
+        for (room, key, offset, epoch) in found {
+            self.applied(&room, &key, offset, &epoch);
+        }
+    }
+}
+
+impl RoomLog for ReplicatedLog {
+    fn attach(&self, hub: Weak<Hub>) {
+        let _ = self.hub.set(hub);
+    }
+
+    fn publish(&self, command: Command, reply: Reply) -> Option<Frame> {
+        let key = command.key()?.to_owned();
+        let room = command.room().to_owned();
+        let group = self.group_of(&room);
+        if self.waiting().contains_key(&key) {
+            // The same idempotency key while the first is still in flight: one answer only.
+            return Some(Reply::error_frame(reply.id, ErrorCode::BadRequest, "a publish with this key is already in flight"));
+        }
+        let now = Instant::now();
+        self.metrics.publishes_in_flight.inc();
+        let command_copy = command.clone();
+        self.waiting().insert(key.clone(), Waiting { reply, room, group, command, since: now, sent_at: now, sent_to: None });
+        let sent_to = self.propose(group, command_copy);
+        if let Some(waiting) = self.waiting().get_mut(&key) {
+            waiting.sent_to = sent_to;
+        }
+        None
+    }
+
+    fn open(&self, room: &str) {
+        let command = Command::Open { room: room.to_owned(), epoch: crate::hub::room::new_epoch() };
+        self.propose(self.group_of(room), command);
+    }
+
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn presence_changed(&self, room: &str, user: &UserInfo, present: bool) {
+        let frame = ReplicaFrame::Presence { room: room.to_owned(), user: user.clone(), present };
+        self.cluster.broadcast(frame.encode());
+    }
+
+    fn session_changed(&self, record: &SessionRecord) {
+        self.cluster.broadcast(ReplicaFrame::Session { session: record.clone() }.encode());
+    }
+
+    fn keeps_streams(&self) -> bool {
+        true
+    }
+}
+
+impl PeerHandler for ReplicatedLog {
+    fn on_link_up(&self, peer: &str) {
+        self.cluster.send(peer, ReplicaFrame::Member(self.member_info()).encode());
+        if let Some(hub) = self.hub() {
+            self.cluster.send(peer, ReplicaFrame::PresenceSnapshot { entries: hub.local_presence() }.encode());
+            for session in hub.sessions().all() {
+                self.cluster.send(peer, ReplicaFrame::Session { session }.encode());
+            }
         }
     }
 
-    fn on_digest(&self, hub: &Hub, peer: &str, rooms: Vec<RoomDigest>) {
-        let complete = |room: &str, pid: &PublishId, outcome: Outcome| self.complete(room, pid, outcome);
-        let net = Net { me: self.me(), cluster: &self.cluster, local_result: &complete };
-        let listed: HashSet<&str> = rooms.iter().map(|d| d.room.as_str()).collect();
-        for digest in &rooms {
-            let Some(room) = hub.existing_room(&digest.room) else { continue };
-            let st = room.lock();
-            match st.epoch.as_deref() {
-                Some(ours) if ours == digest.epoch && st.last_offset > digest.committed => {
-                    stream::send_entries(&net, &st, peer, digest.committed);
-                }
-                Some(ours) if ours != digest.epoch && (st.last_offset, ours) > (digest.committed, &digest.epoch) => {
-                    stream::send_entries(&net, &st, peer, 0);
-                }
-                _ => {}
-            }
-        }
-        for room in hub.rooms_snapshot().iter().filter(|r| !listed.contains(r.name())) {
-            stream::send_entries(&net, &room.lock(), peer, 0);
-        }
-        self.cluster.send(peer, &PeerFrame::SyncDone);
-    }
-
-    fn on_presence_snapshot(&self, hub: &Hub, peer: &str, entries: Vec<(String, UserInfo)>) {
-        let mut by_room: HashMap<String, Vec<UserInfo>> = HashMap::new();
-        for (room, user) in entries {
-            by_room.entry(room).or_default().push(user);
-        }
-        for room in hub.rooms_snapshot() {
-            let users = by_room.remove(room.name()).unwrap_or_default();
-            let keep: Vec<&str> = users.iter().map(|u| u.id.as_str()).collect();
-            let mut st = room.lock();
-            st.retain_remote_presence(peer, &keep);
-            for user in &users {
-                st.set_remote_presence(peer, user, true);
-            }
-        }
-        for (room, users) in by_room {
-            let target = hub.room(&room);
-            let mut st = target.lock();
-            for user in &users {
-                st.set_remote_presence(peer, user, true);
-            }
+    fn on_link_down(&self, peer: &str) {
+        self.members().remove(peer);
+        self.calls.fail_peer(peer);
+        if let Some(hub) = self.hub() {
+            hub.replace_remote_presence(peer, Vec::new());
         }
     }
 
-    pub fn on_frame(&self, hub: &Hub, peer: &str, frame: PeerFrame) {
-        match frame {
-            PeerFrame::Publish { room, pid, sender, body, ts, hops } => {
-                self.route(hub, &room, Proposal { pid, sender, body, ts }, hops);
-            }
-            PeerFrame::PublishResult { room, pid, outcome } => self.complete(&room, &pid, outcome),
-            PeerFrame::Claim { room, term, epoch, after } => self.with_room(hub, &room, |net, st, reroute| {
-                stream::on_claim(net, st, peer, term, epoch, after, reroute);
-            }),
-            PeerFrame::Promise { room, term, epoch, committed, entries } => {
-                self.with_room(hub, &room, |net, st, _| {
-                    stream::on_promise(net, st, peer, term, epoch, committed, entries);
-                });
-            }
-            PeerFrame::Refuse { room, term } => {
-                self.with_room(hub, &room, |_, st, reroute| stream::on_refuse(st, term, reroute));
-            }
-            PeerFrame::Append { room, epoch, term, entries } => self.with_room(hub, &room, |net, st, reroute| {
-                stream::on_append(net, st, peer, &epoch, term, entries, reroute);
-            }),
-            PeerFrame::Appended { room, term, from, to } => {
-                self.with_room(hub, &room, |net, st, _| stream::on_appended(net, st, peer, term, from, to));
-            }
-            PeerFrame::Commit { room, epoch, term, upto } => self.with_room(hub, &room, |net, st, reroute| {
-                stream::on_commit(net, st, peer, &epoch, term, upto, reroute);
-            }),
-            PeerFrame::Fetch { room, after } => {
-                let owner_is_me = self.owner(&room).as_deref() == Some(self.me());
-                self.with_room(hub, &room, |net, st, _| stream::on_fetch(net, st, peer, after, owner_is_me));
-            }
-            PeerFrame::Entries { room, epoch, committed, entries } => {
-                self.with_room(hub, &room, |_, st, reroute| {
-                    stream::on_entries(st, &epoch, committed, &entries, reroute)
-                });
-            }
-            PeerFrame::Digest { rooms } => self.on_digest(hub, peer, rooms),
-            PeerFrame::SyncDone => self.cluster.mark_synced(peer),
-            PeerFrame::Leaving => {
-                self.cluster.mark_leaving(peer);
-                self.take_over_from(hub, peer);
-            }
-            PeerFrame::Presence { room, user, present } => {
-                hub.room(&room).lock().set_remote_presence(peer, &user, present);
-            }
-            PeerFrame::PresenceSnapshot { entries } => self.on_presence_snapshot(hub, peer, entries),
-            PeerFrame::Session { session } => hub.sessions().merge(session),
-            PeerFrame::Challenge { .. } | PeerFrame::Hello { .. } | PeerFrame::Accepted { .. } => {
-                tracing::warn!(peer, "handshake frame on an established peer link");
-            }
+    fn on_frame(&self, peer: &str, text: &str) {
+        match serde_json::from_str::<ReplicaFrame>(text) {
+            Ok(frame) => self.handle(peer, frame),
+            Err(err) => tracing::warn!(peer, %err, "dropped a malformed peer frame"),
         }
     }
 }

@@ -5,7 +5,19 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
-use crate::cluster::wire::SessionRecord;
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::StreamPosition;
+
+/// What a reconnecting client's session token brings back: its rooms and where it was.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub id: String,
+    pub user_id: String,
+    pub rooms: Vec<(String, Option<StreamPosition>)>,
+    /// Unix milliseconds of the last update, for expiry.
+    pub updated: u64,
+}
 
 /// How long a session outlives its last update (milliseconds).
 pub const SESSION_TTL_MS: u64 = 10 * 60 * 1000;
