@@ -540,9 +540,10 @@ impl Supervisor {
             .map_err(|source| Error::Spawn { node: name, source })
     }
 
-    /// One scale-down step: the highest node is drained (it hands over and leaves the voter set)
-    /// and its data removed, as the StatefulSet's `whenScaled: Delete` does with its volume, so
-    /// it never comes back later with stale state. The next step waits for the rest to be ready.
+    /// One scale-down step: the highest node is drained as the kubelet would (SIGTERM, then its
+    /// grace period) and its data removed, as the StatefulSet's `whenScaled: Delete` does with
+    /// its volume, so it never comes back later with stale state. The next step waits (in
+    /// [`step::next`]) until every node that stays is ready.
     async fn scale_down(&mut self, ordinal: u32) {
         self.stop_nodes(vec![ordinal], "scaling down").await;
         let data = self.layout.node_data(&self.desired.node_name(ordinal));
