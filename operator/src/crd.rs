@@ -65,8 +65,9 @@ pub struct ChatClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// The node's own configuration (see the node's config reference). The operator owns
-    /// `listen`, `assets_dir`, `auth.jwt_secret_file` and `drain`; set those through
-    /// `spec.auth` and `spec.drain` instead.
+    /// `listen`, `assets_dir`, `auth.jwt_secret_file`, `drain`, `cluster.size` and
+    /// `cluster.data_dir`; set those through `spec.auth`, `spec.drain`, `spec.replicas` and
+    /// `spec.storage` instead.
     #[serde(default)]
     pub config: NodeConfig,
     #[serde(default)]
@@ -83,6 +84,10 @@ pub struct ChatClusterSpec {
     pub drain: DrainSpec,
     #[serde(default)]
     pub rollout: RolloutSpec,
+    /// A volume per node for its room logs (sets `cluster.storage = "disk"`); unset: the logs
+    /// live in memory. Cannot be added, changed or removed once the cluster exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageSpec>,
 }
 
 impl Default for ChatClusterSpec {
@@ -101,6 +106,7 @@ impl Default for ChatClusterSpec {
             pdb: PdbSpec::default(),
             drain: DrainSpec::default(),
             rollout: RolloutSpec::default(),
+            storage: None,
         }
     }
 }
@@ -366,6 +372,21 @@ fn default_strategy() -> RolloutStrategy {
 pub enum RolloutStrategy {
     RollingUpdate,
     OnDelete,
+}
+
+/// A persistent volume per node for its room logs (`cluster.storage = "disk"`), so a restarted
+/// node, or the whole cluster, comes back with every room's history. Fixed once the cluster
+/// exists: a StatefulSet's volume claim templates cannot change.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Size of each node's volume, a Kubernetes quantity such as `1Gi` or `500Mi`.
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
+    pub size: String,
+    /// StorageClass of the volumes; unset: the cluster's default class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub storage_class_name: Option<String>,
 }
 
 /// Observed state, written by the operator only.

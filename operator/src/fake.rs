@@ -109,6 +109,16 @@ impl FakeApi {
         state.insert(key, &stored);
     }
 
+    /// Finishes what the StatefulSet controller was doing (for tests that turned auto-ready off).
+    pub fn settle_statefulset(&self, ns: &str, name: &str) {
+        let key = object_path::<k8s_openapi::api::apps::v1::StatefulSet>(ns, name);
+        let mut state = self.lock();
+        let Some(mut sts) = state.value(&key) else { return };
+        let generation = sts["metadata"]["generation"].as_i64().unwrap_or(1);
+        settle(&mut sts, generation);
+        state.insert(key, &sts);
+    }
+
     pub fn remove<K: Resource<DynamicType = ()>>(&self, ns: &str, name: &str) -> bool {
         self.lock().objects.remove(&object_path::<K>(ns, name)).is_some()
     }
@@ -126,6 +136,18 @@ impl FakeApi {
         let values = events.filter_map(|(_, t)| serde_json::from_str::<Value>(t).ok());
         values.map(|v| (text(&v["type"]), text(&v["reason"]))).collect()
     }
+}
+
+/// A StatefulSet status as its controller reports it once every wanted pod exists, is ready and
+/// runs the latest template, and no other pod is left.
+fn settle(sts: &mut Value, generation: i64) {
+    let replicas = sts["spec"]["replicas"].clone();
+    let revision = json!(format!("rev-{generation}"));
+    sts["status"] = json!({
+        "observedGeneration": generation, "replicas": replicas, "readyReplicas": replicas,
+        "updatedReplicas": replicas, "currentReplicas": replicas, "availableReplicas": replicas,
+        "currentRevision": revision, "updateRevision": revision,
+    });
 }
 
 fn text(v: &Value) -> String {
@@ -165,13 +187,7 @@ impl State {
             meta.entry("creationTimestamp").or_insert(json!("2026-01-01T00:00:00Z"));
         }
         if new["kind"] == "StatefulSet" && self.auto_ready {
-            let replicas = new["spec"]["replicas"].clone();
-            let revision = json!(format!("rev-{generation}"));
-            new["status"] = json!({
-                "observedGeneration": generation, "replicas": replicas, "readyReplicas": replicas,
-                "updatedReplicas": replicas, "currentReplicas": replicas, "availableReplicas": replicas,
-                "currentRevision": revision, "updateRevision": revision,
-            });
+            settle(&mut new, generation);
         }
         new
     }

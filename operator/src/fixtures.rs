@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, ResourceRequirements, Secret, Tolera
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::crd::{AuthSpec, ChatCluster, ChatClusterSpec, LocalRef, PdbSpec, SecretKeyRef, ServiceType};
+use crate::crd::{AuthSpec, ChatCluster, ChatClusterSpec, LocalRef, PdbSpec, SecretKeyRef, ServiceType, StorageSpec};
 use crate::fake::FakeApi;
 use crate::metrics::Metrics;
 use crate::reconcile::Context;
@@ -68,6 +68,7 @@ pub fn full(name: &str) -> ChatCluster {
     spec.pdb = PdbSpec { enabled: true, max_unavailable: 2 };
     spec.drain.deadline_seconds = 40;
     spec.drain.lb_grace_seconds = 10;
+    spec.storage = Some(StorageSpec { size: "2Gi".to_owned(), storage_class_name: Some("fast-ssd".to_owned()) });
     ChatCluster { metadata: meta(name), spec, status: None }
 }
 

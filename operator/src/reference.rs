@@ -146,7 +146,8 @@ fn rows(node: &Value, prefix: &str, seen: &mut BTreeSet<&'static str>, out: &mut
         if required.contains(&name.as_str()) {
             allowed.insert(0, "required".to_owned());
         }
-        let allowed = if allowed.is_empty() { "—".to_owned() } else { allowed.join("; ") };
+        // A pattern may hold `|`, which would end the cell.
+        let allowed = cell(&allowed.join("; "));
         let _ = writeln!(out, "| `{path}` | {type_name} | {default} | {allowed} | {} |", cell(&text));
         if !expand {
             continue;

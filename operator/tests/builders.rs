@@ -1,10 +1,11 @@
 //! Snapshot tests of every child object, for a minimal and a full ChatCluster, plus the pure
 //! validation rules behind them.
 
+use chat_node::config::StorageMode;
 use chat_operator::crd::ChatCluster;
 use chat_operator::fixtures::{full, jwt_secret, minimal, theme_config_map};
 use chat_operator::reconcile::validate::{Plan, Refs, validate};
-use chat_operator::resources::{CONFIG_KEY, Children, Owner, build};
+use chat_operator::resources::{CONFIG_DIR, CONFIG_KEY, CONFIG_PATH, Children, DATA_DIR, Owner, build};
 
 fn refs() -> Refs {
     Refs {
@@ -12,6 +13,7 @@ fn refs() -> Refs {
         assets_config_map: Some(theme_config_map("chat-theme")),
         peer_secret: None,
         fresh_peer_key: vec![7; 32],
+        statefulset: None,
     }
 }
 
@@ -55,8 +57,71 @@ fn rendered_config_is_a_valid_node_config() {
     assert_eq!(config.cluster.dns_name.as_deref(), Some("prod-peers.chat.svc.cluster.local"));
     assert_eq!(config.cluster.secret_file.unwrap().to_str(), Some("/etc/chatcluster/peer/hmac-key"));
     assert_eq!(config.cluster.peer_listen.to_string(), "0.0.0.0:8081");
+    assert_eq!(config.cluster.size, 5, "spec.replicas");
+    assert_eq!(config.cluster.ordinal, None, "each pod's ordinal comes from its name");
+    assert_eq!(
+        (config.cluster.storage, config.cluster.data_dir.unwrap().to_str()),
+        (StorageMode::Disk, Some(DATA_DIR))
+    );
     let grace = children.statefulset.spec.template.spec.unwrap().termination_grace_period_seconds;
     assert_eq!(grace, Some(45), "grace must exceed the drain deadline");
+
+    let memory = minimal("demo");
+    let config: chat_node::config::NodeConfig =
+        toml::from_str(&build(&memory, &plan(&memory)).config.data.unwrap()[CONFIG_KEY]).unwrap();
+    assert_eq!((config.cluster.size, config.cluster.storage, config.cluster.data_dir), (3, StorageMode::Memory, None));
+    let mut zero = minimal("zero");
+    zero.spec.replicas = 0;
+    assert_eq!(plan(&zero).config.cluster.size, 1, "never 0, which the node refuses");
+}
+
+#[test]
+fn config_is_a_directory_mount_so_running_pods_see_a_new_size() {
+    assert_eq!(std::path::Path::new(CONFIG_DIR).join(CONFIG_KEY).to_str(), Some(CONFIG_PATH));
+    let cluster = full("prod");
+    let pod = build(&cluster, &plan(&cluster)).statefulset.spec.template.spec.unwrap();
+    let mounts = pod.containers[0].volume_mounts.clone().unwrap();
+    assert!(mounts.iter().all(|m| m.sub_path.is_none()), "a subPath mount never sees ConfigMap updates");
+    let config = mounts.iter().find(|m| m.name == "config").unwrap();
+    assert_eq!(config.mount_path, CONFIG_DIR);
+    assert_eq!(pod.containers[0].args.as_deref(), Some(&["--config".to_owned(), CONFIG_PATH.to_owned()][..]));
+}
+
+#[test]
+fn storage_adds_a_volume_per_node_that_a_scale_down_deletes() {
+    let cluster = full("prod");
+    let sts = build(&cluster, &plan(&cluster)).statefulset.spec;
+    let claims = sts.volume_claim_templates.unwrap();
+    assert_eq!(claims.len(), 1);
+    let claim = claims[0].spec.clone().unwrap();
+    assert_eq!(claim.access_modes.unwrap(), ["ReadWriteOnce"]);
+    assert_eq!(claim.storage_class_name.as_deref(), Some("fast-ssd"));
+    assert_eq!(claim.resources.unwrap().requests.unwrap()["storage"].0, "2Gi");
+    let policy = sts.persistent_volume_claim_retention_policy.unwrap();
+    assert_eq!((policy.when_scaled.as_deref(), policy.when_deleted.as_deref()), (Some("Delete"), Some("Retain")));
+    let pod = sts.template.spec.unwrap();
+    let data = pod.containers[0].volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "data").cloned().unwrap();
+    assert_eq!((data.mount_path.as_str(), data.read_only), (DATA_DIR, Some(false)));
+    let security = pod.security_context.unwrap();
+    assert_eq!((security.fs_group, security.fs_group_change_policy.as_deref()), (Some(65532), Some("OnRootMismatch")));
+    assert_eq!(sts.pod_management_policy.as_deref(), Some("Parallel"));
+
+    let memory = minimal("demo");
+    let sts = build(&memory, &plan(&memory)).statefulset.spec;
+    assert!(sts.volume_claim_templates.is_none() && sts.persistent_volume_claim_retention_policy.is_none());
+}
+
+#[test]
+fn a_scale_does_not_change_the_hash_but_a_config_change_does() {
+    let base = full("prod");
+    let mut scaled = base.clone();
+    scaled.spec.replicas = 9;
+    let (before, after) = (plan(&base), plan(&scaled));
+    assert_ne!(before.config_toml, after.config_toml, "the ConfigMap carries the new size");
+    assert_eq!(before.config_hash, after.config_hash, "a scale must not roll the pods");
+    let mut config = base.clone();
+    config.spec.config.cluster.partitions = 16;
+    assert_ne!(before.config_hash, plan(&config).config_hash);
 }
 
 #[test]
@@ -133,4 +198,16 @@ fn invalid_specs_are_named() {
     let mut inline = minimal("g");
     inline.spec.config.auth.jwt_secret = Some("0123456789abcdef".into());
     assert_eq!(reason(&inline, &refs()), "InlineSecret");
+
+    let mut ordinal = minimal("j");
+    ordinal.spec.config.cluster.ordinal = Some(1);
+    assert_eq!(reason(&ordinal, &refs()), "OperatorOwnedField");
+    let mut disk = minimal("k");
+    disk.spec.config.cluster.storage = StorageMode::Disk;
+    let problem = validate(&disk, Owner::of(&disk).unwrap(), &refs()).unwrap_err();
+    assert_eq!(problem.reason, "MissingStorage");
+    assert!(problem.message.contains("spec.storage"), "{problem}");
+    let mut data_dir = full("l");
+    data_dir.spec.config.cluster.data_dir = Some("/data".into());
+    assert_eq!(reason(&data_dir, &refs()), "OperatorOwnedField");
 }

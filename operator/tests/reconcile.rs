@@ -115,15 +115,121 @@ async fn rollout_in_progress_is_progressing_until_pods_are_updated() {
     assert_eq!(stored(&fake, "demo").status.unwrap().config_hash, None, "not rolled out yet");
 }
 
+fn sts_replicas(fake: &FakeApi, name: &str) -> Option<i32> {
+    fake.get::<StatefulSet>(NAMESPACE, name).unwrap().spec.replicas
+}
+
+/// `cluster.size` in the rendered node config.
+fn config_size(fake: &FakeApi, name: &str) -> usize {
+    let cm = fake.get::<ConfigMap>(NAMESPACE, &format!("{name}-config")).unwrap();
+    let config: chat_node::config::NodeConfig = toml::from_str(&cm.data.unwrap()["node.toml"]).unwrap();
+    config.cluster.size
+}
+
 #[tokio::test]
-async fn scale_changes_statefulset_replicas() {
+async fn scale_up_goes_at_once_and_rewrites_the_size_without_rolling_pods() {
     let (fake, ctx) = setup(minimal("demo"));
     run(&fake, &ctx, "demo").await.unwrap();
+    let hash = config_hash(&fake, "demo");
+    assert_eq!(config_size(&fake, "demo"), 3);
     fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["replicas"] = json!(5));
     run(&fake, &ctx, "demo").await.unwrap();
-    assert_eq!(fake.get::<StatefulSet>(NAMESPACE, "demo").unwrap().spec.replicas, Some(5));
+    assert_eq!(sts_replicas(&fake, "demo"), Some(5));
+    assert_eq!(config_size(&fake, "demo"), 5, "running nodes re-read it from the ConfigMap");
+    assert_eq!(config_hash(&fake, "demo"), hash, "a scale must not roll the pods");
     assert_eq!(stored(&fake, "demo").status.unwrap().replicas, 5);
     assert!(fake.events().contains(&("Normal".into(), "Scaled".into())));
+
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["config"]["cluster"] = json!({"partitions": 16}));
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_ne!(config_hash(&fake, "demo"), hash, "another config field does roll them");
+}
+
+#[tokio::test]
+async fn scale_down_removes_one_node_per_settled_step() {
+    let (fake, ctx) = setup(minimal("demo"));
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["replicas"] = json!(5));
+    run(&fake, &ctx, "demo").await.unwrap();
+    let hash = config_hash(&fake, "demo");
+    fake.set_auto_ready(false);
+
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["replicas"] = json!(3));
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_eq!(sts_replicas(&fake, "demo"), Some(4), "one step");
+    assert_eq!(config_size(&fake, "demo"), 3, "every node learns the target at once");
+    assert!(fake.events().contains(&("Normal".into(), "ScaleDownStep".into())));
+    let (progressing, reason) = cond(&fake, "demo", PROGRESSING);
+    assert_eq!((progressing.as_str(), reason.as_str()), ("True", "ScalingDown"));
+
+    // The StatefulSet has not settled (the removed pod still terminates): no second step,
+    // however often the operator looks.
+    for _ in 0..3 {
+        run(&fake, &ctx, "demo").await.unwrap();
+        assert_eq!(sts_replicas(&fake, "demo"), Some(4));
+    }
+    assert_eq!(cond(&fake, "demo", PROGRESSING).1, "ScalingDown");
+
+    fake.settle_statefulset(NAMESPACE, "demo");
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_eq!(sts_replicas(&fake, "demo"), Some(3), "the next step once settled");
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_eq!(sts_replicas(&fake, "demo"), Some(3), "never below spec.replicas");
+    fake.settle_statefulset(NAMESPACE, "demo");
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_eq!(sts_replicas(&fake, "demo"), Some(3));
+    assert_eq!(cond(&fake, "demo", PROGRESSING), ("False".into(), "RolloutComplete".into()));
+    assert_eq!(config_hash(&fake, "demo"), hash, "no step rolled the pods");
+
+    // A scale-up in the middle of a scale-down goes at once.
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["replicas"] = json!(1));
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_eq!(sts_replicas(&fake, "demo"), Some(2));
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["replicas"] = json!(4));
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_eq!(sts_replicas(&fake, "demo"), Some(4));
+}
+
+#[tokio::test]
+async fn storage_cannot_be_added_to_an_existing_cluster() {
+    let (fake, ctx) = setup(minimal("demo"));
+    run(&fake, &ctx, "demo").await.unwrap();
+    let hash = config_hash(&fake, "demo");
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["storage"] = json!({"size": "1Gi"}));
+    fake.clear_requests();
+    run(&fake, &ctx, "demo").await.unwrap();
+    let status = stored(&fake, "demo").status.unwrap();
+    let degraded = condition(&status, DEGRADED).unwrap();
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "StorageImmutable"));
+    assert!(degraded.message.contains("volumeClaimTemplates are immutable"), "{}", degraded.message);
+    assert!(fake.events().contains(&("Warning".into(), "StorageImmutable".into())));
+    let writes = fake.requests().into_iter().filter(|r| r.starts_with("PATCH") && !r.ends_with("/status")).count();
+    assert_eq!(writes, 0, "nothing applied: {:?}", fake.requests());
+    let sts = fake.get::<StatefulSet>(NAMESPACE, "demo").unwrap();
+    assert!(sts.spec.volume_claim_templates.is_none());
+    assert_eq!(config_hash(&fake, "demo"), hash);
+
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| {
+        c["spec"].as_object_mut().unwrap().remove("storage");
+    });
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_eq!(cond(&fake, "demo", DEGRADED).0, "False");
+}
+
+#[tokio::test]
+async fn a_new_cluster_with_storage_gets_its_volumes_and_keeps_them() {
+    let mut cluster = minimal("demo");
+    cluster.spec.storage = Some(chat_operator::crd::StorageSpec { size: "1Gi".into(), storage_class_name: None });
+    let (fake, ctx) = setup(cluster);
+    run(&fake, &ctx, "demo").await.unwrap();
+    let sts = fake.get::<StatefulSet>(NAMESPACE, "demo").unwrap();
+    assert_eq!(sts.spec.volume_claim_templates.map(|t| t.len()), Some(1));
+    // The API server writes quantities canonically; 1024Mi is the same size.
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["storage"]["size"] = json!("1024Mi"));
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_eq!(cond(&fake, "demo", DEGRADED).0, "False");
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["storage"]["size"] = json!("2Gi"));
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_eq!(cond(&fake, "demo", DEGRADED), ("True".into(), "StorageImmutable".into()));
 }
 
 #[tokio::test]
@@ -262,6 +368,7 @@ async fn requests_follow_the_pipeline_order() {
     let core = "/api/v1/namespaces/chat";
     let expected = [
         format!("GET {core}/secrets/demo-peer"),
+        "GET /apis/apps/v1/namespaces/chat/statefulsets/demo".to_owned(),
         format!("PATCH {core}/configmaps/demo-config"),
         format!("PATCH {core}/configmaps/demo-assets"),
         format!("PATCH {core}/secrets/demo-peer"),

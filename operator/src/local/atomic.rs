@@ -1,8 +1,8 @@
-//! Writes a set of files into a directory the way kubelet updates a ConfigMap volume, so a
-//! reader never sees half of an update: the files go into a fresh hidden directory
-//! (`..<timestamp>`), the `..data` symlink is switched to it with one `rename`, and each visible
-//! name is a symlink through `..data`. The node reads its assets from disk per request, so it
-//! serves the new files at once, without a restart.
+//! Writes a single file (a node's `node.toml`), or a set of files into a directory the way kubelet
+//! updates a ConfigMap volume, so a reader never sees half of an update. For the set: the files
+//! go into a fresh hidden directory (`..<timestamp>`), the `..data` symlink is switched to it with
+//! one `rename`, and each visible name is a symlink through `..data`. The node reads its assets
+//! from disk per request, so it serves the new files at once, without a restart.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -72,6 +72,18 @@ pub fn write(dir: &Path, files: &BTreeMap<String, String>) -> io::Result<bool> {
     Ok(true)
 }
 
+/// Replaces one file so that a reader sees the old or the new content, never a part: the
+/// new content goes to a temporary file beside it, then one `rename` puts it in place.
+pub fn write_file(path: &Path, content: &[u8]) -> io::Result<()> {
+    let name = path.file_name().ok_or_else(|| io::Error::other(format!("{} names no file", path.display())))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    std::fs::write(&tmp, content)?;
+    std::fs::rename(&tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +116,15 @@ mod tests {
 
         assert!(write(&assets, &BTreeMap::new()).unwrap());
         assert!(read(&assets).unwrap().is_empty());
+    }
+
+    #[test]
+    fn replaces_a_single_file_without_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        write_file(&path, b"size = 3").unwrap();
+        write_file(&path, b"size = 5").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "size = 5");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "the temporary file is gone");
     }
 }

@@ -11,6 +11,7 @@ pub mod dns;
 pub mod manifest;
 mod node;
 pub mod plan;
+mod step;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -25,10 +26,12 @@ use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
 use crate::reconcile::validate::{Invalid, PEER_KEY_BYTES};
+use chat_node::config::NodeConfig;
 use dns::{DnsError, DnsServer};
 use manifest::{Manifest, ManifestError, SecretValue};
 use node::{Launch, Node};
 use plan::{Addressing, Desired, Layout, NodeAddr, Peers};
+use step::Step;
 
 /// First node address when `--first-ip` is not given: clear of 127.0.0.1, where other local
 /// services usually listen.
@@ -90,6 +93,7 @@ fn hint(invalid: &Invalid) -> &'static str {
             " (add a `kind: Secret` document to the manifest, or pass --secret NAME/KEY=VALUE)"
         }
         "ConfigMapNotFound" => " (add a `kind: ConfigMap` document to the manifest)",
+        "StorageImmutable" => " (locally: stop local mode and start it again with the new spec.storage)",
         _ => "",
     }
 }
@@ -123,7 +127,7 @@ pub async fn run(
     let text = std::fs::read_to_string(&options.manifest).map_err(io_error("reading", &options.manifest))?;
     let manifest = manifest::parse(&text, options.cluster.as_deref(), &options.secrets)?;
     let peer_key = fresh_peer_key();
-    let desired = plan::desired(&manifest, &peer_key).map_err(Error::Invalid)?;
+    let desired = plan::desired(&manifest, &peer_key, None).map_err(Error::Invalid)?;
     let binary = node_binary(options.node_binary.as_deref())?;
 
     let (root, temp) = match &options.state_dir {
@@ -138,6 +142,7 @@ pub async fn run(
     };
     std::fs::create_dir_all(&root).map_err(io_error("creating", &root))?;
     let layout = Layout { root: std::fs::canonicalize(&root).map_err(io_error("resolving", &root))? };
+    remove_stale_data(&layout, &desired)?;
 
     let addressing = addressing(&options)?;
     let dns = match addressing {
@@ -246,14 +251,6 @@ enum Slot {
     Crashed { retry_at: Instant, revision: String },
 }
 
-/// What the StatefulSet controller would do next.
-enum Step {
-    ScaleDown(Vec<u32>),
-    Start(Vec<u32>),
-    Roll(u32),
-    Idle,
-}
-
 struct Supervisor {
     binary: PathBuf,
     layout: Layout,
@@ -297,7 +294,8 @@ impl Supervisor {
             }
             self.reap();
             match self.next_step() {
-                Step::ScaleDown(ordinals) => self.scale_down(ordinals, "scaling down").await,
+                Step::Resize(ordinals) => self.resize(&ordinals),
+                Step::ScaleDown(ordinal) => self.scale_down(ordinal).await,
                 Step::Start(ordinals) => {
                     let started = self.start(&ordinals);
                     // Failing to start the first nodes is an error of the invocation (wrong
@@ -362,7 +360,7 @@ impl Supervisor {
             }
             .into());
         }
-        plan::desired(&manifest, &self.peer_key).map_err(Error::Invalid)
+        plan::desired(&manifest, &self.peer_key, Some(&self.desired.statefulset)).map_err(Error::Invalid)
     }
 
     fn problem(&mut self, message: String) {
@@ -375,8 +373,10 @@ impl Supervisor {
     fn apply(&mut self, desired: Desired) {
         let old = std::mem::replace(&mut self.desired, desired);
         let new = &self.desired;
-        if old.replicas != new.replicas {
-            tracing::info!(from = old.replicas, to = new.replicas, "scaling");
+        if old.replicas < new.replicas {
+            tracing::info!(from = old.replicas, to = new.replicas, "scaling up");
+        } else if old.replicas > new.replicas {
+            tracing::info!(from = old.replicas, to = new.replicas, "scaling down, one node at a time");
         }
         if old.revision != new.revision {
             let how = if new.rolling {
@@ -426,59 +426,70 @@ impl Supervisor {
         }
     }
 
-    /// The config file node `ordinal` should run with now.
-    fn node_config(&self, addr: &NodeAddr) -> String {
-        let cfg = plan::node_config(&self.desired, addr, &self.peers(), &self.layout);
-        toml::to_string(&cfg).unwrap_or_default()
+    /// The config node `ordinal` should run with now.
+    fn node_config(&self, ordinal: u32, addr: &NodeAddr) -> NodeConfig {
+        plan::node_config(&self.desired, ordinal, addr, &self.peers(), &self.layout)
     }
 
-    fn outdated(&self, node: &Node) -> bool {
-        node.revision != self.desired.revision || node.config != self.node_config(&node.addr)
+    fn outdated(&self, ordinal: u32, node: &Node) -> bool {
+        node.revision != self.desired.revision
+            || plan::needs_restart(&node.config, &self.node_config(ordinal, &node.addr))
     }
 
     fn next_step(&mut self) -> Step {
-        let replicas = self.desired.replicas;
-        let extra: Vec<u32> = self.slots.range(replicas..).map(|(i, _)| *i).collect();
-        if !extra.is_empty() {
-            return Step::ScaleDown(extra);
-        }
         let now = Instant::now();
-        let missing: Vec<u32> = (0..replicas)
-            .filter(|i| match self.slots.get(i) {
-                None => true,
-                // A node that crashed with an older config may well be fixed by the new one.
-                Some(Slot::Crashed { retry_at, revision, .. }) => {
-                    *retry_at <= now || *revision != self.desired.revision
-                }
-                Some(Slot::Running(_)) => false,
-            })
-            .collect();
-        if !missing.is_empty() {
-            return Step::Start(missing);
-        }
-        let outdated: Vec<u32> = self
+        let views = self
             .slots
             .iter()
-            .filter_map(|(i, slot)| match slot {
-                Slot::Running(node) if self.outdated(node) => Some(*i),
-                _ => None,
+            .map(|(&i, slot)| {
+                let view = match slot {
+                    Slot::Running(node) => step::Slot::Running {
+                        ready: node.is_ready(),
+                        ready_long_enough: node.ready_since().is_some_and(|t| t.elapsed() >= self.desired.min_ready),
+                        outdated: self.outdated(i, node),
+                        size_stale: node.size != self.desired.config.cluster.size,
+                    },
+                    // A node that crashed with an older config may well be fixed by the new one.
+                    Slot::Crashed { retry_at, revision } => {
+                        step::Slot::Crashed { restart_now: *retry_at <= now || *revision != self.desired.revision }
+                    }
+                };
+                (i, view)
             })
             .collect();
-        let Some(&highest) = outdated.last() else { return Step::Idle };
-        if !self.desired.rolling {
-            if self.on_delete_noted.as_ref() != Some(&self.desired.revision) {
-                tracing::info!(nodes = outdated.len(), "rollout strategy OnDelete: outdated nodes are not restarted");
-                self.on_delete_noted = Some(self.desired.revision.clone());
-            }
-            return Step::Idle;
+        let next = step::next(self.desired.replicas, self.desired.rolling, &views, self.last_rolled);
+        let outdated = views.values().filter(|v| matches!(v, step::Slot::Running { outdated: true, .. })).count();
+        if next == Step::Idle
+            && !self.desired.rolling
+            && outdated > 0
+            && self.on_delete_noted.as_ref() != Some(&self.desired.revision)
+        {
+            tracing::info!(nodes = outdated, "rollout strategy OnDelete: outdated nodes are not restarted");
+            self.on_delete_noted = Some(self.desired.revision.clone());
         }
-        // One at a time: every node ready, and the last one rolled ready for minReadySeconds.
-        let all_ready = self.slots.values().all(|s| matches!(s, Slot::Running(n) if n.is_ready()));
-        let settled = self.last_rolled.and_then(|i| self.slots.get(&i)).is_none_or(|slot| match slot {
-            Slot::Running(node) => node.ready_since().is_some_and(|since| since.elapsed() >= self.desired.min_ready),
-            Slot::Crashed { .. } => false,
-        });
-        if all_ready && settled { Step::Roll(highest) } else { Step::Idle }
+        next
+    }
+
+    /// Writes the new `cluster.size` into running nodes' configs, which they re-read: a scale
+    /// restarts nobody. Only the size changes in the file; anything else that changed waits for
+    /// the node's restart, as it would in a pod.
+    fn resize(&mut self, ordinals: &[u32]) {
+        let size = self.desired.config.cluster.size;
+        for ordinal in ordinals {
+            let Some(Slot::Running(node)) = self.slots.get_mut(ordinal) else { continue };
+            let mut cfg = node.config.clone();
+            cfg.cluster.size = size;
+            let path = self.layout.node_config(&node.name);
+            let written = toml::to_string(&cfg)
+                .map_err(io::Error::other)
+                .and_then(|text| atomic::write_file(&path, text.as_bytes()));
+            match written {
+                Ok(()) => tracing::info!(node = %node.name, size, "cluster size updated in place (no restart)"),
+                // The node keeps its old size; trying again on every step would only repeat this.
+                Err(err) => tracing::error!(node = %node.name, %err, "could not update the cluster size"),
+            }
+            node.size = size;
+        }
     }
 
     /// Starts these ordinals (all at once: the operator's StatefulSet is `Parallel`).
@@ -504,11 +515,15 @@ impl Supervisor {
         let desired = &self.desired;
         let name = desired.node_name(ordinal);
         let addr = self.addressing.node(ordinal).ok_or(Error::NoAddress { ordinal })?;
-        let config = self.node_config(&addr);
+        let config = self.node_config(ordinal, &addr);
         let dir = self.layout.node_dir(&name);
         std::fs::create_dir_all(&dir).map_err(io_error("creating", &dir))?;
+        if let Some(data) = &config.cluster.data_dir {
+            create_private_dir(data)?;
+        }
         let path = self.layout.node_config(&name);
-        std::fs::write(&path, &config).map_err(io_error("writing", &path))?;
+        let text = toml::to_string(&config).map_err(|e| io_error("rendering", &path)(io::Error::other(e)))?;
+        atomic::write_file(&path, text.as_bytes()).map_err(io_error("writing", &path))?;
         // In DNS as soon as it exists, ready or not: the peer Service publishes not-ready
         // addresses, and a starting node needs its peers to find it before it can be ready.
         if let Some(dns) = &self.dns {
@@ -525,8 +540,22 @@ impl Supervisor {
             .map_err(|source| Error::Spawn { node: name, source })
     }
 
-    /// Scale down: out of DNS first, so no peer dials it any more, then drained all at once.
-    async fn scale_down(&mut self, ordinals: Vec<u32>, why: &str) {
+    /// One scale-down step: the highest node is drained as the kubelet would (SIGTERM, then its
+    /// grace period) and its data removed, as the StatefulSet's `whenScaled: Delete` does with
+    /// its volume, so it never comes back later with stale state. The next step waits (in
+    /// [`step::next`]) until every node that stays is ready.
+    async fn scale_down(&mut self, ordinal: u32) {
+        self.stop_nodes(vec![ordinal], "scaling down").await;
+        let data = self.layout.node_data(&self.desired.node_name(ordinal));
+        match std::fs::remove_dir_all(&data) {
+            Ok(()) => tracing::info!(data = %data.display(), "removed the data of the scaled-away node"),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => tracing::error!(data = %data.display(), %err, "could not remove the scaled-away node's data"),
+        }
+    }
+
+    /// Out of DNS first, so no peer dials them any more, then drained all at once.
+    async fn stop_nodes(&mut self, ordinals: Vec<u32>, why: &str) {
         let mut draining = Vec::new();
         for ordinal in ordinals {
             self.crashes.remove(&ordinal);
@@ -554,7 +583,8 @@ impl Supervisor {
     /// next one waits (in [`Self::next_step`]) until this one is ready.
     async fn roll(&mut self, ordinal: u32) {
         let Some(Slot::Running(node)) = self.slots.remove(&ordinal) else { return };
-        let outdated = self.slots.values().filter(|s| matches!(s, Slot::Running(n) if self.outdated(n))).count();
+        let outdated =
+            self.slots.iter().filter(|(i, s)| matches!(s, Slot::Running(n) if self.outdated(**i, n))).count();
         tracing::info!(node = %node.name, pid = node.pid, left_after = outdated, "rolling: draining");
         let name = node.name.clone();
         let status = node.stop(self.desired.grace, self.force.clone()).await;
@@ -596,7 +626,7 @@ impl Supervisor {
             }
         }
         let ordinals: Vec<u32> = self.slots.keys().copied().collect();
-        self.scale_down(ordinals, "stopping").await;
+        self.stop_nodes(ordinals, "stopping").await;
         self.slots.clear();
         let _ = self.write_status();
         tracing::info!("every node stopped");
@@ -717,6 +747,36 @@ struct NodeStatus {
 
 fn exit_text(status: Option<std::process::ExitStatus>) -> String {
     status.map_or_else(|| "unknown".to_owned(), |s| s.to_string())
+}
+
+/// Data of ordinals beyond `replicas` (left by an earlier run with more nodes) would bring those
+/// nodes back with stale state when the cluster grows again; the StatefulSet deletes the volume
+/// of a scaled-away pod for the same reason.
+fn remove_stale_data(layout: &Layout, desired: &Desired) -> Result<(), Error> {
+    let nodes = layout.root.join("nodes");
+    let entries = match std::fs::read_dir(&nodes) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(io_error("reading", &nodes)(err)),
+    };
+    let prefix = format!("{}-", desired.name);
+    for entry in entries {
+        let name = entry.map_err(io_error("reading", &nodes))?.file_name().to_string_lossy().into_owned();
+        let beyond =
+            name.strip_prefix(&prefix).and_then(|n| n.parse::<u32>().ok()).is_some_and(|i| i >= desired.replicas);
+        let data = layout.node_data(&name);
+        if beyond && data.exists() {
+            std::fs::remove_dir_all(&data).map_err(io_error("removing", &data))?;
+            tracing::info!(data = %data.display(), "removed the data of a node beyond spec.replicas");
+        }
+    }
+    Ok(())
+}
+
+/// The node's data directory: its own, like a pod's volume.
+fn create_private_dir(path: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(io_error("creating", path))
 }
 
 /// Keys are readable by their owner only, like the pod's `defaultMode: 0400` Secret volumes.

@@ -10,6 +10,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chat_node::config::NodeConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::sync::{Notify, watch};
@@ -36,8 +37,10 @@ pub struct Node {
     pub pid: u32,
     /// The pod template revision it was started with.
     pub revision: String,
-    /// The exact config file it was started with.
-    pub config: String,
+    /// The config it was started with.
+    pub config: NodeConfig,
+    /// The `cluster.size` in its config file now (changed in place, re-read by the node).
+    pub size: usize,
     pub started: Instant,
     child: Child,
     /// Since when `/readyz` has answered 200 (`None`: not ready).
@@ -53,7 +56,7 @@ impl Node {
         name: String,
         addr: NodeAddr,
         revision: String,
-        config: String,
+        config: NodeConfig,
         changed: Arc<Notify>,
     ) -> io::Result<Node> {
         let log = OpenOptions::new().create(true).append(true).open(&launch.log)?;
@@ -92,7 +95,8 @@ impl Node {
         let pid = child.id().unwrap_or_default();
         let (ready_tx, ready) = watch::channel(None);
         let probe = tokio::spawn(probe(addr.client, name.clone(), ready_tx, changed));
-        Ok(Node { name, addr, pid, revision, config, started: Instant::now(), child, ready, probe })
+        let size = config.cluster.size;
+        Ok(Node { name, addr, pid, revision, config, size, started: Instant::now(), child, ready, probe })
     }
 
     pub fn ready_since(&self) -> Option<Instant> {

@@ -8,18 +8,22 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chat_node::config::NodeConfig;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Container, EnvVar};
 
 use super::manifest::Manifest;
 use crate::crd::RolloutStrategy;
 use crate::reconcile::validate::{Invalid, Refs, validate};
-use crate::resources::{self, AUTH_DIR, CONFIG_HASH_ANNOTATION, CONFIG_KEY, CONFIG_PATH, Owner, PEER_DIR, PEER_KEY};
+use crate::resources::{
+    self, AUTH_DIR, CONFIG_HASH_ANNOTATION, CONFIG_KEY, CONFIG_PATH, MOUNT_ROOT, Owner, PEER_DIR, PEER_KEY,
+};
 
 /// The ChatCluster as the operator would run it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Desired {
     pub name: String,
     pub namespace: String,
+    /// `spec.replicas`: local mode steps a scale-down itself, as the operator does.
     pub replicas: u32,
     /// The config ConfigMap's `node.toml`, parsed.
     pub config: NodeConfig,
@@ -39,14 +43,18 @@ pub struct Desired {
     pub container: Container,
     /// `<name>-peers.<ns>.svc.cluster.local`.
     pub peer_dns: String,
+    /// The StatefulSet the operator would apply: the next manifest is checked against it as the
+    /// operator checks against the one in the cluster (its volume claims cannot change).
+    pub statefulset: StatefulSet,
 }
 
 fn local_invalid(message: String) -> Invalid {
     Invalid { reason: "InvalidConfig", message }
 }
 
-/// Runs the operator's validation and builders; `peer_key` plays the generated peer Secret.
-pub fn desired(manifest: &Manifest, peer_key: &[u8]) -> Result<Desired, Invalid> {
+/// Runs the operator's validation and builders; `peer_key` plays the generated peer Secret,
+/// `running` the StatefulSet of the manifest that runs now (`None` at start).
+pub fn desired(manifest: &Manifest, peer_key: &[u8], running: Option<&StatefulSet>) -> Result<Desired, Invalid> {
     let cluster = &manifest.cluster;
     let owner = Owner::of(cluster).ok_or_else(|| local_invalid("the ChatCluster has no name".to_owned()))?;
     let spec = &cluster.spec;
@@ -55,6 +63,7 @@ pub fn desired(manifest: &Manifest, peer_key: &[u8]) -> Result<Desired, Invalid>
         assets_config_map: spec.assets.config_map_ref.as_ref().and_then(|r| manifest.config_maps.get(&r.name)).cloned(),
         peer_secret: None,
         fresh_peer_key: peer_key.to_vec(),
+        statefulset: running.cloned(),
     };
     let plan = validate(cluster, owner.clone(), &refs)?;
     let children = resources::build(cluster, &plan);
@@ -68,7 +77,8 @@ pub fn desired(manifest: &Manifest, peer_key: &[u8]) -> Result<Desired, Invalid>
         let secret = refs.auth_secret.as_ref()?;
         Some((r.key.clone(), secret.data.as_ref()?.get(&r.key)?.0.clone()))
     });
-    let sts = children.statefulset.spec;
+    let statefulset = children.statefulset;
+    let sts = statefulset.spec.clone();
     let template = sts.template;
     let revision = template
         .metadata
@@ -83,7 +93,7 @@ pub fn desired(manifest: &Manifest, peer_key: &[u8]) -> Result<Desired, Invalid>
     Ok(Desired {
         name: owner.name.clone(),
         namespace: owner.namespace.clone(),
-        replicas: u32::try_from(sts.replicas.unwrap_or(0)).unwrap_or(0),
+        replicas: u32::try_from(spec.replicas).unwrap_or(0),
         config,
         assets: children.assets.data.unwrap_or_default(),
         peer_key,
@@ -94,6 +104,7 @@ pub fn desired(manifest: &Manifest, peer_key: &[u8]) -> Result<Desired, Invalid>
         grace: Duration::from_secs(u64::try_from(grace).unwrap_or(0)),
         container,
         peer_dns: owner.peer_dns(),
+        statefulset,
     })
 }
 
@@ -153,14 +164,9 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// The mount root every operator path lives under (`/etc/chatcluster`).
-    fn mount_root() -> &'static Path {
-        Path::new(CONFIG_PATH).parent().unwrap_or(Path::new("/"))
-    }
-
     /// Where a path inside the pod is on this machine.
     pub fn host_path(&self, pod_path: &Path) -> PathBuf {
-        match pod_path.strip_prefix(Self::mount_root()) {
+        match pod_path.strip_prefix(MOUNT_ROOT) {
             Ok(rest) => self.root.join(rest),
             Err(_) => pod_path.to_path_buf(),
         }
@@ -186,6 +192,11 @@ impl Layout {
         self.node_dir(node).join("node.toml")
     }
 
+    /// The node's volume (`spec.storage`): kept across runs with the same state directory.
+    pub fn node_data(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("data")
+    }
+
     pub fn node_log(&self, node: &str) -> PathBuf {
         self.root.join(format!("{node}.log"))
     }
@@ -205,9 +216,15 @@ pub enum Peers {
 }
 
 /// The node config of one node on this machine: the rendered `node.toml` with what differs
-/// from a pod (addresses, the mounts' host paths, how peers are found).
-pub fn node_config(desired: &Desired, addr: &NodeAddr, peers: &Peers, layout: &Layout) -> NodeConfig {
+/// from a pod (addresses, the mounts' host paths, the volume, how peers are found).
+pub fn node_config(desired: &Desired, ordinal: u32, addr: &NodeAddr, peers: &Peers, layout: &Layout) -> NodeConfig {
     let mut cfg = desired.config.clone();
+    // The node would take it from its name too; explicit, so `--node-id` in the args cannot
+    // change it.
+    cfg.cluster.ordinal = Some(ordinal);
+    if cfg.cluster.data_dir.is_some() {
+        cfg.cluster.data_dir = Some(layout.node_data(&desired.node_name(ordinal)));
+    }
     cfg.listen = addr.client;
     cfg.cluster.peer_listen = addr.peer;
     cfg.cluster.advertise_ip = Some(addr.ip);
@@ -223,6 +240,14 @@ pub fn node_config(desired: &Desired, addr: &NodeAddr, peers: &Peers, layout: &L
         }
     }
     cfg
+}
+
+/// Whether a node running `started` must restart to run `wanted`: they differ in more than what
+/// a running node re-reads (`cluster.size`).
+pub fn needs_restart(started: &NodeConfig, wanted: &NodeConfig) -> bool {
+    let mut same_size = wanted.clone();
+    same_size.cluster.size = started.cluster.size;
+    *started != same_size
 }
 
 /// The container's environment for one node, with the downward API resolved as the kubelet
@@ -278,21 +303,21 @@ mod tests {
     #[test]
     fn desired_comes_from_the_operator_builders() {
         let m = minimal();
-        let d = desired(&m, &[b'a'; 64]).unwrap();
+        let d = desired(&m, &[b'a'; 64], None).unwrap();
         assert_eq!((d.name.as_str(), d.namespace.as_str(), d.replicas), ("chat", "default", 3));
         assert_eq!(d.peer_dns, "chat-peers.default.svc.cluster.local");
         assert_eq!(d.peer_key, vec![b'a'; 64]);
         assert_eq!(d.grace, Duration::from_secs(30), "deadline 25 + 5");
         assert!(d.rolling);
         // The same peer key gives the same revision; another config gives another one.
-        assert_eq!(desired(&m, &[b'a'; 64]).unwrap().revision, d.revision);
+        assert_eq!(desired(&m, &[b'a'; 64], None).unwrap().revision, d.revision);
         let mut changed = m.clone();
         changed.cluster.spec.config.limits.max_connections = 5;
-        assert_ne!(desired(&changed, &[b'a'; 64]).unwrap().revision, d.revision);
+        assert_ne!(desired(&changed, &[b'a'; 64], None).unwrap().revision, d.revision);
         // Assets do not restart pods.
         let mut assets = m.clone();
         assets.cluster.spec.assets.files.insert("x.txt".into(), "x".into());
-        let with_assets = desired(&assets, &[b'a'; 64]).unwrap();
+        let with_assets = desired(&assets, &[b'a'; 64], None).unwrap();
         assert_eq!(with_assets.revision, d.revision);
         assert_eq!(with_assets.assets["x.txt"], "x");
     }
@@ -301,23 +326,23 @@ mod tests {
     fn invalid_spec_is_the_operators_degraded_reason() {
         let mut m = minimal();
         m.cluster.spec.drain.termination_grace_period_seconds = Some(1);
-        assert_eq!(desired(&m, &[0; 64]).unwrap_err().reason, "InvalidDrain");
+        assert_eq!(desired(&m, &[0; 64], None).unwrap_err().reason, "InvalidDrain");
         let mut m = minimal();
         m.cluster.spec.auth.jwt_secret_ref =
             Some(crate::crd::SecretKeyRef { name: "jwt".into(), key: "jwt-secret".into() });
-        assert_eq!(desired(&m, &[0; 64]).unwrap_err().reason, "SecretNotFound");
+        assert_eq!(desired(&m, &[0; 64], None).unwrap_err().reason, "SecretNotFound");
     }
 
     #[test]
     fn node_config_maps_mounts_and_addresses() {
-        let d = desired(&minimal(), &[b'a'; 64]).unwrap();
+        let d = desired(&minimal(), &[b'a'; 64], None).unwrap();
         let layout = Layout { root: PathBuf::from("/state") };
         let addressing =
             Addressing::PerNodeIp { first: Ipv4Addr::new(127, 0, 0, 10), client_port: 8080, peer_port: 8081 };
         let addr = addressing.node(2).unwrap();
         assert_eq!(addr.client.to_string(), "127.0.0.12:8080");
         let dns: SocketAddr = "127.0.0.1:5353".parse().unwrap();
-        let cfg = node_config(&d, &addr, &Peers::Dns(dns), &layout);
+        let cfg = node_config(&d, 2, &addr, &Peers::Dns(dns), &layout);
         cfg.validate().unwrap();
         assert_eq!(cfg.cluster.peer_listen.to_string(), "127.0.0.12:8081");
         assert_eq!(cfg.cluster.dns_name.as_deref(), Some("chat-peers.default.svc.cluster.local"));
@@ -328,7 +353,7 @@ mod tests {
         let shared = Addressing::SharedIp { ip: Ipv4Addr::LOCALHOST, base_port: 8080 };
         let addr = shared.node(1).unwrap();
         assert_eq!((addr.client.port(), addr.peer.port()), (8082, 8083));
-        let cfg = node_config(&d, &addr, &Peers::Static(vec!["127.0.0.1:8081".into()]), &layout);
+        let cfg = node_config(&d, 1, &addr, &Peers::Static(vec!["127.0.0.1:8081".into()]), &layout);
         cfg.validate().unwrap();
         assert_eq!(cfg.cluster.dns_name, None);
         assert!(Addressing::SharedIp { ip: Ipv4Addr::LOCALHOST, base_port: 65534 }.node(1).is_none());
@@ -339,5 +364,48 @@ mod tests {
         assert_eq!(env["POD_IP"], "127.0.0.12");
         assert_eq!(env["CHAT_PEER_DNS"], "chat-peers.default.svc.cluster.local");
         assert_eq!(node_args(&d.container, &layout, "chat-2"), ["--config", "/state/nodes/chat-2/node.toml"]);
+    }
+
+    #[test]
+    fn each_node_gets_the_size_its_ordinal_and_its_own_data_directory() {
+        let mut m = minimal();
+        m.cluster.spec.replicas = 4;
+        m.cluster.spec.storage = Some(crate::crd::StorageSpec { size: "1Gi".into(), storage_class_name: None });
+        let d = desired(&m, &[b'a'; 64], None).unwrap();
+        let layout = Layout { root: PathBuf::from("/state") };
+        let addr = Addressing::SharedIp { ip: Ipv4Addr::LOCALHOST, base_port: 8080 }.node(3).unwrap();
+        let cfg = node_config(&d, 3, &addr, &Peers::Static(vec![]), &layout);
+        cfg.validate().unwrap();
+        assert_eq!((cfg.cluster.size, cfg.cluster.ordinal), (4, Some(3)));
+        assert_eq!(cfg.cluster.storage, chat_node::config::StorageMode::Disk);
+        assert_eq!(cfg.cluster.data_dir.as_deref(), Some(Path::new("/state/nodes/chat-3/data")));
+
+        let memory = desired(&minimal(), &[b'a'; 64], None).unwrap();
+        assert_eq!(node_config(&memory, 0, &addr, &Peers::Static(vec![]), &layout).cluster.data_dir, None);
+    }
+
+    #[test]
+    fn a_scale_changes_neither_the_revision_nor_anything_that_needs_a_restart() {
+        let m = minimal();
+        let d = desired(&m, &[b'a'; 64], None).unwrap();
+        let mut scaled = m.clone();
+        scaled.cluster.spec.replicas = 5;
+        let s = desired(&scaled, &[b'a'; 64], Some(&d.statefulset)).unwrap();
+        assert_eq!((s.replicas, s.config.cluster.size), (5, 5));
+        assert_eq!(s.revision, d.revision);
+        assert!(!needs_restart(&d.config, &s.config));
+        let mut changed = s.config.clone();
+        changed.history.size = 7;
+        assert!(needs_restart(&d.config, &changed));
+    }
+
+    #[test]
+    fn storage_cannot_change_while_running_as_in_a_cluster() {
+        let m = minimal();
+        let d = desired(&m, &[b'a'; 64], None).unwrap();
+        let mut disk = m.clone();
+        disk.cluster.spec.storage = Some(crate::crd::StorageSpec { size: "1Gi".into(), storage_class_name: None });
+        assert_eq!(desired(&disk, &[b'a'; 64], Some(&d.statefulset)).unwrap_err().reason, "StorageImmutable");
+        assert!(desired(&disk, &[b'a'; 64], None).is_ok(), "a fresh start may choose");
     }
 }

@@ -1,5 +1,7 @@
-//! Reads the objects a spec refers to (auth Secret, assets ConfigMap, existing peer Secret).
+//! Reads the objects a spec refers to (auth Secret, assets ConfigMap) and the children whose
+//! current state matters (the peer Secret's key, the StatefulSet's claims and progress).
 
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::Api;
 use rand::RngCore;
@@ -22,10 +24,12 @@ pub async fn fetch(ctx: &Context, cluster: &ChatCluster, owner: &Owner) -> Resul
         None => None,
     };
     let peer_secret = get(ctx, &secrets, &owner.peer_secret_name()).await?;
+    let statefulsets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let statefulset = get(ctx, &statefulsets, &owner.name).await?;
     let mut random = [0u8; PEER_KEY_BYTES];
     rand::rng().fill_bytes(&mut random);
     let fresh_peer_key = random.iter().map(|b| format!("{b:02x}")).collect::<String>().into_bytes();
-    Ok(Refs { auth_secret, assets_config_map, peer_secret, fresh_peer_key })
+    Ok(Refs { auth_secret, assets_config_map, peer_secret, fresh_peer_key, statefulset })
 }
 
 async fn get<K>(ctx: &Context, api: &Api<K>, name: &str) -> Result<Option<K>, Error>

@@ -2,7 +2,9 @@
 
 pub mod apply;
 pub mod dereference;
+pub mod scale;
 pub mod status;
+pub mod storage;
 pub mod validate;
 
 use std::collections::HashMap;
@@ -25,6 +27,9 @@ const DEGRADED_AFTER_FAILURES: u32 = 5;
 const RESYNC: Duration = Duration::from_secs(300);
 /// Re-check of an invalid spec, in case a referenced object appears without an event reaching us.
 const INVALID_RECHECK: Duration = Duration::from_secs(60);
+/// Re-check while a scale-down waits for the StatefulSet to settle; its status changes are
+/// watched, so this is a safety net too.
+const SCALE_DOWN_RECHECK: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -155,14 +160,23 @@ async fn reconcile_owned(cluster: &ChatCluster, owner: &Owner, ctx: &Context) ->
         }
     };
     let children = resources::build(cluster, &plan);
+    let before = refs.statefulset.as_ref().and_then(|s| s.spec.replicas);
     let applied = apply::apply_all(ctx, owner, &children).await?;
+    if let Some(before) = before.filter(|n| plan.replicas < *n) {
+        let note = format!(
+            "removing {}-{}: {before} → {} nodes, {} wanted (one at a time)",
+            owner.name, plan.replicas, plan.replicas, cluster.spec.replicas
+        );
+        ctx.event(cluster, EventType::Normal, "ScaleDownStep", note).await;
+    }
     for object in apply::delete_unwanted(ctx, owner, &children).await? {
         ctx.event(cluster, EventType::Normal, "Deleted", format!("deleted {object}: no longer wanted")).await;
     }
     let new = status::observed(cluster, &plan, &applied.statefulset, &applied.client_service, now());
     announce(ctx, cluster, &new).await;
     status::write(ctx, cluster, owner, new).await?;
-    Ok(Action::requeue(RESYNC))
+    let scaling_down = plan.replicas > cluster.spec.replicas;
+    Ok(Action::requeue(if scaling_down { SCALE_DOWN_RECHECK } else { RESYNC }))
 }
 
 /// Events for significant changes, found by comparing with the previous status.

@@ -31,12 +31,17 @@ pub fn observed(
     let ready = st.ready_replicas.unwrap_or(0);
     let updated = st.updated_replicas.unwrap_or(0);
     let seen = st.observed_generation.is_some() && st.observed_generation >= statefulset.metadata.generation;
-    let progress = if !seen {
+    let progress = if st.replicas > desired || plan.replicas > desired {
+        // First: the scale-down is what the other reasons (a pod leaving, not yet seen) are part of.
+        let message = format!(
+            "{} nodes, {desired} wanted: removing one at a time, each once the StatefulSet has settled ({ready} ready)",
+            st.replicas.max(plan.replicas)
+        );
+        Some(("ScalingDown", message))
+    } else if !seen {
         Some(("Applying", "the StatefulSet controller has not seen the latest spec yet".to_owned()))
     } else if updated < desired || st.current_revision != st.update_revision {
         Some(("RollingUpdate", format!("{updated}/{desired} nodes run the latest pod template")))
-    } else if st.replicas > desired {
-        Some(("ScalingDown", format!("{} nodes, {desired} wanted", st.replicas)))
     } else if ready < desired {
         Some(("WaitingForReady", format!("{ready}/{desired} nodes ready")))
     } else {

@@ -6,9 +6,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use chat_node::config::{AuthMode, DrainConfig, NodeConfig};
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use sha2::{Digest, Sha256};
 
+use super::{scale, storage};
 use crate::crd::{ChatCluster, ServiceType};
 use crate::resources::{ASSETS_DIR, AUTH_DIR, HTTP_PORT, Owner, PEER_DIR, PEER_KEY, PEER_PORT};
 
@@ -28,6 +30,9 @@ pub struct Refs {
     pub peer_secret: Option<Secret>,
     /// Random key used only when no usable peer key exists yet.
     pub fresh_peer_key: Vec<u8>,
+    /// The cluster's StatefulSet as it is now: its volume claim templates cannot change, and its
+    /// status paces a scale-down.
+    pub statefulset: Option<StatefulSet>,
 }
 
 /// A spec problem only the operator can see; `reason` is the condition/event reason.
@@ -38,7 +43,7 @@ pub struct Invalid {
     pub message: String,
 }
 
-fn invalid(reason: &'static str, message: impl Into<String>) -> Invalid {
+pub(super) fn invalid(reason: &'static str, message: impl Into<String>) -> Invalid {
     Invalid { reason, message: message.into() }
 }
 
@@ -52,11 +57,14 @@ pub struct Plan {
     pub peer_key: Vec<u8>,
     pub config_hash: String,
     pub termination_grace_seconds: i64,
+    /// The StatefulSet's replicas now: `spec.replicas`, or one step towards it when scaling down.
+    pub replicas: i32,
 }
 
 pub fn validate(cluster: &ChatCluster, owner: Owner, refs: &Refs) -> Result<Plan, Invalid> {
     let auth_key = auth_key(cluster, &owner, refs)?;
     let config = render_config(cluster, &owner.peer_dns())?;
+    storage::check_unchanged(cluster.spec.storage.as_ref(), refs.statefulset.as_ref(), &owner.name)?;
     let termination_grace_seconds = termination_grace(cluster)?;
     if cluster.spec.service.type_ == ServiceType::ClusterIP && cluster.spec.service.node_port.is_some() {
         return Err(invalid("InvalidService", "spec.service.nodePort needs type NodePort or LoadBalancer"));
@@ -64,8 +72,9 @@ pub fn validate(cluster: &ChatCluster, owner: Owner, refs: &Refs) -> Result<Plan
     let assets = assets(cluster, &owner, refs)?;
     let peer_key = peer_key(refs);
     let config_toml = toml::to_string(&config).map_err(|e| invalid("InvalidConfig", e.to_string()))?;
-    let config_hash = config_hash(&config_toml, auth_key.as_deref(), &peer_key);
-    Ok(Plan { owner, config, config_toml, assets, peer_key, config_hash, termination_grace_seconds })
+    let config_hash = config_hash(&restart_relevant(&config)?, auth_key.as_deref(), &peer_key);
+    let replicas = scale::step(cluster.spec.replicas, refs.statefulset.as_ref());
+    Ok(Plan { owner, config, config_toml, assets, peer_key, config_hash, termination_grace_seconds, replicas })
 }
 
 /// `spec.config` with the operator-owned fields forced, checked by the node's own rules;
@@ -98,6 +107,7 @@ pub fn render_config(cluster: &ChatCluster, peer_dns: &str) -> Result<NodeConfig
         ));
     }
     let cluster_owned = [
+        ("ordinal", cfg.cluster.ordinal.is_some()),
         ("secret_file", cfg.cluster.secret_file.is_some()),
         ("dns_name", cfg.cluster.dns_name.is_some()),
         ("static_peers", !cfg.cluster.static_peers.is_empty()),
@@ -107,7 +117,8 @@ pub fn render_config(cluster: &ChatCluster, peer_dns: &str) -> Result<NodeConfig
         return Err(invalid(
             "OperatorOwnedField",
             format!(
-                "spec.config.cluster.{field} is set by the operator (peers are found through the headless Service)"
+                "spec.config.cluster.{field} is set by the operator (each pod's ordinal comes from its name, \
+                 peers are found through the headless Service)"
             ),
         ));
     }
@@ -116,6 +127,9 @@ pub fn render_config(cluster: &ChatCluster, peer_dns: &str) -> Result<NodeConfig
     cfg.cluster.dns_name = Some(peer_dns.to_owned());
     cfg.cluster.secret_file = Some(PathBuf::from(PEER_DIR).join(PEER_KEY));
     cfg.assets_dir = Some(PathBuf::from(ASSETS_DIR));
+    // The node re-reads the size while it runs; it is never 0 (a cluster scaled to zero runs none).
+    cfg.cluster.size = usize::try_from(spec.replicas).unwrap_or(0).max(1);
+    storage::render(spec.storage.as_ref(), &mut cfg)?;
     match &spec.auth.jwt_secret_ref {
         Some(secret) => {
             cfg.auth.mode = AuthMode::Jwt;
@@ -230,6 +244,16 @@ fn peer_key(refs: &Refs) -> Vec<u8> {
         .and_then(|d| d.get(PEER_KEY))
         .filter(|k| k.0.len() >= PEER_KEY_BYTES)
         .map_or_else(|| refs.fresh_peer_key.clone(), |k| k.0.clone())
+}
+
+/// The rendered config without what a running node re-reads (`cluster.size`), as the text the
+/// config hash covers: a scale (`kubectl scale`, an HPA) must never restart pods.
+pub fn restart_relevant(config: &NodeConfig) -> Result<String, Invalid> {
+    let mut value = toml::Table::try_from(config).map_err(|e| invalid("InvalidConfig", e.to_string()))?;
+    if let Some(cluster) = value.get_mut("cluster").and_then(toml::Value::as_table_mut) {
+        cluster.remove("size");
+    }
+    toml::to_string(&value).map_err(|e| invalid("InvalidConfig", e.to_string()))
 }
 
 /// Hash of everything a running node reads only at start. Keys enter the hash together with the

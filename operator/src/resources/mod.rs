@@ -29,10 +29,18 @@ pub const CONFIG_HASH_ANNOTATION: &str = "chatcluster.dev/config-hash";
 pub const HTTP_PORT: i32 = 8080;
 pub const PEER_PORT: i32 = 8081;
 /// Where the node finds its files; the rendered config points into these.
-pub const CONFIG_PATH: &str = "/etc/chatcluster/node.toml";
+pub const MOUNT_ROOT: &str = "/etc/chatcluster";
+/// In a directory of its own, mounted without `subPath`: kubelet's `..data` swap then reaches
+/// running pods, which re-read `cluster.size` from it (a `subPath` mount never changes).
+pub const CONFIG_DIR: &str = "/etc/chatcluster/config";
+pub const CONFIG_PATH: &str = "/etc/chatcluster/config/node.toml";
 pub const ASSETS_DIR: &str = "/etc/chatcluster/assets";
 pub const AUTH_DIR: &str = "/etc/chatcluster/auth";
 pub const PEER_DIR: &str = "/etc/chatcluster/peer";
+/// Where each node's volume (`spec.storage`) is mounted: the node's `cluster.data_dir`.
+pub const DATA_DIR: &str = "/var/lib/chatcluster";
+/// The volume claim template's name; the StatefulSet names each claim `data-<pod>`.
+pub const DATA_VOLUME: &str = "data";
 
 /// Identity of the ChatCluster that every child carries.
 #[derive(Clone, Debug, PartialEq)]

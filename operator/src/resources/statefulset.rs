@@ -1,20 +1,27 @@
 //! The StatefulSet of chat nodes: stable pod names, rolling updates keyed on the config hash,
-//! probes, downward-API env, secure defaults and a grace period that covers the node's drain.
+//! probes, downward-API env, secure defaults, a grace period that covers the node's drain, and
+//! a volume per node when `spec.storage` asks for one.
 
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    HTTPGetAction, KeyToPath, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount, VolumeResourceRequirements,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    ASSETS_DIR, AUTH_DIR, CONFIG_HASH_ANNOTATION, CONFIG_KEY, CONFIG_PATH, HTTP_PORT, PEER_DIR, PEER_PORT, non_empty,
-    non_empty_vec,
+    ASSETS_DIR, AUTH_DIR, CONFIG_DIR, CONFIG_HASH_ANNOTATION, CONFIG_PATH, DATA_DIR, DATA_VOLUME, HTTP_PORT, Owner,
+    PEER_DIR, PEER_PORT, non_empty, non_empty_vec,
 };
-use crate::crd::{ChatCluster, RolloutStrategy};
+use crate::crd::{ChatCluster, RolloutStrategy, StorageSpec};
 use crate::reconcile::validate::Plan;
 
 /// UID/GID of the node process; any non-root id works, this is the distroless "nonroot" user.
@@ -30,14 +37,25 @@ pub fn statefulset(cluster: &ChatCluster, plan: &Plan) -> StatefulSet {
     StatefulSet {
         metadata: owner.object_meta(owner.name.clone()),
         spec: StatefulSetSpec {
-            replicas: Some(spec.replicas),
+            // One step at a time when scaling down (see reconcile::scale).
+            replicas: Some(plan.replicas),
             selector: LabelSelector { match_labels: Some(owner.selector_labels()), ..LabelSelector::default() },
             service_name: Some(owner.peer_service_name()),
-            // Nodes do not depend on each other to start, so scale up and down all at once.
+            // A node is ready only once a majority of the intended voters is linked: started one
+            // at a time (OrderedReady), the first would wait for peers that are never started.
             pod_management_policy: Some("Parallel".to_owned()),
             update_strategy: Some(StatefulSetUpdateStrategy { type_: Some(strategy.to_owned()), rolling_update: None }),
             min_ready_seconds: (spec.rollout.min_ready_seconds > 0).then_some(spec.rollout.min_ready_seconds),
             template: pod_template(cluster, plan),
+            volume_claim_templates: spec.storage.as_ref().map(|s| vec![data_claim(owner, s)]),
+            // A scaled-away node must not come back later with its stale state; deleting the
+            // ChatCluster keeps the data.
+            persistent_volume_claim_retention_policy: spec.storage.as_ref().map(|_| {
+                StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_scaled: Some("Delete".to_owned()),
+                    when_deleted: Some("Retain".to_owned()),
+                }
+            }),
             ..StatefulSetSpec::default()
         },
         ..StatefulSet::default()
@@ -71,6 +89,9 @@ fn pod_template(cluster: &ChatCluster, plan: &Plan) -> PodTemplateSpec {
                 run_as_user: Some(RUN_AS),
                 run_as_group: Some(RUN_AS),
                 fs_group: Some(RUN_AS),
+                // Only a new volume needs its owner set; a recursive chown of a full one at every
+                // start would slow restarts down.
+                fs_group_change_policy: cluster.spec.storage.as_ref().map(|_| "OnRootMismatch".to_owned()),
                 seccomp_profile: Some(SeccompProfile {
                     type_: "RuntimeDefault".to_owned(),
                     ..SeccompProfile::default()
@@ -83,16 +104,19 @@ fn pod_template(cluster: &ChatCluster, plan: &Plan) -> PodTemplateSpec {
 }
 
 fn container(cluster: &ChatCluster, plan: &Plan) -> Container {
+    // No subPath anywhere: kubelet's atomic `..data` swap must reach running pods (the node
+    // re-reads `cluster.size` from its config and serves assets from disk).
     let mut mounts = vec![
-        // subPath is fine here: config changes roll the pods anyway (config hash).
-        mount("config", CONFIG_PATH, Some(CONFIG_KEY)),
-        // No subPath: kubelet's atomic `..data` swap must reach running pods.
-        mount("assets", ASSETS_DIR, None),
-        mount("peer", PEER_DIR, None),
-        mount("tmp", "/tmp", None),
+        mount("config", CONFIG_DIR, true),
+        mount("assets", ASSETS_DIR, true),
+        mount("peer", PEER_DIR, true),
+        mount("tmp", "/tmp", false),
     ];
     if cluster.spec.auth.jwt_secret_ref.is_some() {
-        mounts.push(mount("auth", AUTH_DIR, None));
+        mounts.push(mount("auth", AUTH_DIR, true));
+    }
+    if cluster.spec.storage.is_some() {
+        mounts.push(mount(DATA_VOLUME, DATA_DIR, false));
     }
     Container {
         name: "chat-node".to_owned(),
@@ -161,13 +185,33 @@ fn secret_volume(name: &str, secret: String, only_key: Option<&str>) -> Volume {
     }
 }
 
-fn mount(volume: &str, path: &str, sub_path: Option<&str>) -> VolumeMount {
+fn mount(volume: &str, path: &str, read_only: bool) -> VolumeMount {
     VolumeMount {
         name: volume.to_owned(),
         mount_path: path.to_owned(),
-        sub_path: sub_path.map(str::to_owned),
-        read_only: Some(volume != "tmp"),
+        read_only: Some(read_only),
         ..VolumeMount::default()
+    }
+}
+
+/// The claim template of each node's data volume (`data-<pod>`), written only by its own pod.
+fn data_claim(owner: &Owner, storage: &StorageSpec) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(DATA_VOLUME.to_owned()),
+            labels: Some(owner.selector_labels()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
+            storage_class_name: storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".to_owned(), Quantity(storage.size.clone()))])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
     }
 }
 
