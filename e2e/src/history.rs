@@ -907,6 +907,20 @@ pub async fn read_histories(target: &NodeTarget, cfg: &HistoryConfig) -> anyhow:
                 history.complete = false;
             }
             let messages = frame["messages"].as_array().context("history messages")?;
+            // `since` + `limit` must mean the first `limit` messages after `since`: the first page
+            // of a complete history starts at offset 1 (later gaps are the checker's to report).
+            let first = messages.first().and_then(|m| m["offset"].as_u64());
+            if let Some(first) = first
+                && page == 0
+                && first != 1
+                && history.complete
+            {
+                bail!(
+                    "{}: {room}: history after offset 0 (limit {PAGE}) starts at offset {first}, and says it is \
+                     complete: is `limit` taken from the end?",
+                    target.name
+                );
+            }
             for m in messages {
                 let offset = m["offset"].as_u64().context("offset")?;
                 let body = m["body"].as_str().unwrap_or_default().to_owned();

@@ -121,9 +121,20 @@ async fn start_traffic(
     fallback: &[NodeTarget],
     failover_after: Duration,
 ) -> anyhow::Result<()> {
+    start_traffic_tagged(rec, "", nodes, fallback, failover_after).await
+}
+
+/// [`start_traffic`] with subscriber names `sub-<tag><node>` (several runs in one check).
+async fn start_traffic_tagged(
+    rec: &mut Recorder,
+    tag: &str,
+    nodes: &[NodeTarget],
+    fallback: &[NodeTarget],
+    failover_after: Duration,
+) -> anyhow::Result<()> {
     for node in nodes {
         let others: Vec<NodeTarget> = fallback.iter().filter(|f| f.name != node.name).cloned().collect();
-        rec.add_subscriber(&format!("sub-{}", node.name), node.clone(), others, failover_after).await?;
+        rec.add_subscriber(&format!("sub-{tag}{}", node.name), node.clone(), others, failover_after).await?;
     }
     for node in nodes {
         rec.add_publisher(&publisher_name(node), node.clone());
@@ -399,7 +410,7 @@ async fn whole_cluster_restart_with_disk_storage() -> anyhow::Result<()> {
         }
         let nodes = targets(&lm, 3);
         let mut rec = Recorder::new(config(&run_name(&format!("disk{run}"))));
-        start_traffic(&mut rec, &nodes, &[], Duration::MAX).await?;
+        start_traffic_tagged(&mut rec, &format!("run{run}-"), &nodes, &[], Duration::MAX).await?;
         rec.wait_acks(150, PROGRESS).await.map_err(|e| with_logs(e, lm.report()))?;
         cfg = Some(rec.config().clone());
         recorded.push(rec.finish(&nodes, SETTLE).await.map_err(|e| with_logs(e, lm.report()))?);
