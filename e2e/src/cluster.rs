@@ -279,6 +279,15 @@ pub struct NetnsCluster {
 impl NetnsCluster {
     /// `n` nodes `node-0` … started concurrently and converged.
     pub async fn start(n: usize) -> anyhow::Result<NetnsCluster> {
+        Self::start_with(n, false).await
+    }
+
+    /// Like [`NetnsCluster::start`], with JWT authentication (stable user ids, see [`user_token`]).
+    pub async fn start_jwt(n: usize) -> anyhow::Result<NetnsCluster> {
+        Self::start_with(n, true).await
+    }
+
+    async fn start_with(n: usize, jwt: bool) -> anyhow::Result<NetnsCluster> {
         let net = crate::netns::TestNet::new(n)?;
         let dns = net.start_dns(NAME).await?;
         dns.set_records(net.hosts().iter().map(|h| h.ip_addr()).collect());
@@ -287,6 +296,10 @@ impl NetnsCluster {
             let mut cfg = node_config(&id, host.ip_addr(), NETNS_PORTS, dns.addr(), SECRET);
             cfg.cluster.size = n;
             cfg.listen = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), NETNS_PORTS.client);
+            if jwt {
+                cfg.auth.mode = AuthMode::Jwt;
+                cfg.auth.jwt_secret = Some(JWT_SECRET.into());
+            }
             let ns = host.ns.clone();
             async move { start_in(&ns, &cfg).await.map(|node| Member { id, node }) }
         });

@@ -3,6 +3,8 @@
 
 pub mod client;
 pub mod cluster;
+pub mod history;
+pub mod local;
 mod process;
 
 pub use process::{NodeProcess, free_port, node_binary, operator_binary};
