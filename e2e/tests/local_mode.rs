@@ -68,7 +68,6 @@ spec:
       discovery_interval_secs: 1
       heartbeat_ms: 100
       peer_timeout_ms: 600
-      ready_timeout_secs: 5
   assets:
     files:
       hello.txt: \"{hello}\"
@@ -213,11 +212,12 @@ impl LocalMode {
                 let (code, body) = http_get(lm.addr(ordinal), "/cluster").await?;
                 ensure!(code == 200, "/cluster of {ordinal}: {code}");
                 let cluster: Value = serde_json::from_str(&body)?;
-                let members = cluster["members"].as_array().map_or(0, Vec::len);
+                let links = cluster["links"].as_array().map_or(0, Vec::len);
                 ensure!(
-                    members == n as usize - 1 && cluster["known_size"] == n,
-                    "{NAME}-{ordinal}: {members} members, known {}",
-                    cluster["known_size"]
+                    links == n as usize - 1 && cluster["size"] == n && cluster["ready"] == true,
+                    "{NAME}-{ordinal}: {links} links, size {}, ready {}",
+                    cluster["size"],
+                    cluster["ready"]
                 );
                 ensure!(http_get(lm.addr(ordinal), "/readyz").await?.0 == 200, "{ordinal} /readyz");
             }

@@ -227,7 +227,8 @@ fn reconcile(log: &ReplicatedLog, group: u32) {
 }
 
 /// Ready: a majority of the voter slots is linked, and in every group this node is a member
-/// that follows a known leader, keeps up, and votes if its ordinal has a voter slot.
+/// that keeps up and votes if its ordinal has a voter slot. A leader election does not make
+/// nodes unready: publishes wait for the new leader meanwhile.
 fn update_readiness(log: &ReplicatedLog) {
     let must_vote = (log.ordinal as usize) < slots(log.size());
     let groups = log.groups();
@@ -243,7 +244,7 @@ fn update_readiness(log: &ReplicatedLog) {
         let member = membership.get_node(&log.raft_id).is_some();
         let applied = m.last_applied.map_or(0, |l| l.index);
         let keeping_up = applied + CAUGHT_UP_LAG >= m.last_log_index.unwrap_or(0);
-        all_ready &= m.current_leader.is_some() && member && keeping_up && (voter || !must_vote);
+        all_ready &= member && keeping_up && (voter || !must_vote);
     }
     log.metrics.raft_groups_led.set(led as i64);
     log.metrics.raft_groups_voting.set(voting as i64);
