@@ -58,7 +58,7 @@ pub enum ReplicationError {
     #[error("the data directory belongs to node ordinal {stored}, not {ours}")]
     ForeignData { stored: u32, ours: u32 },
     #[error("raft config: {0}")]
-    Config(#[from] openraft::ConfigError),
+    Config(String),
     #[error("starting raft group {group}: {message}")]
     Start { group: u32, message: String },
     #[error("stored snapshot of group {group} is unreadable: {source}")]
@@ -197,7 +197,7 @@ impl ReplicatedLog {
             max_payload_entries: 512,
             ..Config::default()
         };
-        Ok(Arc::new(config.validate()?))
+        Ok(Arc::new(config.validate().map_err(|e| ReplicationError::Config(e.to_string()))?))
     }
 
     /// Starts the Raft groups: with disk storage each resumes from its stored snapshot and log.
@@ -251,7 +251,7 @@ impl ReplicatedLog {
         self.metrics.peer_queued_frames.set(self.cluster.queued_frames() as i64);
         if let Some(hub) = self.hub() {
             hub.sessions().expire(crate::hub::unix_millis());
-            if self.ticks.fetch_add(1, Ordering::Relaxed) % 10 == 0 {
+            if self.ticks.fetch_add(1, Ordering::Relaxed).is_multiple_of(10) {
                 for room in hub.rooms_awaiting_stream() {
                     self.open(&room);
                 }
