@@ -86,6 +86,42 @@ async fn two_clients_chat_in_order() {
 }
 
 #[tokio::test]
+async fn a_publish_key_is_stored_once_per_user() {
+    let hub = hub(config());
+    let mut ann = connect(&hub, "ann").await;
+    let mut bob = connect(&hub, "bob").await;
+    join(&mut ann, "r").await;
+    join(&mut bob, "r").await;
+    expect(&mut ann, "user_joined").await;
+    let publish = |id: &str, key: &str, body: &str| json!({"type": "publish", "id": id, "room": "r", "body": body, "key": key});
+    send(&ann, publish("1", "k1", "first")).await;
+    assert_eq!(expect(&mut ann, "ack").await["offset"], 1);
+    expect(&mut ann, "message").await;
+    // A retry with the same key (another body, as a client would never send, to tell them
+    // apart): acked at the first copy's offset, nothing stored or delivered.
+    send(&ann, publish("2", "k1", "retry")).await;
+    let ack = expect(&mut ann, "ack").await;
+    assert_eq!((ack["id"].as_str(), ack["offset"].as_u64()), (Some("2"), Some(1)));
+    // Keys are per user: bob's k1 is another message.
+    send(&bob, publish("3", "k1", "bob's")).await;
+    let mut delivered = Vec::new();
+    let mut acks = Vec::new();
+    while delivered.len() < 2 || acks.is_empty() {
+        let frame = next(&mut bob).await;
+        match frame["type"].as_str() {
+            Some("message") => delivered.push(frame["body"].as_str().map(str::to_owned)),
+            Some("ack") => acks.push(frame["offset"].as_u64()),
+            _ => panic!("unexpected {frame}"),
+        }
+    }
+    assert_eq!(acks, [Some(2)]);
+    assert_eq!(delivered, [Some("first".to_owned()), Some("bob's".to_owned())]);
+    assert_eq!(expect(&mut ann, "message").await["body"], "bob's");
+    send(&ann, json!({"type": "publish", "room": "r", "body": "x", "key": ""})).await;
+    assert_eq!(expect(&mut ann, "error").await["code"], "bad_request");
+}
+
+#[tokio::test]
 async fn resume_delivers_exactly_what_was_missed() {
     let hub = hub(config());
     let mut ann = connect(&hub, "ann").await;

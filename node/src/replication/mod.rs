@@ -556,9 +556,11 @@ impl RoomLog for ReplicatedLog {
         let key = command.key()?.to_owned();
         let room = command.room().to_owned();
         let group = self.group_of(&room);
-        if self.waiting().contains_key(&key) {
-            // The same idempotency key while the first is still in flight: one answer only.
-            return Some(Reply::error_frame(reply.id, ErrorCode::BadRequest, "a publish with this key is already in flight"));
+        if let Some(waiting) = self.waiting().get_mut(&key) {
+            // A retry (often from a new connection) while the first is still in flight: it is
+            // the same publish, and the answer goes to the latest request.
+            waiting.reply = reply;
+            return None;
         }
         let now = Instant::now();
         self.metrics.publishes_in_flight.inc();

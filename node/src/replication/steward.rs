@@ -194,16 +194,18 @@ fn reconcile(log: &ReplicatedLog, group: u32) {
         if !desired.is_empty() && (joint || desired != voters) && live_desired * 2 > desired.len() {
             Some(ChangeMembers::ReplaceAllVoters(desired))
         } else {
-            // Learners that are gone for good: scaled away, leaving, or an earlier incarnation.
+            // Learners that are gone for good: scaled away, or an earlier incarnation. A node
+            // that is draining stays a learner while it runs, so its clients keep receiving
+            // messages (and acks) until it sends them away.
+            let mut linked: BTreeSet<u64> = log.members().values().map(|m| m.raft_id).collect();
+            linked.insert(log.raft_id);
             let stale: BTreeSet<u64> = nodes
                 .keys()
-                .filter(|id| !voters.contains(id))
+                .filter(|id| !voters.contains(id) && !linked.contains(id))
                 .filter(|id| {
                     let ordinal = ordinal_of(**id);
                     let replaced = live.keys().any(|l| ordinal_of(*l) == ordinal && *l != **id);
-                    !live.contains_key(id) && (replaced || ordinal as usize >= size)
-                        || live.get(id).is_some_and(|(_, info)| info.leaving)
-                        || (**id == log.raft_id && log.leaving.load(Ordering::Acquire))
+                    replaced || ordinal as usize >= size
                 })
                 .copied()
                 .collect();

@@ -1,4 +1,4 @@
-//! Scale-down one node at a time. Each removed node hands over its Raft leadership and leaves the
+//! Scale-down one node at a time. Each removed node leaves its Raft groups (its leaderships move by election) and leaves the
 //! voter set while it drains; removing several at once could take a majority of the voters away
 //! before the membership has shrunk. So the StatefulSet's replicas drop by one, and the next step
 //! waits until the StatefulSet has settled: the removed pod gone, every other pod ready and on
