@@ -97,7 +97,7 @@ pub struct Disk {
 }
 
 enum Backend {
-    Redb { db: Arc<Database>, writes: Sender<(Op, Done)> },
+    Redb { db: Arc<Database>, writes: Sender<(Op, Done)>, writer: Option<std::thread::JoinHandle<()>> },
     /// The same tables in memory, written synchronously: "disk" for deterministic simulations,
     /// where a restarted node must find what it wrote.
     Memory(Mutex<MemoryTables>),
@@ -140,11 +140,11 @@ impl Disk {
         txn.commit()?;
         let (writes, queue) = channel();
         let writer_db = db.clone();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("room-log-writer".into())
             .spawn(move || write_loop(&writer_db, &queue))
             .map_err(|source| DiskError::Dir { path: dir.display().to_string(), source })?;
-        Ok(Arc::new(Disk { backend: Backend::Redb { db, writes } }))
+        Ok(Arc::new(Disk { backend: Backend::Redb { db, writes, writer: Some(writer) } }))
     }
 
     /// Tables in memory that outlive the node using them (simulated restarts with state).
@@ -257,6 +257,18 @@ impl Disk {
     }
 }
 
+impl Drop for Disk {
+    /// Finishes the queued writes and closes the database, so it can be opened again at once.
+    fn drop(&mut self) {
+        if let Backend::Redb { writes, writer, .. } = &mut self.backend {
+            drop(std::mem::replace(writes, channel().0));
+            if let Some(writer) = writer.take() {
+                let _ = writer.join();
+            }
+        }
+    }
+}
+
 fn write_loop(db: &Database, queue: &Receiver<(Op, Done)>) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
@@ -303,4 +315,57 @@ fn write_batch(db: &Database, ops: Vec<Op>) -> Result<(), DiskError> {
     }
     txn.commit()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+
+    use super::*;
+    use crate::hub::log::Command;
+
+    fn entry(index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 7), index),
+            payload: EntryPayload::Normal(Command::Open { room: format!("r{index}"), epoch: "e".into() }),
+        }
+    }
+
+    async fn roundtrip(disk: &Arc<Disk>) {
+        let id = disk.identity(|| 42).unwrap();
+        assert_eq!(disk.identity(|| 7).unwrap(), id, "the identity is made once");
+        let entries: Vec<Entry> = (1..=10).map(entry).collect();
+        disk.durably(|d, done| d.append(3, &entries, done)).await.unwrap();
+        disk.durably(|d, done| d.truncate(3, 9, done)).await.unwrap();
+        disk.durably(|d, done| d.purge(3, 2, done)).await.unwrap();
+        let vote = Vote::new(4, 9);
+        disk.durably(|d, done| d.put(3, "vote", &vote, done)).await.unwrap();
+    }
+
+    fn check(loaded: &Loaded) {
+        let indexes: Vec<u64> = loaded.entries.iter().map(|e| e.log_id.index).collect();
+        assert_eq!(indexes, (3..=8).collect::<Vec<_>>(), "truncated from 9, purged up to 2");
+        assert_eq!(loaded.vote, Some(Vote::new(4, 9)));
+    }
+
+    #[tokio::test]
+    async fn redb_keeps_entries_votes_and_identity_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let disk = Disk::open(dir.path()).unwrap();
+            roundtrip(&disk).await;
+            check(&disk.load(3).unwrap());
+            assert!(disk.load(4).unwrap().entries.is_empty(), "groups are separate");
+        }
+        let reopened = Disk::open(dir.path()).unwrap();
+        check(&reopened.load(3).unwrap());
+        assert_eq!(reopened.identity(|| 1).unwrap(), 42);
+    }
+
+    #[tokio::test]
+    async fn the_memory_backend_behaves_the_same() {
+        let disk = Disk::in_memory();
+        roundtrip(&disk).await;
+        check(&disk.load(3).unwrap());
+    }
 }
