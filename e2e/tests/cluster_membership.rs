@@ -1,151 +1,75 @@
 //! Cluster membership across real `chat-node` processes: DNS discovery through a real DNS server
-//! (`chat_e2e::dns`), scale up and down, crashes, a wrong cluster secret, the peer port's
-//! isolation, and a network partition between hosts in network namespaces (`chat_e2e::netns`).
+//! (`chat_e2e::dns`), the Raft membership of the room-log groups (voters are the live
+//! incarnation of each ordinal `0..min(size, 5)`, new nodes join as learners, a crashed node
+//! comes back as a new incarnation that replaces the old voter), scale up and down with
+//! `cluster.size` rewritten first, crashes and freezes, DNS outages, a wrong cluster secret, the
+//! peer port's isolation, and a network partition between hosts in network namespaces
+//! (`chat_e2e::netns`).
 //!
-//! No fixed sleeps: every expectation is polled on `/cluster` (or `/metrics`) against a bounded
-//! deadline. Nodes run with `discovery_interval_secs = 1`, `heartbeat_ms = 100`,
-//! `peer_timeout_ms = 600`, so each test takes a few seconds.
+//! No fixed sleeps: every expectation is polled on `/cluster` (or `/metrics`, or the node's log)
+//! against a bounded deadline. Nodes run with `discovery_interval_secs = 1`, `heartbeat_ms =
+//! 100`, `peer_timeout_ms = 600` and short Raft timeouts, so each test takes a few seconds.
 //!
-//! The loopback tests put the nodes on 127.0.0.2, .3, … (one client port and one peer port per
-//! test, the same on every node, as in Kubernetes). The partition test needs root for network
-//! namespaces. Build the binary first: `cargo build -p chat-node`.
+//! The loopback tests put the nodes on 127.0.0.2, .3, … (ordinals 0, 1, …; one client port and
+//! one peer port per test, the same on every node, as in Kubernetes). The partition test needs
+//! root for network namespaces. Build the binaries first: `cargo build --workspace --bins`.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use chat_e2e::NodeProcess;
 use chat_e2e::client::{handshake_status, http_get};
 use chat_e2e::cluster::*;
 use chat_e2e::dns::RecordType;
+use serde_json::Value;
 
-// ---------- a. discovery ----------
+/// `cluster.partitions` of the test nodes (the default).
+const PARTITIONS: usize = 8;
 
-#[tokio::test]
-async fn three_nodes_discover_each_other_through_dns() -> anyhow::Result<()> {
-    let cluster = LoopbackCluster::start(3).await?;
-    wait_converged(&cluster.all(), 3).await?;
+// ---------- reading /cluster ----------
 
-    for m in &cluster.members {
-        let status = cluster_status(&m.node).await?;
-        assert_eq!(status["node_id"], m.id.as_str());
-        assert_eq!(status["ready"], true, "{status:#}");
-        let members = status["members"].as_array().context("members")?;
-        for member in members {
-            let addr: SocketAddr = member["addr"].as_str().context("member addr")?.parse()?;
-            assert_eq!(addr.port(), cluster.ports.peer, "peers are reached on the peer port: {member}");
-            assert!(member["linked_for_ms"].is_u64() && member["rtt_ms"].is_number(), "{member}");
-            assert!(member["queued_frames"].is_u64() && member["synced"] == true, "link lag and sync: {member}");
-        }
-        assert_eq!(m.node.http_get("/readyz").await?.0, 200, "{} ready", m.id);
-        assert_eq!(metric_of(&m.node, "chat_cluster_members").await?, 3.0, "{} gauge", m.id);
-        assert!(metric_of(&m.node, "chat_peer_links_established_total").await? >= 2.0, "{} links", m.id);
-        assert_eq!(metric_of(&m.node, "chat_peer_auth_failures_total").await?, 0.0, "{} auth failures", m.id);
-    }
-    assert!(cluster.dns.queries() > 0, "the nodes asked the test DNS server");
-    Ok(())
+fn names(list: &Value) -> Vec<String> {
+    let mut names: Vec<String> =
+        list.as_array().map(|l| l.iter().filter_map(|n| n.as_str().map(str::to_owned)).collect()).unwrap_or_default();
+    names.sort();
+    names
 }
 
-// ---------- b. scale up and down ----------
-
-#[tokio::test]
-async fn scale_up_to_four_and_back_to_three() -> anyhow::Result<()> {
-    let mut cluster = LoopbackCluster::start(3).await?;
-    wait_converged(&cluster.all(), 3).await?;
-
-    // Scale up: the StatefulSet's new pod is published in DNS, then starts.
-    cluster.dns.add_record(loopback(5));
-    let cfg = cluster.config("node-5", 5, SECRET);
-    let fourth = Member { id: "node-5".into(), node: start(&cfg).await? };
-    cluster.members.push(fourth);
-    wait_converged(&cluster.all(), 4).await?;
-    for m in &cluster.members {
-        assert_eq!(metric_of(&m.node, "chat_cluster_members").await?, 4.0, "{} gauge", m.id);
-    }
-
-    // Scale down: the pod goes away and its endpoint leaves DNS.
-    let mut gone = cluster.members.pop().context("the fourth node")?;
-    gone.node.kill();
-    gone.node.wait_exit(Duration::from_secs(5)).await?;
-    cluster.dns.remove_record(loopback(5));
-    wait_converged(&cluster.all(), 3).await?;
-    for m in &cluster.members {
-        assert_eq!(metric_of(&m.node, "chat_cluster_members").await?, 3.0, "{} gauge", m.id);
-        let status = cluster_status(&m.node).await?;
-        let discovered = status["discovered"].to_string();
-        assert!(!discovered.contains("127.0.0.5"), "{}: forgot the removed node: {discovered}", m.id);
-    }
-    Ok(())
+fn set(ids: &[&str]) -> BTreeSet<String> {
+    ids.iter().map(|s| (*s).to_owned()).collect()
 }
 
-// ---------- c. crash and restart ----------
-
-/// Waits until every node of `group` has dropped `gone` from its members, and returns how long
-/// that took from `since`.
-async fn wait_dropped(group: &[&Member], gone: &str, since: Instant) -> anyhow::Result<Duration> {
-    for m in group {
-        wait_status(m, &format!("without {gone}"), CONVERGE, |s| !member_ids(s).contains(gone)).await?;
-    }
-    Ok(since.elapsed())
+fn ids(group: &[&Member]) -> BTreeSet<String> {
+    group.iter().map(|m| m.id.clone()).collect()
 }
 
-#[tokio::test]
-async fn killed_node_is_dropped_within_peer_timeout_and_rejoins_after_restart() -> anyhow::Result<()> {
-    let mut cluster = LoopbackCluster::start(3).await?;
-    wait_converged(&cluster.all(), 3).await?;
-
-    let victim = cluster.members.pop().context("node-4")?;
-    let cfg = cluster.config(&victim.id, 4, SECRET);
-    let killed = Instant::now();
-    victim.node.kill();
-    let took = wait_dropped(&cluster.all(), &victim.id, killed).await?;
-    let bound = Duration::from_millis(PEER_TIMEOUT_MS) + Duration::from_millis(500);
-    assert!(took <= bound, "kill -9: dropped after {took:?}, expected within peer_timeout ({bound:?} with slack)");
-    for m in &cluster.members {
-        // Still in DNS, so still known: 2 of 3 keep quorum.
-        let s = cluster_status(&m.node).await?;
-        assert_eq!(s["known_size"], 3, "{}: {s:#}", m.id);
-        assert_eq!(s["quorum"], true, "{}: {s:#}", m.id);
-        assert_eq!(metric_of(&m.node, "chat_cluster_members").await?, 2.0, "{} gauge", m.id);
-    }
-    drop(victim);
-
-    // Restart on the same address: it rejoins.
-    cluster.members.push(Member { id: cfg.node_id.clone().unwrap_or_default(), node: start(&cfg).await? });
-    wait_converged(&cluster.all(), 3).await?;
-    Ok(())
+/// Every group votes exactly `voters` (each name once: one incarnation per node) and has
+/// exactly `learners` as learners.
+fn membership_is(status: &Value, voters: &BTreeSet<String>, learners: &BTreeSet<String>) -> bool {
+    let Some(groups) = status["groups"].as_array() else { return false };
+    let want_v: Vec<String> = voters.iter().cloned().collect();
+    let want_l: Vec<String> = learners.iter().cloned().collect();
+    groups.len() == PARTITIONS
+        && groups.iter().all(|g| names(&g["voters"]) == want_v && names(&g["learners"]) == want_l)
 }
 
-#[tokio::test]
-async fn frozen_node_is_dropped_by_heartbeat_timeout_and_rejoins_when_resumed() -> anyhow::Result<()> {
-    // SIGSTOP keeps the node's sockets open but silent: only the heartbeat timeout can notice.
-    let cluster = LoopbackCluster::start(3).await?;
-    wait_converged(&cluster.all(), 3).await?;
-    let (frozen, rest) = cluster.members.split_last().context("three nodes")?;
-    let pid = frozen.node.pid().context("pid")? as libc::pid_t;
-    let stopped = Instant::now();
-    // SAFETY: signals our own child.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
-    let result = async {
-        let group: Vec<&Member> = rest.iter().collect();
-        let took = wait_dropped(&group, &frozen.id, stopped).await?;
-        let bound = Duration::from_millis(PEER_TIMEOUT_MS + 2 * HEARTBEAT_MS) + Duration::from_millis(500);
-        ensure!(took <= bound, "SIGSTOP: dropped after {took:?}, expected within peer_timeout ({bound:?} with slack)");
-        ensure!(
-            took >= Duration::from_millis(PEER_TIMEOUT_MS) - Duration::from_millis(HEARTBEAT_MS),
-            "dropped after {took:?}: before peer_timeout?"
-        );
-        Ok(())
-    }
-    .await;
-    // SAFETY: as above; resume it whatever happened, so it can be killed cleanly.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
-    result?;
-    wait_converged(&cluster.all(), 3).await?;
-    Ok(())
+/// Every group has a leader, and it is one of `among`.
+fn leaders_among(status: &Value, among: &BTreeSet<String>) -> bool {
+    status["groups"].as_array().is_some_and(|gs| {
+        gs.len() == PARTITIONS && gs.iter().all(|g| g["leader"].as_str().is_some_and(|l| among.contains(l)))
+    })
 }
 
-// ---------- d. wrong secret ----------
+fn raft_id(status: &Value) -> anyhow::Result<String> {
+    status["raft_id"].as_str().map(str::to_owned).with_context(|| format!("no raft_id in {status:#}"))
+}
+
+/// The ordinal in a Raft id's high half (`types::raft_id`), as `/cluster` prints ids in hex.
+fn ordinal_of_raft_id(hex: &str) -> anyhow::Result<u64> {
+    Ok(u64::from_str_radix(hex, 16).with_context(|| format!("raft_id {hex}"))? >> 32)
+}
 
 async fn wait_metric_at_least(m: &Member, name: &str, min: f64) -> anyhow::Result<f64> {
     let deadline = Instant::now() + CONVERGE;
@@ -161,23 +85,297 @@ async fn wait_metric_at_least(m: &Member, name: &str, min: f64) -> anyhow::Resul
     }
 }
 
-/// Asserts no node of `all` lists any of `intruders` (nor they anyone).
-async fn assert_not_members(all: &[&Member], intruders: &[&Member]) -> anyhow::Result<()> {
-    let bad: BTreeSet<String> = intruders.iter().map(|m| m.id.clone()).collect();
-    for m in all {
+// ---------- a. discovery ----------
+
+#[tokio::test]
+async fn three_nodes_discover_each_other_through_dns() -> anyhow::Result<()> {
+    let cluster = LoopbackCluster::start(3).await?;
+    wait_converged(&cluster.all(), 3).await?;
+    let all = ids(&cluster.all());
+
+    let mut raft_ids = BTreeSet::new();
+    for (i, m) in cluster.members.iter().enumerate() {
+        let status = wait_status(m, "every group led by a member", CONVERGE, |s| leaders_among(s, &all)).await?;
+        assert_eq!(status["node_id"], m.id.as_str());
+        assert_eq!(status["ready"], true, "{status:#}");
+        assert_eq!(status["quorum"], true, "{status:#}");
+        assert_eq!(status["size"], 3, "{status:#}");
+        assert_eq!(status["ordinal"], i, "{status:#}");
+        assert_eq!(status["leaving"], false, "{status:#}");
+        let id = raft_id(&status)?;
+        assert_eq!(ordinal_of_raft_id(&id)?, i as u64, "the raft id carries the ordinal: {id}");
+        raft_ids.insert(id);
+        assert!(membership_is(&status, &all, &BTreeSet::new()), "all three vote in every group: {status:#}");
+        let links = status["links"].as_array().context("links")?;
+        assert_eq!(links.len(), 2, "{status:#}");
+        for link in links {
+            let addr: SocketAddr = link["addr"].as_str().context("link addr")?.parse()?;
+            assert_eq!(addr.port(), cluster.ports.peer, "peers are reached on the peer port: {link}");
+            assert!(link["linked_for_ms"].is_u64() && link["rtt_ms"].is_number(), "{link}");
+            assert!(link["queued_frames"].is_u64(), "link lag: {link}");
+        }
+        // Discovery is DNS only (no static peers): every record was found.
+        let discovered = status["discovered"].to_string();
+        for last in 2..=4 {
+            assert!(discovered.contains(&format!("127.0.0.{last}:")), "{}: discovered {discovered}", m.id);
+        }
+        assert_eq!(m.node.http_get("/readyz").await?.0, 200, "{} ready", m.id);
+        assert_eq!(metric_of(&m.node, "chat_cluster_members").await?, 3.0, "{} gauge", m.id);
+        assert!(metric_of(&m.node, "chat_peer_links_established_total").await? >= 2.0, "{} links", m.id);
+        assert_eq!(metric_of(&m.node, "chat_peer_auth_failures_total").await?, 0.0, "{} auth failures", m.id);
+        assert_eq!(metric_of(&m.node, "chat_raft_groups_voting").await?, PARTITIONS as f64, "{} votes", m.id);
+    }
+    assert_eq!(raft_ids.len(), 3, "distinct raft ids: {raft_ids:?}");
+
+    // One leader per group, the same one seen from every node, and each group's leader says so.
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let mut views = Vec::new();
+        for m in &cluster.members {
+            let s = cluster_status(&m.node).await?;
+            let leaders: Vec<Option<String>> = s["groups"]
+                .as_array()
+                .context("groups")?
+                .iter()
+                .map(|g| g["leader"].as_str().map(str::to_owned))
+                .collect();
+            views.push((m.id.clone(), leaders, s));
+        }
+        let agreed = views.windows(2).all(|w| w[0].1 == w[1].1)
+            && views.iter().all(|(id, leaders, s)| {
+                leaders
+                    .iter()
+                    .zip(s["groups"].as_array().into_iter().flatten())
+                    .all(|(l, g)| (l.as_deref() == Some(id.as_str())) == (g["role"] == "leader"))
+            });
+        if agreed {
+            let led: usize = views[0].1.iter().flatten().count();
+            assert_eq!(led, PARTITIONS);
+            break;
+        }
+        ensure!(Instant::now() < deadline, "nodes disagree on the groups' leaders: {views:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(cluster.dns.queries() > 0, "the nodes asked the test DNS server");
+    Ok(())
+}
+
+// ---------- b. scale up and down ----------
+
+#[tokio::test]
+async fn scale_up_to_four_and_back_to_three() -> anyhow::Result<()> {
+    let mut cluster = LoopbackCluster::start(3).await?;
+    wait_converged(&cluster.all(), 3).await?;
+    let three = ids(&cluster.all());
+
+    // Scale up: the operator writes the new size first; three of four voter slots are still
+    // linked, so quorum and the voters hold until the new node is there.
+    cluster.resize(4)?;
+    for m in &cluster.members {
+        wait_status(m, "size 4, quorum with 3 of 4 slots, three voters", CONVERGE, |s| {
+            s["size"] == 4 && s["quorum"] == true && s["ready"] == true && membership_is(s, &three, &BTreeSet::new())
+        })
+        .await?;
+    }
+    // The StatefulSet's new pod is published in DNS, then starts: a learner first, a voter
+    // once caught up (start returns when it is ready, which needs its vote).
+    cluster.dns.add_record(loopback(5));
+    let cfg = cluster.config("node-5", 5, SECRET);
+    let fourth = Member { id: "node-5".into(), node: start(&cfg).await? };
+    cluster.members.push(fourth);
+    wait_converged(&cluster.all(), 4).await?;
+    let four = ids(&cluster.all());
+    let newcomer = raft_id(&cluster_status(&cluster.members[3].node).await?)?;
+    assert_eq!(ordinal_of_raft_id(&newcomer)?, 3);
+    // It was added as a learner before it was made a voter (the leaders' membership changes).
+    let logs: String = cluster.members[..3].iter().map(|m| m.node.output()).collect();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("changing room-log membership") && l.contains("AddNodes") && l.contains("node-5")),
+        "node-5 was added as a learner first; leaders' membership changes:\n{}",
+        logs.lines().filter(|l| l.contains("changing room-log membership")).collect::<Vec<_>>().join("\n")
+    );
+    for m in &cluster.members {
         let s = cluster_status(&m.node).await?;
-        let ids = member_ids(&s);
-        ensure!(ids.is_disjoint(&bad), "{} accepted a node with the wrong secret: {s:#}", m.id);
+        assert!(membership_is(&s, &four, &BTreeSet::new()), "{}: four voters: {s:#}", m.id);
+        assert_eq!(metric_of(&m.node, "chat_cluster_members").await?, 4.0, "{} gauge", m.id);
+    }
+
+    // Scale down: the size shrinks first; node-5 (ordinal 3) loses its voter slot and stays a
+    // learner while it runs, still ready (it has no slot to vote in).
+    cluster.resize(3)?;
+    for m in &cluster.members {
+        wait_status(m, "three voters and node-5 a learner", CONVERGE, |s| {
+            s["size"] == 3 && s["ready"] == true && membership_is(s, &three, &set(&["node-5"]))
+        })
+        .await?;
+    }
+    assert_eq!(cluster.members[3].node.http_get("/readyz").await?.0, 200, "a learner without a slot is ready");
+    // The pod is deleted (drain), then its endpoint leaves DNS.
+    let mut gone = cluster.members.pop().context("the fourth node")?;
+    gone.node.terminate();
+    gone.node.wait_exit(Duration::from_secs(10)).await?;
+    cluster.dns.remove_record(loopback(5));
+    wait_converged(&cluster.all(), 3).await?;
+    for m in &cluster.members {
+        let s = wait_status(m, "no learners left", CONVERGE, |s| membership_is(s, &three, &BTreeSet::new())).await?;
+        assert_eq!(s["quorum"], true, "{s:#}");
+        assert_eq!(metric_of(&m.node, "chat_cluster_members").await?, 3.0, "{} gauge", m.id);
+        let s = wait_status(m, "forgot 127.0.0.5", CONVERGE, |s| !s["discovered"].to_string().contains("127.0.0.5"))
+            .await?;
+        assert_eq!(s["ready"], true, "{s:#}");
+    }
+    Ok(())
+}
+
+// ---------- c. crash and restart ----------
+
+/// Waits until every node of `group` has dropped `gone` from its links, and returns how long
+/// that took from `since`.
+async fn wait_dropped(group: &[&Member], gone: &str, since: Instant) -> anyhow::Result<Duration> {
+    for m in group {
+        wait_status(m, &format!("without {gone}"), CONVERGE, |s| !member_ids(s).contains(gone)).await?;
+    }
+    Ok(since.elapsed())
+}
+
+#[tokio::test]
+async fn killed_node_is_dropped_within_peer_timeout_and_rejoins_as_a_new_incarnation() -> anyhow::Result<()> {
+    let mut cluster = LoopbackCluster::start(3).await?;
+    wait_converged(&cluster.all(), 3).await?;
+    let all = ids(&cluster.all());
+
+    let victim = cluster.members.pop().context("node-4")?;
+    let old_id = raft_id(&cluster_status(&victim.node).await?)?;
+    let cfg = cluster.config(&victim.id, 4, SECRET);
+    let killed = Instant::now();
+    victim.node.kill();
+    let took = wait_dropped(&cluster.all(), &victim.id, killed).await?;
+    let bound = Duration::from_millis(PEER_TIMEOUT_MS) + Duration::from_millis(500);
+    assert!(took <= bound, "kill -9: dropped after {took:?}, expected within peer_timeout ({bound:?} with slack)");
+    let survivors = ids(&cluster.all());
+    for m in &cluster.members {
+        // Two of three voter slots are linked: quorum; groups the victim led get new leaders;
+        // the dead voter keeps its slot until a new incarnation can replace it.
+        let s = wait_status(m, "ready, every group led by a survivor", CONVERGE, |s| {
+            s["ready"] == true && leaders_among(s, &survivors)
+        })
+        .await?;
+        assert_eq!(s["size"], 3, "{}: {s:#}", m.id);
+        assert_eq!(s["quorum"], true, "{}: {s:#}", m.id);
+        assert!(membership_is(&s, &all, &BTreeSet::new()), "{}: the dead voter keeps its slot: {s:#}", m.id);
+        assert_eq!(metric_of(&m.node, "chat_cluster_members").await?, 2.0, "{} gauge", m.id);
+    }
+    drop(victim);
+
+    // Restart on the same address, without its memory: a new incarnation, which replaces the
+    // old voter in every group (start returns once it is ready, i.e. votes everywhere).
+    cluster.members.push(Member { id: cfg.node_id.clone().unwrap_or_default(), node: start(&cfg).await? });
+    wait_converged(&cluster.all(), 3).await?;
+    let reborn = &cluster.members[2];
+    let new_id = raft_id(&cluster_status(&reborn.node).await?)?;
+    assert_ne!(new_id, old_id, "a restart without state is a new incarnation");
+    assert_eq!(ordinal_of_raft_id(&new_id)?, 2, "same ordinal, new incarnation: {new_id}");
+    assert_eq!(
+        metric_of(&reborn.node, "chat_raft_groups_voting").await?,
+        PARTITIONS as f64,
+        "the new incarnation votes"
+    );
+    for m in &cluster.members {
+        // Exactly one node-4 among the voters (the one that votes is the new raft id, above) and
+        // the old incarnation is not even a learner any more.
+        wait_status(m, "node-4 voting once, no learners", CONVERGE, |s| membership_is(s, &all, &BTreeSet::new()))
+            .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn frozen_node_is_dropped_by_heartbeat_timeout_and_rejoins_when_resumed() -> anyhow::Result<()> {
+    // SIGSTOP keeps the node's sockets open but silent: only the heartbeat timeout can notice.
+    let cluster = LoopbackCluster::start(3).await?;
+    wait_converged(&cluster.all(), 3).await?;
+    let all = ids(&cluster.all());
+    let (frozen, rest) = cluster.members.split_last().context("three nodes")?;
+    let frozen_id = raft_id(&cluster_status(&frozen.node).await?)?;
+    let pid = frozen.node.pid().context("pid")? as libc::pid_t;
+    let stopped = Instant::now();
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let result = async {
+        let group: Vec<&Member> = rest.iter().collect();
+        let took = wait_dropped(&group, &frozen.id, stopped).await?;
+        let bound = Duration::from_millis(PEER_TIMEOUT_MS + 2 * HEARTBEAT_MS) + Duration::from_millis(500);
+        ensure!(took <= bound, "SIGSTOP: dropped after {took:?}, expected within peer_timeout ({bound:?} with slack)");
+        ensure!(
+            took >= Duration::from_millis(PEER_TIMEOUT_MS) - Duration::from_millis(HEARTBEAT_MS),
+            "dropped after {took:?}: before peer_timeout?"
+        );
+        let survivors = ids(&group);
+        for m in &group {
+            let s = wait_status(m, "ready, every group led by a survivor", CONVERGE, |s| {
+                s["ready"] == true && s["quorum"] == true && leaders_among(s, &survivors)
+            })
+            .await?;
+            ensure!(membership_is(&s, &all, &BTreeSet::new()), "{}: the frozen voter keeps its slot: {s:#}", m.id);
+        }
+        Ok(())
+    }
+    .await;
+    // SAFETY: as above; resume it whatever happened, so it can be killed cleanly.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    result?;
+    wait_converged(&cluster.all(), 3).await?;
+    // The same incarnation came back (it lost nothing), and votes everywhere again.
+    let s = cluster_status(&frozen.node).await?;
+    assert_eq!(raft_id(&s)?, frozen_id, "{s:#}");
+    wait_metric_at_least(frozen, "chat_raft_groups_voting", PARTITIONS as f64).await?;
+    for m in &cluster.members {
+        let s = cluster_status(&m.node).await?;
+        assert!(membership_is(&s, &all, &BTreeSet::new()), "{}: {s:#}", m.id);
+    }
+    Ok(())
+}
+
+// ---------- d. wrong secret ----------
+
+/// A node that can never be ready (its secret is wrong): started without waiting for `/readyz`,
+/// returned once it serves `/healthz`.
+async fn start_intruder(cfg: &chat_node::config::NodeConfig) -> anyhow::Result<Member> {
+    cfg.validate().context("the test's own config is invalid")?;
+    let id = cfg.node_id.clone().unwrap_or_default();
+    let mut node = NodeProcess::start_unready(&toml::to_string(cfg)?)?;
+    let deadline = Instant::now() + CONVERGE;
+    while node.http_get("/healthz").await.ok().map(|r| r.0) != Some(200) {
+        ensure!(!node.has_exited(), "{id} exited:\n{}", node.output());
+        ensure!(Instant::now() < deadline, "{id} does not serve /healthz:\n{}", node.output());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Ok(Member { id, node })
+}
+
+/// No node of `good` is linked to any of `intruders` nor lists them in a group, the good ones
+/// keep their voters and readiness, and the intruders are linked to nobody, have no quorum,
+/// belong to no group and are not ready.
+async fn assert_kept_out(good: &[&Member], intruders: &[&Member]) -> anyhow::Result<()> {
+    let bad: BTreeSet<String> = intruders.iter().map(|m| m.id.clone()).collect();
+    let voters = ids(good);
+    for m in good {
+        let s = cluster_status(&m.node).await?;
+        ensure!(member_ids(&s).is_disjoint(&bad), "{} accepted a node with the wrong secret: {s:#}", m.id);
+        ensure!(membership_is(&s, &voters, &BTreeSet::new()), "{}: membership changed: {s:#}", m.id);
+        ensure!(s["ready"] == true && s["quorum"] == true, "{}: {s:#}", m.id);
     }
     for m in intruders {
         let s = cluster_status(&m.node).await?;
         ensure!(member_ids(&s).is_empty(), "{} (wrong secret) linked to someone: {s:#}", m.id);
-        ensure!(
-            s["quorum"] == false,
-            "{} (wrong secret) alone among {} known has no quorum: {s:#}",
-            m.id,
-            s["known_size"]
-        );
+        ensure!(s["quorum"] == false && s["ready"] == false, "{} (wrong secret) alone: {s:#}", m.id);
+        let in_groups =
+            s["groups"].as_array().into_iter().flatten().any(|g| {
+                !names(&g["voters"]).is_empty() || !names(&g["learners"]).is_empty() || !g["leader"].is_null()
+            });
+        ensure!(!in_groups, "{} (wrong secret) belongs to a room-log group: {s:#}", m.id);
+        ensure!(m.node.http_get("/readyz").await?.0 == 503, "{} (wrong secret) is not ready", m.id);
     }
     Ok(())
 }
@@ -187,36 +385,42 @@ async fn nodes_with_a_wrong_secret_are_never_members() -> anyhow::Result<()> {
     let mut cluster = LoopbackCluster::start(3).await?;
     wait_converged(&cluster.all(), 3).await?;
 
-    // Two intruders with their own secrets: `node-0` sorts below everyone, so it dials the
-    // others and they check its proof; `node-9` sorts above everyone, so the others dial it and
-    // it checks theirs.
+    // Two intruders with their own secrets, claiming the voter slots of ordinals 0 and 1 (if
+    // let in, they would replace node-2 and node-3 as voters): `node-0` sorts below everyone,
+    // so it dials the others and they check its proof; `node-9` sorts above everyone, so the
+    // others dial it and it checks theirs.
     cluster.dns.add_record(loopback(6));
     cluster.dns.add_record(loopback(7));
-    let low_cfg = cluster.config("node-0", 6, "a-different-secret-0000000000");
-    let high_cfg = cluster.config("node-9", 7, "yet-another-secret-9999999999");
-    let (low, high) = tokio::try_join!(start(&low_cfg), start(&high_cfg))?;
-    let low = Member { id: "node-0".into(), node: low };
-    let high = Member { id: "node-9".into(), node: high };
+    let mut low_cfg = cluster.config("node-0", 6, "a-different-secret-0000000000");
+    low_cfg.cluster.ordinal = Some(0);
+    let mut high_cfg = cluster.config("node-9", 7, "yet-another-secret-9999999999");
+    high_cfg.cluster.ordinal = Some(1);
+    let low = start_intruder(&low_cfg).await?;
+    let high = start_intruder(&high_cfg).await?;
 
     for m in &cluster.members {
-        // Each good node rejects node-0's dials.
-        wait_metric_at_least(m, "chat_peer_auth_failures_total", 1.0).await?;
-        assert_not_members(&cluster.all(), &[&low, &high]).await?;
+        // Each good node rejects node-0's dials, and node-9 rejects its dials.
+        wait_metric_at_least(m, "chat_peer_auth_failures_total", 2.0).await?;
     }
     // node-9 rejects every good node's dial (and node-0's).
     wait_metric_at_least(&high, "chat_peer_auth_failures_total", 3.0).await?;
+    // node-0 sees its own dials refused.
+    wait_metric_at_least(&low, "chat_peer_auth_failures_total", 1.0).await?;
+    assert_kept_out(&cluster.all(), &[&low, &high]).await?;
 
     // Some more discovery rounds and redials later, still nobody let them in.
-    let more: Vec<f64> = futures_util::future::try_join_all(
-        cluster.members.iter().map(|m| wait_metric_at_least(m, "chat_peer_auth_failures_total", 2.0)),
+    futures_util::future::try_join_all(
+        cluster.members.iter().map(|m| wait_metric_at_least(m, "chat_peer_auth_failures_total", 4.0)),
     )
     .await?;
-    assert!(more.iter().all(|v| *v >= 2.0));
-    assert_not_members(&cluster.all(), &[&low, &high]).await?;
-    // The good nodes still form their cluster (the intruders count as known: 3 of 5 is quorum).
-    wait_converged(&cluster.all(), 5).await?;
+    assert_kept_out(&cluster.all(), &[&low, &high]).await?;
+    // The good nodes still form their cluster.
+    wait_converged(&cluster.all(), 3).await?;
     for m in &cluster.members {
         assert_eq!(metric_of(&m.node, "chat_cluster_members").await?, 3.0, "{} gauge", m.id);
+    }
+    for m in [&low, &high] {
+        assert_eq!(metric_of(&m.node, "chat_peer_links_established_total").await?, 0.0, "{}: never linked", m.id);
     }
     cluster.members.extend([low, high]);
     Ok(())
@@ -231,49 +435,109 @@ async fn a_node_with_a_wrong_secret_counts_auth_failures_itself() -> anyhow::Res
     cluster.dns.add_record(loopback(6));
     // The lowest id: it is always the dialer, and always refused.
     let cfg = cluster.config("node-0", 6, "a-different-secret-0000000000");
-    let intruder = Member { id: "node-0".into(), node: start(&cfg).await? };
+    let intruder = start_intruder(&cfg).await?;
     for m in &cluster.members {
         wait_metric_at_least(m, "chat_peer_auth_failures_total", 1.0).await?;
     }
     wait_metric_at_least(&intruder, "chat_peer_auth_failures_total", 1.0).await?;
-    assert_not_members(&cluster.all(), &[&intruder]).await?;
+    assert_kept_out(&cluster.all(), &[&intruder]).await?;
     Ok(())
 }
 
 // ---------- DNS failures ----------
 
-/// A DNS server that fails (SERVFAIL) must not make a node forget the peers it knows: the
-/// lookup failed, so the node keeps the set it had, and a lone survivor of three has no quorum.
+fn lookup_failures(m: &Member) -> usize {
+    m.node.output().lines().filter(|l| l.contains("peer lookup failed")).count()
+}
+
+/// Every node linked to exactly the others, ready with quorum, all of `voters` voting.
+async fn assert_holding(group: &[&Member], voters: &BTreeSet<String>, when: &str) -> anyhow::Result<()> {
+    let all = ids(group);
+    for m in group {
+        let s = cluster_status(&m.node).await?;
+        let mut others = all.clone();
+        others.remove(&m.id);
+        ensure!(
+            member_ids(&s) == others
+                && s["ready"] == true
+                && s["quorum"] == true
+                && s["size"] == 3
+                && membership_is(&s, voters, &BTreeSet::new()),
+            "{when}: {} lost links, voters or readiness: {s:#}\n--- log tail ---\n{}",
+            m.id,
+            tail(&m.node.output(), 30)
+        );
+    }
+    Ok(())
+}
+
+/// DNS only says where peers are: while every lookup fails (SERVFAIL on A and AAAA) the nodes
+/// keep their links, voters and readiness; a node killed meanwhile leaves quorum to the other
+/// two (the size comes from the config, not DNS); and restarted during the outage, when it
+/// cannot resolve anyone itself, it is dialed by the others, which still know its address,
+/// and replaces its old incarnation as a voter.
 #[tokio::test]
-async fn dns_servfail_does_not_shrink_the_known_size() -> anyhow::Result<()> {
+async fn dns_servfail_does_not_matter_for_membership() -> anyhow::Result<()> {
     let mut cluster = LoopbackCluster::start(3).await?;
     wait_converged(&cluster.all(), 3).await?;
+    let all = ids(&cluster.all());
 
-    // The A question fails; AAAA still gets its (empty) NOERROR answer.
-    cluster.dns.fail_queries(&[RecordType::A]);
-    let others: Vec<Member> = cluster.members.drain(1..).collect();
-    for m in &others {
-        m.node.kill();
-    }
-    let survivor = &cluster.members[0];
-    wait_status(survivor, "alone", CONVERGE, |s| member_ids(s).is_empty()).await?;
-    // A few discovery rounds (A + AAAA each) after the links died.
+    let before: Vec<usize> = cluster.members.iter().map(lookup_failures).collect();
     let asked = cluster.dns.queries();
+    cluster.dns.fail_queries(&[RecordType::A, RecordType::AAAA]);
+    // Hold everything while each node has failed at least three lookups (one per second).
     let deadline = Instant::now() + CONVERGE;
-    while cluster.dns.queries() < asked + 2 * 2 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    loop {
+        assert_holding(&cluster.all(), &all, "during the DNS outage").await?;
+        let failed: Vec<usize> = cluster.members.iter().zip(&before).map(|(m, b)| lookup_failures(m) - b).collect();
+        if failed.iter().all(|f| *f >= 3) {
+            // Every question since the outage began was answered SERVFAIL.
+            ensure!(
+                cluster.dns.queries() >= asked + 9,
+                "{} questions during the outage",
+                cluster.dns.queries() - asked
+            );
+            break;
+        }
+        ensure!(Instant::now() < deadline, "lookups did not fail as expected: {failed:?} new failures per node");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let s = cluster_status(&survivor.node).await?;
-    ensure!(
-        s["known_size"] == 3 && s["quorum"] == false,
-        "after SERVFAIL on A, {} should still know 3 nodes and have no quorum (1 of 3); got {s:#}",
-        survivor.id
-    );
 
-    // DNS recovers: still 3 known, still alone.
+    // A crash during the outage: two of three voter slots keep quorum.
+    let victim = cluster.members.pop().context("node-4")?;
+    let old_id = raft_id(&cluster_status(&victim.node).await?)?;
+    let cfg = cluster.config(&victim.id, 4, SECRET);
+    victim.node.kill();
+    drop(victim);
+    let survivors = ids(&cluster.all());
+    for m in &cluster.members {
+        let s = wait_status(m, "alone with the other survivor, ready", CONVERGE, |s| {
+            member_ids(s).len() == 1 && s["ready"] == true && leaders_among(s, &survivors)
+        })
+        .await?;
+        ensure!(s["quorum"] == true && s["size"] == 3, "{}: {s:#}", m.id);
+        ensure!(membership_is(&s, &all, &BTreeSet::new()), "{}: voters kept: {s:#}", m.id);
+    }
+
+    // Restarted while DNS still fails: its own lookups fail, the survivors dial it.
+    let restarted_at = cluster.dns.queries();
+    cluster.members.push(Member { id: cfg.node_id.clone().unwrap_or_default(), node: start(&cfg).await? });
+    wait_converged(&cluster.all(), 3).await?;
+    let reborn = &cluster.members[2];
+    wait_status(reborn, "its own lookups failing", CONVERGE, |_| lookup_failures(reborn) >= 1).await?;
+    ensure!(cluster.dns.queries() > restarted_at, "the restarted node asked DNS");
+    let new_id = raft_id(&cluster_status(&reborn.node).await?)?;
+    ensure!(new_id != old_id, "a new incarnation: {new_id}");
+    for m in &cluster.members {
+        wait_status(m, "node-4 voting once", CONVERGE, |s| membership_is(s, &all, &BTreeSet::new())).await?;
+    }
+    assert_holding(&cluster.all(), &all, "after the restart, DNS still failing").await?;
+
+    // DNS recovers: nothing changes.
     cluster.dns.fail_queries(&[]);
-    let s = wait_status(survivor, "knowing 3 again", CONVERGE, |s| s["known_size"] == 3).await?;
-    ensure!(s["quorum"] == false, "{s:#}");
+    let asked = cluster.dns.queries();
+    wait_status(&cluster.members[0], "asking DNS again", CONVERGE, |_| cluster.dns.queries() >= asked + 6).await?;
+    assert_holding(&cluster.all(), &all, "after DNS recovered").await?;
     Ok(())
 }
 
@@ -315,28 +579,59 @@ async fn peer_endpoint_only_on_the_peer_port() -> anyhow::Result<()> {
 async fn partitioned_minority_loses_quorum_and_heals() -> anyhow::Result<()> {
     let cluster = NetnsCluster::start(3).await?;
     let (net, all) = (&cluster.net, cluster.all());
+    let everyone = ids(&all);
 
     // Cut node-2 off (it is the acceptor of both its links).
     net.partition(2)?;
     let (isolated, majority) = all.split_last().context("three")?;
-    wait_converged(majority, 3).await?;
-    wait_status(isolated, "alone without quorum", CONVERGE, |s| {
-        member_ids(s).is_empty() && s["known_size"] == 3 && s["quorum"] == false
-    })
-    .await?;
+    let isolated_id = raft_id(&cluster_status(&isolated.node).await?)?;
+    // The majority keeps two of three voter slots: quorum, ready, every group led on its side,
+    // and the cut-off node keeps its voter slot.
+    wait_converged_with(majority, 3, &everyone).await?;
+    let majority_ids = ids(majority);
     for m in majority {
+        let s = wait_status(m, "every group led in the majority", CONVERGE, |s| {
+            s["ready"] == true && leaders_among(s, &majority_ids)
+        })
+        .await?;
+        ensure!(s["quorum"] == true && membership_is(&s, &everyone, &BTreeSet::new()), "{}: {s:#}", m.id);
+        assert_eq!(m.node.http_get("/readyz").await?.0, 200, "{} ready", m.id);
         assert_eq!(metric_of(&m.node, "chat_cluster_members").await?, 2.0, "{} gauge", m.id);
     }
+    // The minority: alone, no quorum, not ready.
+    wait_status(isolated, "alone without quorum, not ready", CONVERGE, |s| {
+        member_ids(s).is_empty() && s["size"] == 3 && s["quorum"] == false && s["ready"] == false
+    })
+    .await?;
+    assert_eq!(isolated.node.http_get("/readyz").await?.0, 503, "the minority is not ready");
     assert_eq!(metric_of(&isolated.node, "chat_cluster_members").await?, 1.0, "isolated gauge");
+    // …and stays so while the majority works on.
+    for m in majority {
+        let s = cluster_status(&m.node).await?;
+        ensure!(s["ready"] == true && s["quorum"] == true, "{}: {s:#}", m.id);
+    }
+    let s = cluster_status(&isolated.node).await?;
+    ensure!(s["quorum"] == false && s["ready"] == false, "isolated: {s:#}");
 
-    // Cut node-0 too (the dialer of both its links): node-1 is alone as well.
+    // Cut node-0 too (the dialer of both its links): node-1 is alone as well, nobody has
+    // quorum, nobody is ready.
     net.partition(0)?;
     for m in &all {
-        wait_status(m, "alone without quorum", CONVERGE, |s| member_ids(s).is_empty() && s["quorum"] == false).await?;
+        wait_status(m, "alone without quorum, not ready", CONVERGE, |s| {
+            member_ids(s).is_empty() && s["quorum"] == false && s["ready"] == false
+        })
+        .await?;
+        assert_eq!(m.node.http_get("/readyz").await?.0, 503, "{} not ready", m.id);
     }
 
     net.heal(0)?;
     net.heal(2)?;
     wait_converged(&all, 3).await?;
+    for m in &all {
+        let s = wait_status(m, "every group led", CONVERGE, |s| leaders_among(s, &everyone)).await?;
+        ensure!(membership_is(&s, &everyone, &BTreeSet::new()), "{}: {s:#}", m.id);
+    }
+    // The cut-off node was the same incarnation all along.
+    assert_eq!(raft_id(&cluster_status(&isolated.node).await?)?, isolated_id);
     Ok(())
 }

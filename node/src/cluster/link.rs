@@ -165,8 +165,11 @@ where
             close(&mut ws, CLOSE_AUTH_FAILED, "authentication failed").await;
             return;
         }
-        Ok(other) => {
-            tracing::warn!(?remote, ?other, "unexpected frame from a dialing peer");
+        // Anything but a hello (another handshake frame, or a replication frame sent without
+        // authenticating) is refused like a bad proof.
+        Ok(_) | Err(HandshakeError::Unexpected(_)) => {
+            cluster.metrics().peer_auth_failures.inc();
+            tracing::warn!(?remote, "refused a peer that sent something other than a hello");
             close(&mut ws, CLOSE_AUTH_FAILED, "expected hello").await;
             return;
         }
