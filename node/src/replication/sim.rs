@@ -142,8 +142,9 @@ impl Sim {
         let metrics = Arc::new(Metrics::new());
         let cluster = Cluster::new(name.clone(), cfg.cluster.clone(), metrics.clone()).expect("sim cluster config");
         let disk = self.disk_mode.then(|| self.disks.entry(ordinal).or_insert_with(Disk::in_memory).clone());
-        let log = ReplicatedLog::with_storage(name.clone(), cfg.cluster.clone(), cluster.clone(), metrics.clone(), disk)
-            .expect("sim room log");
+        let log =
+            ReplicatedLog::with_storage(name.clone(), cfg.cluster.clone(), cluster.clone(), metrics.clone(), disk)
+                .expect("sim room log");
         let _ = log.fixed_election_ms.set(150 + self.rng.random_range(0..300));
         let hub = Hub::new(name.clone(), cfg, metrics, Some(log.clone() as _)).expect("sim hub");
         log.start().await.expect("sim groups start");
@@ -550,7 +551,12 @@ impl Sim {
             self.trace.push(format!("final {room} {epoch} {:?}", h));
         }
         for (key, acked) in &self.acked {
-            assert_eq!(stored.get(key), Some(acked), "seed {seed}: acked {key} lost or moved\n{}", self.trace.join("\n"));
+            assert_eq!(
+                stored.get(key),
+                Some(acked),
+                "seed {seed}: acked {key} lost or moved\n{}",
+                self.trace.join("\n")
+            );
         }
         for s in &self.subscribers {
             let (epoch, h) = history(&self.nodes[&s.node].hub, s.room);
@@ -608,11 +614,8 @@ fn run_seed(seed: u64) -> String {
     if let Ok(filter) = std::env::var("SIM_LOG") {
         let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .expect("a runtime");
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().expect("a runtime");
     runtime.block_on(async move {
         let mut sim = Sim::new(seed);
         sim.run().await;
@@ -647,7 +650,8 @@ fn seeded_faults_lose_no_acked_publish() {
 }
 
 #[test]
-fn a_seed_replays_exactly() {
-    let seed = seeds()[0];
-    assert_eq!(run_seed(seed), run_seed(seed), "seed {seed} did not replay the same run");
+fn seeds_replay_exactly() {
+    for seed in seeds().into_iter().take(3) {
+        assert_eq!(run_seed(seed), run_seed(seed), "seed {seed} did not replay the same run");
+    }
 }
