@@ -1,9 +1,7 @@
 //! `chat-operator local` as a child process for tests: start it on a manifest, edit the manifest,
 //! read `<state>/status.json`, kill its nodes, stop it and start it again on the same state
-//! directory. Every wait is a bounded poll of an observable (the status file, `/readyz`).
-//!
-//! `e2e/tests/local_mode.rs` has its own copy of the basics (it came first); this one is for tests
-//! that need local mode as a tool rather than as the subject.
+//! directory. Every wait is a bounded poll of an observable (the status file, `/readyz`,
+//! `/cluster`). [`chat_cluster`] and [`manifest_yaml`] write the manifests.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -13,13 +11,51 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
 use crate::client::http_get;
+use crate::cluster::tail;
 use crate::history::NodeTarget;
 use crate::{free_port, operator_binary};
+
+/// A ChatCluster `name` of `replicas` nodes that restarts quickly, as a manifest document: no
+/// load-balancer grace, a 2 s drain deadline, discovery and failure detection in about a second.
+/// `spec` adds to that spec key by key: `{"drain": {"terminationGracePeriodSeconds": 1}}` keeps
+/// the rest of `drain`.
+pub fn chat_cluster(name: &str, replicas: u32, spec: Value) -> Value {
+    let mut doc = json!({
+        "apiVersion": "chatcluster.dev/v1alpha1",
+        "kind": "ChatCluster",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "config": {"cluster": {"discovery_interval_secs": 1, "heartbeat_ms": 100, "peer_timeout_ms": 600}},
+            "drain": {"lbGraceSeconds": 0, "deadlineSeconds": 2},
+        },
+    });
+    merge(&mut doc["spec"], spec);
+    doc
+}
+
+/// `docs` as one manifest file, for [`LocalMode::start`] and [`LocalMode::edit`].
+pub fn manifest_yaml(docs: &[Value]) -> String {
+    let docs: Vec<String> =
+        docs.iter().map(|doc| serde_norway::to_string(doc).expect("a JSON value is a YAML document")).collect();
+    docs.join("---\n")
+}
+
+/// Objects merge key by key; anything else in `over` replaces what `base` has.
+fn merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Object(base), Value::Object(over)) => {
+            for (key, value) in over {
+                merge(base.entry(key).or_insert(Value::Null), value);
+            }
+        }
+        (base, over) => *base = over,
+    }
+}
 
 /// A running `chat-operator local`; killed (with its nodes draining) when dropped.
 pub struct LocalMode {
@@ -57,10 +93,10 @@ impl LocalMode {
         let pid = child.id().context("local mode has a pid")?;
         let output = Arc::new(Mutex::new(String::new()));
         if let Some(out) = child.stdout.take() {
-            collect(out, output.clone(), "stdout");
+            crate::process::collect(out, output.clone(), "local stdout");
         }
         if let Some(err) = child.stderr.take() {
-            collect(err, output.clone(), "stderr");
+            crate::process::collect(err, output.clone(), "local stderr");
         }
         Ok(LocalMode { child, pid, name: name.to_owned(), first, port, manifest, state, output })
     }
@@ -160,23 +196,53 @@ impl LocalMode {
     }
 
     /// Exactly `n` nodes, all on the current revision and ready (as local mode and as the nodes'
-    /// own `/readyz` say); returns ordinal → pid.
+    /// own `/readyz` say), and no manifest problem; returns ordinal → pid.
     pub async fn wait_ready(&mut self, n: u32, timeout: Duration) -> anyhow::Result<BTreeMap<u32, u32>> {
         self.wait_for(&format!("{n} ready nodes"), timeout, async |lm| {
             let status = lm.status()?;
             ensure!(status["manifest_problem"].is_null(), "manifest problem: {}", status["manifest_problem"]);
-            let nodes = status["nodes"].as_array().context("nodes")?;
-            ensure!(nodes.len() == n as usize, "{} nodes", nodes.len());
-            for node in nodes {
-                ensure!(node["ready"] == true && node["revision"] == status["revision"], "not ready: {node}");
-            }
-            for ordinal in 0..n {
-                let code = http_get(lm.addr(ordinal), "/readyz").await.map(|r| r.0).unwrap_or(0);
-                ensure!(code == 200, "{} /readyz answered {code}", lm.node_name(ordinal));
-            }
+            lm.check_nodes(&status, n, false).await?;
             lm.pids()
         })
         .await
+    }
+
+    /// Exactly `n` nodes, all on the current revision and ready (as local mode and as the nodes'
+    /// own `/readyz` say), each linked to the other `n − 1` in a ready cluster of `n` (as their
+    /// `/cluster` says); returns ordinal → pid. Unlike [`LocalMode::wait_ready`] it does not look
+    /// at the manifest: an invalid edit leaves the nodes as they were.
+    pub async fn wait_linked(&mut self, n: u32, timeout: Duration) -> anyhow::Result<BTreeMap<u32, u32>> {
+        self.wait_for(&format!("{n} ready, linked nodes"), timeout, async |lm| {
+            lm.check_nodes(&lm.status()?, n, true).await?;
+            lm.pids()
+        })
+        .await
+    }
+
+    async fn check_nodes(&self, status: &Value, n: u32, linked: bool) -> anyhow::Result<()> {
+        let nodes = status["nodes"].as_array().context("nodes")?;
+        ensure!(nodes.len() == n as usize, "{} nodes: {status:#}", nodes.len());
+        for node in nodes {
+            ensure!(node["ready"] == true && node["revision"] == status["revision"], "not ready: {node}");
+        }
+        for ordinal in 0..n {
+            if linked {
+                let (code, body) = http_get(self.addr(ordinal), "/cluster").await?;
+                ensure!(code == 200, "{} /cluster answered {code}", self.node_name(ordinal));
+                let cluster: Value = serde_json::from_str(&body)?;
+                let links = cluster["links"].as_array().map_or(0, Vec::len);
+                ensure!(
+                    links + 1 == n as usize && cluster["size"] == n && cluster["ready"] == true,
+                    "{}: {links} links, size {}, ready {}",
+                    self.node_name(ordinal),
+                    cluster["size"],
+                    cluster["ready"]
+                );
+            }
+            let code = http_get(self.addr(ordinal), "/readyz").await.map(|r| r.0).unwrap_or(0);
+            ensure!(code == 200, "{} /readyz answered {code}", self.node_name(ordinal));
+        }
+        Ok(())
     }
 
     pub fn signal(&self, signal: libc::c_int) {
@@ -210,24 +276,4 @@ impl LocalMode {
         ensure!(status.success(), "local mode exited with {status}\n{}", self.report());
         Ok(())
     }
-}
-
-fn collect(stream: impl AsyncRead + Unpin + Send + 'static, log: Arc<Mutex<String>>, name: &'static str) {
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stream).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if std::env::var_os("E2E_ECHO").is_some() {
-                eprintln!("[local {name}] {line}");
-            }
-            if let Ok(mut log) = log.lock() {
-                log.push_str(&line);
-                log.push('\n');
-            }
-        }
-    });
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }

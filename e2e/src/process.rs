@@ -108,10 +108,10 @@ impl NodeProcess {
             .context("spawn chat-node")?;
         let log = Arc::new(Mutex::new(String::new()));
         if let Some(out) = child.stdout.take() {
-            collect(out, log.clone());
+            collect(out, log.clone(), "node");
         }
         if let Some(err) = child.stderr.take() {
-            collect(err, log.clone());
+            collect(err, log.clone(), "node");
         }
         Ok(NodeProcess { child, addr, netns: netns.map(str::to_owned), log, _dir: dir })
     }
@@ -205,12 +205,13 @@ impl NodeProcess {
     }
 }
 
-fn collect(stream: impl AsyncRead + Unpin + Send + 'static, log: Arc<Mutex<String>>) {
+/// Appends a child's output to `log` line by line (echoed with `label` when `E2E_ECHO` is set).
+pub(crate) fn collect(stream: impl AsyncRead + Unpin + Send + 'static, log: Arc<Mutex<String>>, label: &'static str) {
     tokio::spawn(async move {
         let mut lines = BufReader::new(stream).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             if std::env::var_os("E2E_ECHO").is_some() {
-                eprintln!("[node] {line}");
+                eprintln!("[{label}] {line}");
             }
             if let Ok(mut log) = log.lock() {
                 log.push_str(&line);

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use chat_e2e::cluster::{JWT_SECRET, NETNS_PORTS, NetnsCluster};
 use chat_e2e::history::{self, HistoryConfig, NodeTarget, Recorded, Recorder, SeededRng};
-use chat_e2e::local::LocalMode;
+use chat_e2e::local::{LocalMode, chat_cluster, manifest_yaml};
+use serde_json::json;
 
 const NAME: &str = "chat";
 const ROOMS: &[&str] = &["hc-a", "hc-b"];
@@ -53,47 +54,27 @@ impl Default for Spec {
     }
 }
 
-/// A small cluster that restarts quickly, with JWT auth (stable user ids across reconnects, so a
-/// retried key is the same user's), a history large enough to keep every message of a scenario
-/// and rate limits above the load.
+/// A small cluster that restarts quickly ([`chat_cluster`]), with JWT auth (stable user ids across
+/// reconnects, so a retried key is the same user's), a history large enough to keep every message
+/// of a scenario and rate limits above the load.
 fn manifest(spec: Spec) -> String {
-    let storage = if spec.disk { "  storage:\n    size: 1Gi\n" } else { "" };
-    format!(
-        "apiVersion: chatcluster.dev/v1alpha1
-kind: ChatCluster
-metadata:
-  name: {NAME}
-spec:
-  replicas: {replicas}
-  config:
-    history:
-      size: 20000
-    limits:
-      max_connections: {max}
-      publish_rate_per_sec: 10000
-      publish_burst: 10000
-    cluster:
-      discovery_interval_secs: 1
-      heartbeat_ms: 100
-      peer_timeout_ms: 600
-  auth:
-    jwtSecretRef:
-      name: chat-jwt
-      key: jwt-secret
-  drain:
-    lbGraceSeconds: 0
-    deadlineSeconds: 2
-{storage}---
-apiVersion: v1
-kind: Secret
-metadata:
-  name: chat-jwt
-stringData:
-  jwt-secret: {JWT_SECRET}
-",
-        replicas = spec.replicas,
-        max = spec.max_connections,
-    )
+    let mut fields = json!({
+        "config": {
+            "history": {"size": 20000},
+            "limits": {"max_connections": spec.max_connections, "publish_rate_per_sec": 10000, "publish_burst": 10000},
+        },
+        "auth": {"jwtSecretRef": {"name": "chat-jwt", "key": "jwt-secret"}},
+    });
+    if spec.disk {
+        fields["storage"] = json!({"size": "1Gi"});
+    }
+    let secret = json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "chat-jwt"},
+        "stringData": {"jwt-secret": JWT_SECRET},
+    });
+    manifest_yaml(&[chat_cluster(NAME, spec.replicas, fields), secret])
 }
 
 fn config(run: &str) -> HistoryConfig {

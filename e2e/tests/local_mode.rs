@@ -8,18 +8,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use chat_e2e::client::{Client, http_get};
-use chat_e2e::{free_port, operator_binary};
-use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
+use chat_e2e::local::{LocalMode, chat_cluster, manifest_yaml};
+use serde_json::json;
 
 const NAME: &str = "chat";
 /// Bound for nodes to start, link up and report ready (a loaded 2-core machine included).
@@ -46,219 +42,25 @@ impl Default for Spec {
     }
 }
 
-/// A small cluster that restarts quickly: no load-balancer grace, a 2 s drain deadline, and
-/// discovery and failure detection in about a second.
-fn manifest_yaml(spec: &Spec) -> String {
-    let grace = spec.grace.map(|g| format!("    terminationGracePeriodSeconds: {g}\n")).unwrap_or_default();
-    format!(
-        "apiVersion: chatcluster.dev/v1alpha1
-kind: ChatCluster
-metadata:
-  name: {NAME}
-spec:
-  replicas: {replicas}
-  config:
-    auth:
-      mode: anonymous
-    history:
-      size: 2000
-    limits:
-      max_connections: {max}
-    cluster:
-      discovery_interval_secs: 1
-      heartbeat_ms: 100
-      peer_timeout_ms: 600
-  assets:
-    files:
-      hello.txt: \"{hello}\"
-  drain:
-    lbGraceSeconds: 0
-    deadlineSeconds: 2
-{grace}",
-        replicas = spec.replicas,
-        max = spec.max_connections,
-        hello = spec.hello,
-    )
-}
-
-// ---------- local mode as a process ----------
-
-struct LocalMode {
-    child: Child,
-    pid: u32,
-    first: Ipv4Addr,
-    port: u16,
-    manifest: PathBuf,
-    state: PathBuf,
-    output: Arc<Mutex<String>>,
-    _dir: tempfile::TempDir,
-}
-
-impl LocalMode {
-    /// Starts `chat-operator local` on `first`, `first + 1`, … with a free port.
-    async fn start(first: Ipv4Addr, spec: &Spec) -> anyhow::Result<LocalMode> {
-        let dir = tempfile::tempdir()?;
-        let manifest = dir.path().join("cluster.yaml");
-        std::fs::write(&manifest, manifest_yaml(spec))?;
-        let state = dir.path().join("state");
-        let port = free_port();
-        let mut child = Command::new(operator_binary())
-            .arg("local")
-            .arg(&manifest)
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--first-ip", &first.to_string(), "--base-port", &port.to_string(), "--poll-ms", "200"])
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawn chat-operator local")?;
-        let pid = child.id().context("local mode has a pid")?;
-        let output = Arc::new(Mutex::new(String::new()));
-        if let Some(out) = child.stdout.take() {
-            collect(out, output.clone(), "stdout");
-        }
-        if let Some(err) = child.stderr.take() {
-            collect(err, output.clone(), "stderr");
-        }
-        Ok(LocalMode { child, pid, first, port, manifest, state, output, _dir: dir })
-    }
-
-    /// Replaces the manifest the way editors save: a new file renamed over the old one.
-    fn edit(&self, spec: &Spec) -> anyhow::Result<()> {
-        let tmp = self.manifest.with_extension("yaml.tmp");
-        std::fs::write(&tmp, manifest_yaml(spec))?;
-        std::fs::rename(&tmp, &self.manifest)?;
-        Ok(())
-    }
-
-    fn addr(&self, ordinal: u32) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::from(u32::from(self.first) + ordinal), self.port))
-    }
-
-    fn ws_url(&self, ordinal: u32, user: &str) -> String {
-        format!("ws://{}/ws?name={user}", self.addr(ordinal))
-    }
-
-    fn status(&self) -> anyhow::Result<Value> {
-        let path = self.state.join("status.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        Ok(serde_json::from_str(&text)?)
-    }
-
-    /// Ordinal → pid of every running node, from `status.json`.
-    fn pids(&self) -> anyhow::Result<BTreeMap<u32, u32>> {
-        let status = self.status()?;
-        let nodes = status["nodes"].as_array().context("nodes")?;
-        Ok(nodes.iter().filter_map(|n| Some((n["ordinal"].as_u64()? as u32, n["pid"].as_u64()? as u32))).collect())
-    }
-
-    fn output(&self) -> String {
-        self.output.lock().map(|o| o.clone()).unwrap_or_default()
-    }
-
-    fn node_log(&self, ordinal: u32) -> String {
-        std::fs::read_to_string(self.state.join(format!("{NAME}-{ordinal}.log"))).unwrap_or_default()
-    }
-
-    /// Local mode's output and the nodes' log tails, for failure messages.
-    fn report(&self) -> String {
-        let mut text = format!("--- local mode ---\n{}", tail(&self.output(), 60));
-        for ordinal in 0..6 {
-            let log = self.node_log(ordinal);
-            if !log.is_empty() {
-                text.push_str(&format!("\n--- {NAME}-{ordinal}.log ---\n{}", tail(&log, 15)));
-            }
-        }
-        text
-    }
-
-    /// Polls `check` every 50 ms until it yields a value; the error carries the last reason and
-    /// what local mode and the nodes printed.
-    async fn wait_for<T>(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        mut check: impl AsyncFnMut(&LocalMode) -> anyhow::Result<T>,
-    ) -> anyhow::Result<T> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                bail!("local mode exited with {status} while waiting for {what}\n{}", self.report());
-            }
-            let last = match check(self).await {
-                Ok(value) => return Ok(value),
-                Err(err) => err,
-            };
-            if Instant::now() >= deadline {
-                bail!("not {what} within {timeout:?}: {last:#}\n{}", self.report());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Exactly `n` nodes, all on the current revision and ready (as local mode and as the
-    /// nodes' own `/readyz` say), each linked to the other `n − 1`.
-    async fn wait_cluster(&mut self, n: u32) -> anyhow::Result<BTreeMap<u32, u32>> {
-        self.wait_for(&format!("{n} ready, linked nodes"), READY, async |lm| {
-            let status = lm.status()?;
-            let nodes = status["nodes"].as_array().context("nodes")?;
-            ensure!(nodes.len() == n as usize, "{} nodes: {status:#}", nodes.len());
-            for node in nodes {
-                ensure!(node["ready"] == true && node["revision"] == status["revision"], "not ready: {node}");
-            }
-            for ordinal in 0..n {
-                let (code, body) = http_get(lm.addr(ordinal), "/cluster").await?;
-                ensure!(code == 200, "/cluster of {ordinal}: {code}");
-                let cluster: Value = serde_json::from_str(&body)?;
-                let links = cluster["links"].as_array().map_or(0, Vec::len);
-                ensure!(
-                    links == n as usize - 1 && cluster["size"] == n && cluster["ready"] == true,
-                    "{NAME}-{ordinal}: {links} links, size {}, ready {}",
-                    cluster["size"],
-                    cluster["ready"]
-                );
-                ensure!(http_get(lm.addr(ordinal), "/readyz").await?.0 == 200, "{ordinal} /readyz");
-            }
-            lm.pids()
-        })
-        .await
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        // SAFETY: plain syscall on our own child's pid.
-        unsafe {
-            libc::kill(self.pid as libc::pid_t, signal);
-        }
-    }
-
-    async fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
-        match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(status) => Ok(status?),
-            Err(_) => bail!("local mode still running after {timeout:?}\n{}", self.report()),
-        }
-    }
-}
-
-fn collect(stream: impl AsyncRead + Unpin + Send + 'static, log: Arc<Mutex<String>>, name: &'static str) {
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stream).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if std::env::var_os("E2E_ECHO").is_some() {
-                eprintln!("[local {name}] {line}");
-            }
-            if let Ok(mut log) = log.lock() {
-                log.push_str(&line);
-                log.push('\n');
-            }
-        }
+/// A small cluster that restarts quickly ([`chat_cluster`]), anonymous, serving `hello.txt`.
+fn manifest(spec: &Spec) -> String {
+    let mut fields = json!({
+        "config": {
+            "auth": {"mode": "anonymous"},
+            "history": {"size": 2000},
+            "limits": {"max_connections": spec.max_connections},
+        },
+        "assets": {"files": {"hello.txt": spec.hello}},
     });
+    if let Some(grace) = spec.grace {
+        fields["drain"] = json!({"terminationGracePeriodSeconds": grace});
+    }
+    manifest_yaml(&[chat_cluster(NAME, spec.replicas, fields)])
 }
 
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+/// Starts `chat-operator local` in `dir` on `first`, `first + 1`, … with a free port.
+fn start(dir: &tempfile::TempDir, first: Ipv4Addr, spec: &Spec) -> anyhow::Result<LocalMode> {
+    LocalMode::start(dir.path(), NAME, first, LocalMode::free_base_port(), &manifest(spec))
 }
 
 /// Whether a process exists (a zombie counts as gone: it no longer runs).
@@ -279,8 +81,9 @@ async fn get_body(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
 #[tokio::test]
 async fn local_mode_runs_rolls_reloads_assets_scales_and_stops() -> anyhow::Result<()> {
     let mut spec = Spec::default();
-    let mut lm = LocalMode::start(Ipv4Addr::new(127, 0, 3, 10), &spec).await?;
-    let pids = lm.wait_cluster(3).await?;
+    let dir = tempfile::tempdir()?;
+    let mut lm = start(&dir, Ipv4Addr::new(127, 0, 3, 10), &spec)?;
+    let pids = lm.wait_linked(3, READY).await?;
 
     // The URLs are printed, and they serve the page and the manifest's asset.
     let urls = lm
@@ -301,7 +104,7 @@ async fn local_mode_runs_rolls_reloads_assets_scales_and_stops() -> anyhow::Resu
 
     // An asset edit is served without a restart.
     spec.hello = "v2";
-    lm.edit(&spec)?;
+    lm.edit(&manifest(&spec))?;
     lm.wait_for("the new asset served by every node", T, async |lm| {
         for ordinal in 0..3 {
             let body = get_body(lm.addr(ordinal), "/hello.txt").await?;
@@ -317,7 +120,7 @@ async fn local_mode_runs_rolls_reloads_assets_scales_and_stops() -> anyhow::Resu
     let mut invalid = spec.clone();
     invalid.grace = Some(1);
     invalid.max_connections = 9_000;
-    lm.edit(&invalid)?;
+    lm.edit(&manifest(&invalid))?;
     let problem = lm
         .wait_for("the invalid manifest reported", T, async |lm| {
             let status = lm.status()?;
@@ -333,7 +136,7 @@ async fn local_mode_runs_rolls_reloads_assets_scales_and_stops() -> anyhow::Resu
 
     // A config edit rolls the nodes one at a time, highest ordinal first, while two stay ready.
     spec.max_connections = 9_000;
-    lm.edit(&spec)?;
+    lm.edit(&manifest(&spec))?;
     let mut seen: BTreeMap<u32, Vec<u32>> = pids.iter().map(|(o, p)| (*o, vec![*p])).collect();
     let mut order = Vec::new();
     let mut most_unready = 0;
@@ -376,13 +179,13 @@ async fn local_mode_runs_rolls_reloads_assets_scales_and_stops() -> anyhow::Resu
         let toml = std::fs::read_to_string(lm.state.join(format!("nodes/{NAME}-{ordinal}/node.toml")))?;
         assert!(toml.contains("max_connections = 9000"), "{toml}");
     }
-    let pids = lm.wait_cluster(3).await?;
+    let pids = lm.wait_linked(3, READY).await?;
     assert!(lm.status()?["manifest_problem"].is_null(), "the valid manifest cleared the problem");
 
     // Scale up: two more nodes, in DNS, linked to everyone; the others keep running.
     spec.replicas = 5;
-    lm.edit(&spec)?;
-    let scaled = lm.wait_cluster(5).await?;
+    lm.edit(&manifest(&spec))?;
+    let scaled = lm.wait_linked(5, READY).await?;
     for (ordinal, pid) in &pids {
         assert_eq!(scaled.get(ordinal), Some(pid), "scale up leaves {NAME}-{ordinal} alone");
     }
@@ -390,8 +193,8 @@ async fn local_mode_runs_rolls_reloads_assets_scales_and_stops() -> anyhow::Resu
 
     // Scale down to two: the three highest ordinals drain and leave DNS; the rest re-converge.
     spec.replicas = 2;
-    lm.edit(&spec)?;
-    let remaining = lm.wait_cluster(2).await?;
+    lm.edit(&manifest(&spec))?;
+    let remaining = lm.wait_linked(2, READY).await?;
     assert_eq!(remaining.keys().copied().collect::<Vec<_>>(), [0, 1]);
     assert_eq!(remaining.get(&0), scaled.get(&0));
     for ordinal in 2..5 {
@@ -425,7 +228,7 @@ async fn local_mode_runs_rolls_reloads_assets_scales_and_stops() -> anyhow::Resu
 // ---------- chat across nodes, through a rolling restart ----------
 
 async fn connect(lm: &LocalMode, ordinal: u32, user: &str) -> anyhow::Result<Client> {
-    let mut c = Client::connect(&lm.ws_url(ordinal, user), None).await?;
+    let mut c = Client::connect(&format!("ws://{}/ws?name={user}", lm.addr(ordinal)), None).await?;
     c.expect_type("welcome", T).await?;
     Ok(c)
 }
@@ -445,15 +248,15 @@ struct Acked {
     offset: u64,
 }
 
-/// Publishes `p0`, `p1`, … every 100 ms to `room`, reconnecting to the next node whenever its
-/// node drains or fails, until `stop`; returns every acked publish.
-async fn publish_continuously(lm: Arc<LocalModeAddrs>, room: &'static str, stop: Arc<AtomicBool>) -> Vec<Acked> {
+/// Publishes `p0`, `p1`, … every 100 ms to `room` through one of `nodes`, reconnecting to the
+/// next whenever its node drains or fails, until `stop`; returns every acked publish.
+async fn publish_continuously(nodes: Vec<SocketAddr>, room: &'static str, stop: Arc<AtomicBool>) -> Vec<Acked> {
     let mut acked = Vec::new();
     let mut n = 0u64;
-    let mut ordinal = 0;
+    let mut next = 0;
     while !stop.load(Ordering::Relaxed) {
-        let url = format!("ws://{}/ws?name=publisher", lm.addr(ordinal));
-        ordinal = (ordinal + 1) % lm.nodes;
+        let url = format!("ws://{}/ws?name=publisher", nodes[next]);
+        next = (next + 1) % nodes.len();
         let Ok(mut c) = Client::connect(&url, None).await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
@@ -491,26 +294,14 @@ async fn publish_continuously(lm: Arc<LocalModeAddrs>, room: &'static str, stop:
     acked
 }
 
-/// What the publisher task needs of [`LocalMode`] (which stays with the test).
-struct LocalModeAddrs {
-    first: Ipv4Addr,
-    port: u16,
-    nodes: u32,
-}
-
-impl LocalModeAddrs {
-    fn addr(&self, ordinal: u32) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::from(u32::from(self.first) + ordinal), self.port))
-    }
-}
-
 /// Needs room replication between nodes (docs/cluster.md): a message published on one node
 /// reaches subscribers on another, and acked messages survive their node's restart.
 #[tokio::test]
 async fn local_mode_chat_spans_nodes_and_a_rolling_restart_loses_no_acked_message() -> anyhow::Result<()> {
     let mut spec = Spec::default();
-    let mut lm = LocalMode::start(Ipv4Addr::new(127, 0, 4, 10), &spec).await?;
-    lm.wait_cluster(3).await?;
+    let dir = tempfile::tempdir()?;
+    let mut lm = start(&dir, Ipv4Addr::new(127, 0, 4, 10), &spec)?;
+    lm.wait_linked(3, READY).await?;
 
     // Published on node 0, received by a subscriber on node 1.
     let mut subscriber = connect(&lm, 1, "sub").await?;
@@ -526,20 +317,20 @@ async fn local_mode_chat_spans_nodes_and_a_rolling_restart_loses_no_acked_messag
     publisher.close().await;
 
     // A continuous publisher through a rolling restart: every ack is a promise kept.
-    let addrs = Arc::new(LocalModeAddrs { first: lm.first, port: lm.port, nodes: 3 });
+    let nodes = (0..3).map(|ordinal| lm.addr(ordinal)).collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let task = tokio::spawn(publish_continuously(addrs, "roll", stop.clone()));
+    let task = tokio::spawn(publish_continuously(nodes, "roll", stop.clone()));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = lm.pids()?;
     spec.max_connections = 9_000;
-    lm.edit(&spec)?;
+    lm.edit(&manifest(&spec))?;
     lm.wait_for("every node restarted", ROLLOUT, async |lm| {
         let now = lm.pids()?;
         ensure!(before.iter().all(|(o, p)| now.get(o).is_some_and(|q| q != p)), "pids {now:?}");
         Ok(())
     })
     .await?;
-    lm.wait_cluster(3).await?;
+    lm.wait_linked(3, READY).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     let acked = tokio::time::timeout(Duration::from_secs(15), task).await.context("publisher stops")??;
