@@ -161,7 +161,11 @@ pub fn voters(status: &Value) -> Option<BTreeSet<String>> {
 
 /// Waits until every node in `group` is linked to exactly the others, intends a cluster of
 /// `size`, is ready, and sees `voters` voting in every group.
-pub async fn wait_converged_with(group: &[&Member], size: usize, voters_wanted: &BTreeSet<String>) -> anyhow::Result<()> {
+pub async fn wait_converged_with(
+    group: &[&Member],
+    size: usize,
+    voters_wanted: &BTreeSet<String>,
+) -> anyhow::Result<()> {
     let ids: BTreeSet<String> = group.iter().map(|m| m.id.clone()).collect();
     for m in group {
         let mut others = ids.clone();

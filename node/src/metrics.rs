@@ -112,7 +112,11 @@ impl Metrics {
             m.publishes_unavailable.clone(),
         );
         registry.register("raft_groups_led", "Room-log Raft groups this node leads", m.raft_groups_led.clone());
-        registry.register("raft_groups_voting", "Room-log Raft groups this node votes in", m.raft_groups_voting.clone());
+        registry.register(
+            "raft_groups_voting",
+            "Room-log Raft groups this node votes in",
+            m.raft_groups_voting.clone(),
+        );
         registry.register(
             "publishes_in_flight",
             "Publishes of this node's clients waiting to be committed",

@@ -4,7 +4,6 @@
 
 use serde::{Deserialize, Serialize};
 
-
 /// Close code for a dial from the node whose id sorts higher: the lower one dials instead.
 pub const CLOSE_DIAL_BACK: u16 = 4100;
 /// Close code for a peer that failed the HMAC challenge.

@@ -46,7 +46,11 @@ impl Command {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Applied {
     /// Stored at `offset` (or, when `duplicate`, found already stored there).
-    Stored { offset: u64, epoch: String, duplicate: bool },
+    Stored {
+        offset: u64,
+        epoch: String,
+        duplicate: bool,
+    },
     Opened,
 }
 

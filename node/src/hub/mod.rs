@@ -283,9 +283,9 @@ impl Hub {
             return room;
         }
         let mut rooms = self.rooms.write().unwrap_or_else(|p| p.into_inner());
-        let room = rooms.entry(name.to_owned()).or_insert_with(|| {
-            Arc::new(Room::new(name.to_owned(), self.config.history.size, self.metrics.clone()))
-        });
+        let room = rooms
+            .entry(name.to_owned())
+            .or_insert_with(|| Arc::new(Room::new(name.to_owned(), self.config.history.size, self.metrics.clone())));
         let room = room.clone();
         self.metrics.rooms.set(rooms.len() as i64);
         room

@@ -168,7 +168,8 @@ impl Room {
         st.empty_since = None;
         // No stream yet, or a resume from further along than this node has applied (it is
         // catching up): the join is answered once the stream gets there.
-        let ahead = since.as_ref().is_some_and(|pos| Some(&pos.epoch) == st.epoch.as_ref() && pos.offset > st.last_offset);
+        let ahead =
+            since.as_ref().is_some_and(|pos| Some(&pos.epoch) == st.epoch.as_ref() && pos.offset > st.last_offset);
         let Some(epoch) = st.epoch.clone().filter(|_| !ahead) else {
             st.waiters.push(Waiter { conn, outbox, id, since, overdue: false });
             return (JoinOutcome::Waiting, presence);
@@ -294,8 +295,14 @@ impl RoomState {
                 }
                 let offset = self.last_offset + 1;
                 self.last_offset = offset;
-                let message =
-                    ChatMessage { room: self.name.clone(), offset, epoch: epoch.clone(), sender: sender.clone(), body: body.clone(), ts: *ts };
+                let message = ChatMessage {
+                    room: self.name.clone(),
+                    offset,
+                    epoch: epoch.clone(),
+                    sender: sender.clone(),
+                    body: body.clone(),
+                    ts: *ts,
+                };
                 self.store(message, true);
                 self.remember_key(key.clone(), offset);
                 if !self.waiters.is_empty() {

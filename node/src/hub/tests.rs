@@ -93,7 +93,8 @@ async fn a_publish_key_is_stored_once_per_user() {
     join(&mut ann, "r").await;
     join(&mut bob, "r").await;
     expect(&mut ann, "user_joined").await;
-    let publish = |id: &str, key: &str, body: &str| json!({"type": "publish", "id": id, "room": "r", "body": body, "key": key});
+    let publish =
+        |id: &str, key: &str, body: &str| json!({"type": "publish", "id": id, "room": "r", "body": body, "key": key});
     send(&ann, publish("1", "k1", "first")).await;
     assert_eq!(expect(&mut ann, "ack").await["offset"], 1);
     expect(&mut ann, "message").await;

@@ -6,8 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::LogFlushed;
 use redb::{Database, ReadableDatabase, TableDefinition};
@@ -40,13 +40,7 @@ macro_rules! db_error_from {
         fn from(e: $t) -> Self { DiskError::Db(e.into()) }
     })*};
 }
-db_error_from!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
+db_error_from!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
 
 /// What a write reports when it is durable.
 pub enum Done {
@@ -74,12 +68,25 @@ impl Done {
 }
 
 enum Op {
-    Append { group: u32, entries: Vec<(u64, Vec<u8>)> },
-    Put { group: u32, key: &'static str, value: Vec<u8> },
+    Append {
+        group: u32,
+        entries: Vec<(u64, Vec<u8>)>,
+    },
+    Put {
+        group: u32,
+        key: &'static str,
+        value: Vec<u8>,
+    },
     /// Deletes the entries from `from` on.
-    Truncate { group: u32, from: u64 },
+    Truncate {
+        group: u32,
+        from: u64,
+    },
     /// Deletes the entries up to `upto`.
-    Purge { group: u32, upto: u64 },
+    Purge {
+        group: u32,
+        upto: u64,
+    },
 }
 
 /// A group's stored state, as read at start.
@@ -97,7 +104,11 @@ pub struct Disk {
 }
 
 enum Backend {
-    Redb { db: Arc<Database>, writes: Sender<(Op, Done)>, writer: Option<std::thread::JoinHandle<()>> },
+    Redb {
+        db: Arc<Database>,
+        writes: Sender<(Op, Done)>,
+        writer: Option<std::thread::JoinHandle<()>>,
+    },
     /// The same tables in memory, written synchronously: "disk" for deterministic simulations,
     /// where a restarted node must find what it wrote.
     Memory(Mutex<MemoryTables>),

@@ -7,13 +7,13 @@
 
 pub mod disk;
 pub mod network;
+#[cfg(test)]
+mod sim;
 mod state_machine;
 mod steward;
 pub mod store;
 pub mod types;
 pub mod wire;
-#[cfg(test)]
-mod sim;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -23,8 +23,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use openraft::{Config, SnapshotPolicy};
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use serde::Serialize;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::cluster::{Cluster, PeerHandler};
 use crate::config::{ClusterConfig, StorageMode};
@@ -565,7 +565,8 @@ impl RoomLog for ReplicatedLog {
         let now = Instant::now();
         self.metrics.publishes_in_flight.inc();
         let command_copy = command.clone();
-        self.waiting().insert(key.clone(), Waiting { reply, room, group, command, since: now, sent_at: now, sent_to: None });
+        self.waiting()
+            .insert(key.clone(), Waiting { reply, room, group, command, since: now, sent_at: now, sent_to: None });
         let sent_to = self.propose(group, command_copy);
         if let Some(waiting) = self.waiting().get_mut(&key) {
             waiting.sent_to = sent_to;

@@ -73,7 +73,12 @@ impl StateMachine {
         Ok(())
     }
 
-    async fn persist(disk: &Option<Arc<Disk>>, group: u32, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+    async fn persist(
+        disk: &Option<Arc<Disk>>,
+        group: u32,
+        meta: &SnapshotMeta,
+        data: &[u8],
+    ) -> Result<(), StorageError> {
         let Some(disk) = disk else { return Ok(()) };
         let meta = serde_json::to_vec(meta).map_err(sm_error)?;
         let data = data.to_vec();
@@ -102,7 +107,8 @@ impl RaftSnapshotBuilder<TypeConfig> for Builder {
             Some(id) => format!("{}-{}-{}", self.group, id.leader_id.term, id.index),
             None => format!("{}-empty", self.group),
         };
-        let meta = SnapshotMeta { last_log_id: self.last_applied, last_membership: self.membership.clone(), snapshot_id };
+        let meta =
+            SnapshotMeta { last_log_id: self.last_applied, last_membership: self.membership.clone(), snapshot_id };
         // Durable before Raft purges the log entries it covers.
         StateMachine::persist(&self.disk, self.group, &meta, &data).await?;
         *lock(&self.current) = Some((meta.clone(), data.clone()));
@@ -155,7 +161,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         self.restore(meta, &data).map_err(sm_error)?;
         Self::persist(&self.disk, self.group, meta, &data).await?;
@@ -164,8 +174,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(lock(&self.current)
-            .clone()
-            .map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+        Ok(lock(&self.current).clone().map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }

@@ -60,7 +60,9 @@ fn has_quorum(log: &ReplicatedLog) -> bool {
 }
 
 pub fn votes_anywhere(log: &ReplicatedLog) -> bool {
-    log.groups().iter().any(|raft| raft.metrics().borrow().membership_config.membership().voter_ids().any(|id| id == log.raft_id))
+    log.groups()
+        .iter()
+        .any(|raft| raft.metrics().borrow().membership_config.membership().voter_ids().any(|id| id == log.raft_id))
 }
 
 pub fn tend(log: &ReplicatedLog) {
@@ -146,9 +148,9 @@ fn desired_voters(
     let mut desired = BTreeSet::new();
     for slot in 0..slots(log.size()) as u32 {
         let fresh = live.keys().find(|id| ordinal_of(**id) == slot && nodes.contains_key(id) && caught_up(**id));
-        let current = voters.iter().find(|id| {
-            ordinal_of(**id) == slot && !leaving.contains(id) && !(me_leaving && **id == log.raft_id)
-        });
+        let current = voters
+            .iter()
+            .find(|id| ordinal_of(**id) == slot && !leaving.contains(id) && !(me_leaving && **id == log.raft_id));
         if let Some(id) = fresh.or(current) {
             desired.insert(*id);
         }
@@ -266,7 +268,11 @@ pub fn status(log: &ReplicatedLog) -> ReplicationStatus {
             let m = raft.metrics().borrow().clone();
             let membership = m.membership_config.membership();
             let name = |id: u64| {
-                membership.get_node(&id).map(|n| n.addr.clone()).or_else(|| names.get(&id).cloned()).unwrap_or_else(|| format!("{id:x}"))
+                membership
+                    .get_node(&id)
+                    .map(|n| n.addr.clone())
+                    .or_else(|| names.get(&id).cloned())
+                    .unwrap_or_else(|| format!("{id:x}"))
             };
             GroupStatus {
                 group: group as u32,

@@ -52,20 +52,44 @@ pub enum RaftReply {
 pub enum ReplicaFrame {
     Member(MemberInfo),
     /// A Raft RPC of group `group`, addressed to Raft member `to`.
-    Call { call: u64, group: u32, to: u64, rpc: RaftRpc },
-    Reply { call: u64, reply: RaftReply },
+    Call {
+        call: u64,
+        group: u32,
+        to: u64,
+        rpc: RaftRpc,
+    },
+    Reply {
+        call: u64,
+        reply: RaftReply,
+    },
     /// A client's command, to the leader of its room's group.
-    Propose { group: u32, command: Command },
+    Propose {
+        group: u32,
+        command: Command,
+    },
     /// The receiver could not take the command (not the leader, or failing): retry now.
-    ProposeFailed { key: String },
+    ProposeFailed {
+        key: String,
+    },
     /// Initialize `group` of a fresh cluster with these voters (sent by the bootstrapping node
     /// to the voter meant to lead the group).
-    Bootstrap { group: u32, members: BTreeMap<u64, BasicNode> },
+    Bootstrap {
+        group: u32,
+        members: BTreeMap<u64, BasicNode>,
+    },
     /// The sender's connections of `user` in `room` went from none to some (`present`) or back.
-    Presence { room: String, user: UserInfo, present: bool },
+    Presence {
+        room: String,
+        user: UserInfo,
+        present: bool,
+    },
     /// Every (room, user) the sender has connections for, replacing what was known of it.
-    PresenceSnapshot { entries: Vec<(String, UserInfo)> },
-    Session { session: SessionRecord },
+    PresenceSnapshot {
+        entries: Vec<(String, UserInfo)>,
+    },
+    Session {
+        session: SessionRecord,
+    },
 }
 
 impl ReplicaFrame {
