@@ -93,8 +93,7 @@ pub struct Sim {
 }
 
 fn config(ordinal: usize, size: usize) -> NodeConfig {
-    let mut cfg = NodeConfig::default();
-    cfg.node_id = Some(format!("sim-{ordinal}"));
+    let mut cfg = NodeConfig { node_id: Some(format!("sim-{ordinal}")), ..NodeConfig::default() };
     cfg.history.size = 100_000;
     let c = &mut cfg.cluster;
     c.static_peers = vec!["simulated:1".into()];
