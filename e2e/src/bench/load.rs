@@ -278,6 +278,11 @@ async fn drain<R: AsyncRead + Unpin>(mut conn: Conn<R>, stats: &Stats, publisher
                     } else if payload.starts_with(b"{\"type\":\"error\"") {
                         stats.error_frames.fetch_add(1, Ordering::Relaxed);
                         stats.problem(format!("connection {i}: {}", String::from_utf8_lossy(payload)));
+                        // A refused publish (e.g. `unavailable` in a cluster) will not come back:
+                        // free its window slot so the publisher does not stall for good.
+                        if publisher.is_some() {
+                            own += 1;
+                        }
                     }
                 }
                 OP_CLOSE => {

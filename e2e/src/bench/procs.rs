@@ -71,14 +71,18 @@ impl Server {
         Self::start(Kind::Node, cmd, dir, SocketAddr::from(([127, 0, 0, 1], port))).await
     }
 
-    /// A node with a config of the caller's, listening at `addr`.
-    pub async fn spawn_node_with(bin: &Path, toml: &str, addr: SocketAddr) -> anyhow::Result<Self> {
+    /// A node with a config of the caller's, listening at `addr`, started but not waited for
+    /// (a cluster node is ready only once a majority of the cluster runs: start them all, then
+    /// [`Server::wait_ready`] on each). Its output goes to `log` when given, else to a file in
+    /// its own temporary directory.
+    pub fn launch_node(bin: &Path, toml: &str, addr: SocketAddr, log: Option<PathBuf>) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let cfg = dir.path().join("node.toml");
         std::fs::write(&cfg, toml)?;
         let mut cmd = Command::new(bin);
         cmd.arg("--config").arg(&cfg);
-        Self::start(Kind::Node, cmd, dir, addr).await
+        let log = log.unwrap_or_else(|| dir.path().join("server.log"));
+        Self::launch(Kind::Node, cmd, dir, addr, log)
     }
 
     pub async fn spawn_ref(bin: &Path) -> anyhow::Result<Self> {
@@ -89,20 +93,31 @@ impl Server {
         Self::start(Kind::Ref, cmd, dir, SocketAddr::from(([127, 0, 0, 1], port))).await
     }
 
-    async fn start(kind: Kind, mut cmd: Command, dir: tempfile::TempDir, addr: SocketAddr) -> anyhow::Result<Self> {
+    async fn start(kind: Kind, cmd: Command, dir: tempfile::TempDir, addr: SocketAddr) -> anyhow::Result<Self> {
         let log = dir.path().join("server.log");
-        let out = std::fs::File::create(&log)?;
+        let mut server = Self::launch(kind, cmd, dir, addr, log)?;
+        server.wait_ready(Duration::from_secs(30)).await?;
+        Ok(server)
+    }
+
+    fn launch(
+        kind: Kind,
+        mut cmd: Command,
+        dir: tempfile::TempDir,
+        addr: SocketAddr,
+        log: PathBuf,
+    ) -> anyhow::Result<Self> {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
         let err = out.try_clone()?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true);
         let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
         let pid = child.id().context("server pid")?;
-        let mut server = Server { kind, addr, pid, log, child, _dir: dir };
-        server.wait_ready().await?;
-        Ok(server)
+        Ok(Server { kind, addr, pid, log, child, _dir: dir })
     }
 
-    async fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    /// Waits until the server answers (the node: `/readyz` is 200), at most `limit`.
+    pub async fn wait_ready(&mut self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait()? {
                 bail!("{} exited at start ({status}): {}", self.kind.name(), self.log_tail());
@@ -115,7 +130,7 @@ impl Server {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("{} not ready after 30 s: {}", self.kind.name(), self.log_tail());
+                bail!("{} at {} not ready after {limit:?}: {}", self.kind.name(), self.addr, self.log_tail());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -144,6 +159,21 @@ impl Server {
         proc_cpu_secs(self.pid)
     }
 
+    /// Sends `signal` (e.g. `libc::SIGKILL`, `libc::SIGTERM`) to the process.
+    pub fn signal(&self, signal: libc::c_int) -> anyhow::Result<()> {
+        // SAFETY: kill(2) with our own child's pid; the child is not reaped before `wait_exit`.
+        let rc = unsafe { libc::kill(self.pid as libc::pid_t, signal) };
+        if rc != 0 {
+            bail!("kill({}, {signal}): {}", self.pid, std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit, at most `limit`; its exit status, if it did.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(limit, self.child.wait()).await.ok().and_then(Result::ok)
+    }
+
     pub async fn stop(mut self) -> anyhow::Result<()> {
         let _ = self.child.start_kill();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
@@ -161,7 +191,7 @@ pub async fn http_get_body(addr: SocketAddr, path: &str) -> anyhow::Result<Strin
     Ok(text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default())
 }
 
-async fn http_get_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
+pub async fn http_get_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
     let mut buf = [0u8; 64];

@@ -2,13 +2,15 @@
 //! tokio-tungstenite broadcast server), one after the other, and prints absolute figures and the
 //! ratio node/reference. See docs/benchmarks.md.
 //!
-//! Everything it starts listens on 127.0.0.1 and is killed when the run ends; every loop is
-//! bounded in count and time.
+//! Everything it starts listens on 127.0.0.1 (the cluster benchmarks: 127.0.0.2–4) and is
+//! killed when the run ends; every loop is bounded in count and time.
 
 #[path = "../bench/client.rs"]
 mod client;
 #[path = "../bench/cluster.rs"]
 mod cluster;
+#[path = "../bench/failover.rs"]
+mod failover;
 #[path = "../bench/load.rs"]
 mod load;
 #[path = "../bench/procs.rs"]
@@ -47,6 +49,9 @@ enum Cmd {
     All(Opts),
     /// Three nodes: cross-node latency at a fixed message rate, then saturation.
     Cluster(cluster::Opts),
+    /// Three nodes: publish unavailability when the leader of a room's Raft group is killed
+    /// (kill -9) or drained (SIGTERM).
+    Failover(failover::Opts),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -196,6 +201,7 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<()> {
         Cmd::Broadcast(o) => (o, [false, false, true]),
         Cmd::All(o) => (o, [true, true, true]),
         Cmd::Cluster(o) => return cluster::run(o).await,
+        Cmd::Failover(o) => return failover::run(o).await,
     };
     if opts.publishers == 0 || opts.publishers > opts.members {
         bail!("--publishers must be between 1 and --members");

@@ -45,9 +45,11 @@ use wire::{MemberInfo, RaftReply, RaftRpc, ReplicaFrame};
 
 /// How often membership, readiness and waiting publishes are looked after.
 pub const TICK: Duration = Duration::from_millis(100);
-/// A waiting publish is proposed again after this long without an answer (dedupe makes it
-/// safe); at once when its group's leader changes.
-const RETRY_AFTER: Duration = Duration::from_millis(1000);
+/// A waiting publish is proposed again at once when its group's leader changes, the link to it
+/// drops or it reports a failure; otherwise only after half of `publish_timeout_ms` (a proposal
+/// lost some other way). Each proposal is a log entry, and dedupe only covers a room's recent
+/// keys: proposing again while the first is still on its way would risk storing it twice.
+const SAFETY_RETRY_SHARE: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
@@ -380,7 +382,7 @@ impl ReplicatedLog {
                 expired.push(key.clone());
             } else if waiting.sent_to.is_none()
                 || waiting.sent_to != leaders.get(waiting.group as usize).copied().flatten()
-                || waiting.sent_at.elapsed() >= RETRY_AFTER
+                || waiting.sent_at.elapsed() >= timeout / SAFETY_RETRY_SHARE
             {
                 again.push((key.clone(), waiting.group, waiting.command.clone()));
             }
@@ -609,7 +611,12 @@ impl PeerHandler for ReplicatedLog {
     }
 
     fn on_link_down(&self, peer: &str) {
-        self.members().remove(peer);
+        if let Some(gone) = self.members().remove(peer) {
+            // What went to that leader may be lost with the link: propose it again.
+            for waiting in self.waiting().values_mut().filter(|w| w.sent_to == Some(gone.raft_id)) {
+                waiting.sent_to = None;
+            }
+        }
         self.calls.fail_peer(peer);
         if let Some(hub) = self.hub() {
             hub.replace_remote_presence(peer, Vec::new());
