@@ -494,6 +494,49 @@ async fn a_session_token_rejoins_its_rooms_on_another_node_after_a_drain() -> an
     Ok(())
 }
 
+#[tokio::test]
+async fn a_session_token_rejoins_its_rooms_on_another_node_after_its_node_crashed() -> anyhow::Result<()> {
+    let mut cluster = LoopbackCluster::start_jwt(3).await?;
+    wait_converged(&cluster.all(), 3).await?;
+    let mut sam = Chatter::connect_as(&cluster.members[0].node, "sam").await?;
+    sam.join("a", None).await?;
+    sam.join("b", None).await?;
+    sam.publish("a", "1", "hello a").await?;
+    sam.pump_until("ack and message", |c| c.acks.len() == 1 && c.messages.len() == 1).await?;
+    let session = sam.session.clone();
+
+    // Sam's node dies without a drain: only the records the peers already hold survive.
+    cluster.members[0].node.kill();
+    cluster.members[0].node.wait_exit(WAIT).await?;
+    cluster.members.remove(0);
+
+    let mut wes = Chatter::connect_as(&cluster.members[0].node, "wes").await?;
+    wes.join("a", None).await?;
+    wes.publish("a", "2", "missed by sam").await?;
+    wes.pump_until("ack", |c| c.acks.len() == 1).await?;
+
+    // Another node and the session token: both rooms back. After a crash the record holds the
+    // positions the rooms were joined at, so Sam gets everything since (at least once, in order).
+    let url = format!("{}?session={session}", cluster.members[1].node.ws_url());
+    let mut client = Client::connect(&url, Some(&user_token("sam"))).await?;
+    let welcome = client.expect_type("welcome", WAIT).await?;
+    ensure!(welcome["resumed"] == true && welcome["session_id"] == session.as_str(), "{welcome}");
+    let mut joined = Vec::new();
+    let mut received = Vec::new();
+    while joined.len() < 2 || received.len() < 2 {
+        let frame = client.recv_json(WAIT).await?;
+        match frame["type"].as_str() {
+            Some("joined") => joined.push(frame["room"].as_str().unwrap_or_default().to_owned()),
+            Some("message") => received.push(frame["body"].as_str().unwrap_or_default().to_owned()),
+            _ => {}
+        }
+    }
+    joined.sort();
+    ensure!(joined == ["a", "b"], "rejoined both rooms: {joined:?}");
+    ensure!(received == ["hello a", "missed by sam"], "room a since the join, in order: {received:?}");
+    Ok(())
+}
+
 // ---------- c. continuous load across restarts, crashes and scaling ----------
 
 const LOAD_ROOM: &str = "load";

@@ -189,6 +189,12 @@ impl Hub {
         waiting
     }
 
+    /// The position before a room's first message, if its stream has started.
+    pub(crate) fn stream_start(&self, room: &str) -> Option<crate::protocol::StreamPosition> {
+        let epoch = self.existing_room(room)?.lock().epoch.clone()?;
+        Some(crate::protocol::StreamPosition { epoch, offset: 0 })
+    }
+
     /// Where the publish with dedupe `key` was stored in `room`, if it is among the recent ones.
     pub fn stored(&self, room: &str, key: &str) -> Option<(u64, String)> {
         let room = self.existing_room(room)?;

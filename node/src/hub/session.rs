@@ -107,6 +107,8 @@ impl Session<'_> {
         });
         let mut replies = vec![welcome];
         for (room, since) in resumed.map(|r| r.rooms).unwrap_or_default() {
+            // A room the session joined before its stream existed was joined at its start.
+            let since = since.or_else(|| self.hub.stream_start(&room));
             self.join(None, room, since, &mut replies);
         }
         if write_all(conn, &mut replies).await.is_err() {
