@@ -444,16 +444,57 @@ async fn presence_is_cluster_wide_and_a_killed_node_leaves_no_zombies() -> anyho
     Ok(())
 }
 
-#[tokio::test]
-async fn a_session_token_rejoins_its_rooms_on_another_node_after_a_drain() -> anyhow::Result<()> {
-    let mut cluster = LoopbackCluster::start_jwt(3).await?;
-    wait_converged(&cluster.all(), 3).await?;
+/// Sam on node 0 in rooms `a` and `b`, one message of his in `a`; returns him and his session.
+async fn sam_in_two_rooms(cluster: &LoopbackCluster) -> anyhow::Result<(Chatter, String)> {
     let mut sam = Chatter::connect_as(&cluster.members[0].node, "sam").await?;
     sam.join("a", None).await?;
     sam.join("b", None).await?;
     sam.publish("a", "1", "hello a").await?;
     sam.pump_until("ack and message", |c| c.acks.len() == 1 && c.messages.len() == 1).await?;
     let session = sam.session.clone();
+    Ok((sam, session))
+}
+
+/// Wes publishes in `a` through the first remaining node while Sam is away.
+async fn publish_while_sam_is_away(cluster: &LoopbackCluster) -> anyhow::Result<()> {
+    let mut wes = Chatter::connect_as(&cluster.members[0].node, "wes").await?;
+    wes.join("a", None).await?;
+    wes.publish("a", "2", "missed by sam").await?;
+    wes.pump_until("ack", |c| c.acks.len() == 1).await
+}
+
+/// Sam comes back with his session token through the second remaining node: both rooms are
+/// rejoined; returns the rooms and the `want` first messages he receives.
+async fn resume_sam(
+    cluster: &LoopbackCluster,
+    session: &str,
+    want: usize,
+) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let url = format!("{}?session={session}", cluster.members[1].node.ws_url());
+    let mut client = Client::connect(&url, Some(&user_token("sam"))).await?;
+    let welcome = client.expect_type("welcome", WAIT).await?;
+    ensure!(welcome["resumed"] == true && welcome["session_id"] == session, "{welcome}");
+    let mut joined = Vec::new();
+    let mut received = Vec::new();
+    // A missed message may apply on this node just after the rejoin: then it arrives live.
+    while joined.len() < 2 || received.len() < want {
+        let frame = client.recv_json(WAIT).await?;
+        match frame["type"].as_str() {
+            Some("joined") => joined.push(frame["room"].as_str().unwrap_or_default().to_owned()),
+            Some("message") => received.push(frame["body"].as_str().unwrap_or_default().to_owned()),
+            _ => {}
+        }
+    }
+    joined.sort();
+    ensure!(joined == ["a", "b"], "rejoined both rooms: {joined:?}");
+    Ok(received)
+}
+
+#[tokio::test]
+async fn a_session_token_rejoins_its_rooms_on_another_node_after_a_drain() -> anyhow::Result<()> {
+    let mut cluster = LoopbackCluster::start_jwt(3).await?;
+    wait_converged(&cluster.all(), 3).await?;
+    let (mut sam, session) = sam_in_two_rooms(&cluster).await?;
 
     // Sam's node drains: the server flushes, closes with 4000, and records where Sam was.
     cluster.members[0].node.terminate();
@@ -461,33 +502,14 @@ async fn a_session_token_rejoins_its_rooms_on_another_node_after_a_drain() -> an
     ensure!(close.as_ref().is_some_and(|(code, _)| *code == 4000), "drain closes with 4000: {close:?}");
     cluster.members[0].node.wait_exit(WAIT).await?;
     cluster.members.remove(0);
+    publish_while_sam_is_away(&cluster).await?;
 
-    let mut wes = Chatter::connect_as(&cluster.members[0].node, "wes").await?;
-    wes.join("a", None).await?;
-    wes.publish("a", "2", "missed by sam").await?;
-    wes.pump_until("ack", |c| c.acks.len() == 1).await?;
-
-    // Another node and the session token: both rooms back, with only what was missed.
-    let url = format!("{}?session={session}", cluster.members[1].node.ws_url());
-    let mut client = Client::connect(&url, Some(&user_token("sam"))).await?;
-    let welcome = client.expect_type("welcome", WAIT).await?;
-    ensure!(welcome["resumed"] == true && welcome["session_id"] == session.as_str(), "{welcome}");
-    let mut joined = Vec::new();
-    let mut missed = Vec::new();
-    // The missed message may apply on this node just after the rejoin: then it arrives live.
-    while joined.len() < 2 || missed.is_empty() {
-        let frame = client.recv_json(WAIT).await?;
-        match frame["type"].as_str() {
-            Some("joined") => joined.push(frame["room"].as_str().unwrap_or_default().to_owned()),
-            Some("message") => missed.push(frame["body"].as_str().unwrap_or_default().to_owned()),
-            _ => {}
-        }
-    }
-    joined.sort();
-    ensure!(joined == ["a", "b"], "rejoined both rooms: {joined:?}");
+    // Only what was missed: the drain recorded exact positions.
+    let missed = resume_sam(&cluster, &session, 1).await?;
     ensure!(missed == ["missed by sam"], "got exactly what was missed in a: {missed:?}");
 
     // Another user presenting Sam's token gets a fresh session.
+    let url = format!("{}?session={session}", cluster.members[1].node.ws_url());
     let mut eve = Client::connect(&url, Some(&user_token("eve"))).await?;
     let welcome = eve.expect_type("welcome", WAIT).await?;
     ensure!(welcome["resumed"] == false && welcome["session_id"] != session.as_str(), "{welcome}");
@@ -498,41 +520,17 @@ async fn a_session_token_rejoins_its_rooms_on_another_node_after_a_drain() -> an
 async fn a_session_token_rejoins_its_rooms_on_another_node_after_its_node_crashed() -> anyhow::Result<()> {
     let mut cluster = LoopbackCluster::start_jwt(3).await?;
     wait_converged(&cluster.all(), 3).await?;
-    let mut sam = Chatter::connect_as(&cluster.members[0].node, "sam").await?;
-    sam.join("a", None).await?;
-    sam.join("b", None).await?;
-    sam.publish("a", "1", "hello a").await?;
-    sam.pump_until("ack and message", |c| c.acks.len() == 1 && c.messages.len() == 1).await?;
-    let session = sam.session.clone();
+    let (_sam, session) = sam_in_two_rooms(&cluster).await?;
 
     // Sam's node dies without a drain: only the records the peers already hold survive.
     cluster.members[0].node.kill();
     cluster.members[0].node.wait_exit(WAIT).await?;
     cluster.members.remove(0);
+    publish_while_sam_is_away(&cluster).await?;
 
-    let mut wes = Chatter::connect_as(&cluster.members[0].node, "wes").await?;
-    wes.join("a", None).await?;
-    wes.publish("a", "2", "missed by sam").await?;
-    wes.pump_until("ack", |c| c.acks.len() == 1).await?;
-
-    // Another node and the session token: both rooms back. After a crash the record holds the
-    // positions the rooms were joined at, so Sam gets everything since (at least once, in order).
-    let url = format!("{}?session={session}", cluster.members[1].node.ws_url());
-    let mut client = Client::connect(&url, Some(&user_token("sam"))).await?;
-    let welcome = client.expect_type("welcome", WAIT).await?;
-    ensure!(welcome["resumed"] == true && welcome["session_id"] == session.as_str(), "{welcome}");
-    let mut joined = Vec::new();
-    let mut received = Vec::new();
-    while joined.len() < 2 || received.len() < 2 {
-        let frame = client.recv_json(WAIT).await?;
-        match frame["type"].as_str() {
-            Some("joined") => joined.push(frame["room"].as_str().unwrap_or_default().to_owned()),
-            Some("message") => received.push(frame["body"].as_str().unwrap_or_default().to_owned()),
-            _ => {}
-        }
-    }
-    joined.sort();
-    ensure!(joined == ["a", "b"], "rejoined both rooms: {joined:?}");
+    // After a crash the record holds the positions the rooms were joined at, so Sam gets
+    // everything since (at least once, in order).
+    let received = resume_sam(&cluster, &session, 2).await?;
     ensure!(received == ["hello a", "missed by sam"], "room a since the join, in order: {received:?}");
     Ok(())
 }
