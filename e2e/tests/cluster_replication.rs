@@ -464,12 +464,8 @@ async fn publish_while_sam_is_away(cluster: &LoopbackCluster) -> anyhow::Result<
 }
 
 /// Sam comes back with his session token through the second remaining node: both rooms are
-/// rejoined; returns the rooms and the `want` first messages he receives.
-async fn resume_sam(
-    cluster: &LoopbackCluster,
-    session: &str,
-    want: usize,
-) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+/// rejoined; returns the `want` first messages he receives.
+async fn resume_sam(cluster: &LoopbackCluster, session: &str, want: usize) -> anyhow::Result<Vec<String>> {
     let url = format!("{}?session={session}", cluster.members[1].node.ws_url());
     let mut client = Client::connect(&url, Some(&user_token("sam"))).await?;
     let welcome = client.expect_type("welcome", WAIT).await?;
