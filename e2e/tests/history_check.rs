@@ -144,6 +144,15 @@ fn conclude(report: history::Report) -> anyhow::Result<()> {
     report.into_result()
 }
 
+/// Settles, reads every node's history back, stops local mode, and checks the run.
+async fn check_local(scenario: &str, rec: Recorder, nodes: &[NodeTarget], lm: LocalMode) -> anyhow::Result<()> {
+    let cfg = rec.config().clone();
+    let recorded = rec.finish(nodes, SETTLE).await.map_err(|e| with_logs(e, lm.report()))?;
+    let report = history::check(scenario, &cfg, &[&recorded], &recorded.histories);
+    lm.stop(Duration::from_secs(30)).await?;
+    conclude(report)
+}
+
 async fn start_local(dir: &std::path::Path, first: Ipv4Addr, port: u16, spec: Spec) -> anyhow::Result<LocalMode> {
     let mut lm = LocalMode::start(dir, NAME, first, port, &manifest(spec))?;
     lm.wait_ready(spec.replicas, READY).await?;
@@ -192,11 +201,7 @@ async fn kill9_random_nodes() -> anyhow::Result<()> {
     }
     lm.wait_ready(3, READY).await?;
     rec.wait_acks(50, PROGRESS).await?;
-    let cfg = rec.config().clone();
-    let recorded = rec.finish(&nodes, SETTLE).await.map_err(|e| with_logs(e, lm.report()))?;
-    let report = history::check("kill9_random_nodes", &cfg, &[&recorded], &recorded.histories);
-    lm.stop(Duration::from_secs(30)).await?;
-    conclude(report)
+    check_local("kill9_random_nodes", rec, &nodes, lm).await
 }
 
 // ---------- rolling restart ----------
@@ -250,11 +255,7 @@ async fn rolling_restart_from_config_edit() -> anyhow::Result<()> {
     // Publishing goes on through each node after its restart.
     let names = publishers(&nodes);
     rec.wait_acks_each(&refs(&names), 50, PROGRESS).await.map_err(|e| with_logs(e, lm.report()))?;
-    let cfg = rec.config().clone();
-    let recorded = rec.finish(&nodes, SETTLE).await.map_err(|e| with_logs(e, lm.report()))?;
-    let report = history::check("rolling_restart_from_config_edit", &cfg, &[&recorded], &recorded.histories);
-    lm.stop(Duration::from_secs(30)).await?;
-    conclude(report)
+    check_local("rolling_restart_from_config_edit", rec, &nodes, lm).await
 }
 
 // ---------- scale 3 → 5 → 3 ----------
@@ -290,11 +291,7 @@ async fn scale_3_5_3() -> anyhow::Result<()> {
     println!("scale_3_5_3: back to 3 nodes");
     let names = publishers(&stay);
     rec.wait_acks_each(&refs(&names), 30, PROGRESS).await.map_err(|e| with_logs(e, lm.report()))?;
-    let cfg = rec.config().clone();
-    let recorded = rec.finish(&stay, SETTLE).await.map_err(|e| with_logs(e, lm.report()))?;
-    let report = history::check("scale_3_5_3", &cfg, &[&recorded], &recorded.histories);
-    lm.stop(Duration::from_secs(30)).await?;
-    conclude(report)
+    check_local("scale_3_5_3", rec, &stay, lm).await
 }
 
 // ---------- partition ----------
