@@ -136,7 +136,7 @@ fn run(config: chat_node::config::NodeConfig, path: Option<PathBuf>, overrides: 
         if let Some(log) = server.room_log() {
             tokio::spawn(follow_cluster_size(log, path, overrides));
         }
-        server.run(shutdown_signal()).await;
+        server.run(shutdown_signal()).await?;
         Ok(())
     })
 }

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub publishes_unavailable: Counter,
     pub raft_groups_led: Gauge,
     pub raft_groups_voting: Gauge,
+    pub raft_group_failures: Counter,
     pub publishes_in_flight: Gauge,
     pub peer_queued_frames: Gauge,
 }
@@ -64,6 +65,7 @@ impl Metrics {
             publishes_unavailable: Counter::default(),
             raft_groups_led: Gauge::default(),
             raft_groups_voting: Gauge::default(),
+            raft_group_failures: Counter::default(),
             publishes_in_flight: Gauge::default(),
             peer_queued_frames: Gauge::default(),
             registry: Registry::with_prefix("chat"),
@@ -116,6 +118,11 @@ impl Metrics {
             "raft_groups_voting",
             "Room-log Raft groups this node votes in",
             m.raft_groups_voting.clone(),
+        );
+        registry.register(
+            "raft_group_failures",
+            "Room-log Raft groups that stopped on an error (the node then drains and exits)",
+            m.raft_group_failures.clone(),
         );
         registry.register(
             "publishes_in_flight",

@@ -30,6 +30,8 @@ pub enum ServerError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Replication(#[from] ReplicationError),
+    #[error("{0}; drained, exiting so the node restarts")]
+    RoomLogFailed(String),
 }
 
 /// A bound, not yet running node.
@@ -90,8 +92,9 @@ impl Server {
         self.state.room_log.clone()
     }
 
-    /// Serves until `shutdown` resolves, then drains and returns.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    /// Serves until `shutdown` resolves, then drains and returns; also drains, and returns the
+    /// error, when a room-log group stopped for good.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let Server { listener, peer_listener, state } = self;
         let hub = state.hub.clone();
         let header_timeout = Duration::from_secs(hub.config().limits.handshake_timeout_secs);
@@ -111,7 +114,17 @@ impl Server {
             tasks.push(tokio::spawn(log.clone().run()));
         }
         state.started.store(true, Ordering::Release);
-        shutdown.await;
+        let room_log = state.room_log.clone();
+        let failed = async move {
+            match room_log {
+                Some(log) => log.failed().await,
+                None => std::future::pending().await,
+            }
+        };
+        let failure = tokio::select! {
+            () = shutdown => None,
+            reason = failed => Some(reason),
+        };
         drain(&hub, state.room_log.as_deref(), state.cluster.as_deref()).await;
         for task in tasks {
             task.abort();
@@ -119,6 +132,7 @@ impl Server {
         if let Some(log) = &state.room_log {
             log.shutdown().await;
         }
+        failure.map_or(Ok(()), |reason| Err(ServerError::RoomLogFailed(reason)))
     }
 }
 

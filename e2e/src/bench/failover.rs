@@ -45,10 +45,11 @@ pub struct Opts {
     room: String,
 }
 
-/// Publish keys a node remembers per room: `max(history.size, 1000)` (the bench leaves
-/// `history.size` at its default, 100). A key retried after more messages than this is stored
-/// again, as docs/protocol.md says.
-const DEDUPE_WINDOW: u64 = 1000;
+/// Publish keys a node remembers per room: those of the last 60 s, up to 100 000 (and at least
+/// `max(history.size, 1000)`), as docs/protocol.md says. At this bench's rates 100 000 messages
+/// take over 60 s, so a key stored twice fewer messages apart counts as inside the window (a
+/// stricter test than the 60 s alone).
+const DEDUPE_WINDOW: u64 = 100_000;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 enum Fault {
@@ -561,7 +562,7 @@ pub async fn run(o: Opts) -> anyhow::Result<()> {
     let (inside, beyond): (Vec<_>, Vec<_>) = twice.iter().partition(|(_, (a, b))| a.abs_diff(*b) <= DEDUPE_WINDOW);
     println!(
         "publishes stored twice: {} inside the dedupe window, {} beyond it (retried after more than {DEDUPE_WINDOW} \
-         newer messages in the room, which the node no longer dedupes: documented){}",
+         newer messages in the room, past the node's dedupe window: documented){}",
         inside.len(),
         beyond.len(),
         if beyond.is_empty() {

@@ -19,6 +19,11 @@ use super::outbox::Outbox;
 /// Publish keys remembered per room at least, so a retried publish is stored once even in a
 /// room with a small history.
 pub const MIN_DEDUPE_WINDOW: usize = 1000;
+/// Beyond that minimum, keys are kept for this long (by the publishes' own timestamps), so a
+/// retry after a failover or a node restart is stored once however busy the room is...
+pub const DEDUPE_WINDOW_MS: u64 = 60_000;
+/// ...up to this many keys per room (about 100 bytes each).
+pub const MAX_DEDUPE_KEYS: usize = 100_000;
 
 /// A stored message and its serialized `message` frame (shared by every delivery).
 pub struct Stored {
@@ -33,8 +38,8 @@ pub struct RoomImage {
     pub epoch: Option<String>,
     pub last_offset: u64,
     pub history: Vec<ChatMessage>,
-    /// Recent publish keys, oldest first, with the offset each was stored at.
-    pub keys: Vec<(String, u64)>,
+    /// Recent publish keys, oldest first: key, the offset it was stored at, its publish's `ts`.
+    pub keys: Vec<(String, u64, u64)>,
 }
 
 /// What a connection gets back when it joins.
@@ -100,7 +105,8 @@ pub struct RoomState {
     history_size: usize,
     /// Keys of recent publishes and where they were stored, so a retry is stored once.
     keys: HashMap<String, u64>,
-    key_order: VecDeque<String>,
+    /// The keys in the order they were stored, with their publishes' `ts`.
+    key_order: VecDeque<(String, u64)>,
     subscribers: HashMap<u64, Outbox>,
     waiters: Vec<Waiter>,
     presence: HashMap<String, Presence>,
@@ -304,7 +310,7 @@ impl RoomState {
                     ts: *ts,
                 };
                 self.store(message, true);
-                self.remember_key(key.clone(), offset);
+                self.remember_key(key.clone(), offset, *ts);
                 if !self.waiters.is_empty() {
                     self.answer_waiters();
                 }
@@ -329,14 +335,22 @@ impl RoomState {
         self.history.push_back(Arc::new(Stored { message, frame }));
     }
 
-    fn remember_key(&mut self, key: String, offset: u64) {
-        if self.key_order.len() >= self.history_size.max(MIN_DEDUPE_WINDOW)
-            && let Some(old) = self.key_order.pop_front()
-        {
-            self.keys.remove(&old);
-        }
+    /// Deterministic on every node: what is forgotten depends only on the log.
+    fn remember_key(&mut self, key: String, offset: u64, ts: u64) {
         self.keys.insert(key.clone(), offset);
-        self.key_order.push_back(key);
+        self.key_order.push_back((key, ts));
+        let keep = self.history_size.max(MIN_DEDUPE_WINDOW);
+        let cap = keep.max(MAX_DEDUPE_KEYS);
+        while let Some((_, oldest_ts)) = self.key_order.front() {
+            let len = self.key_order.len();
+            let expired = len > keep && oldest_ts.saturating_add(DEDUPE_WINDOW_MS) < ts;
+            if !(expired || len > cap) {
+                break;
+            }
+            if let Some((old, _)) = self.key_order.pop_front() {
+                self.keys.remove(&old);
+            }
+        }
     }
 
     /// The replicated part of the room, for a snapshot.
@@ -346,7 +360,7 @@ impl RoomState {
             epoch: self.epoch.clone(),
             last_offset: self.last_offset,
             history: self.history.iter().map(|s| s.message.clone()).collect(),
-            keys: self.key_order.iter().filter_map(|k| self.keys.get(k).map(|o| (k.clone(), *o))).collect(),
+            keys: self.key_order.iter().filter_map(|(k, ts)| self.keys.get(k).map(|o| (k.clone(), *o, *ts))).collect(),
         }
     }
 
@@ -363,8 +377,8 @@ impl RoomState {
         }
         self.keys.clear();
         self.key_order.clear();
-        for (key, offset) in image.keys {
-            self.remember_key(key, offset);
+        for (key, offset, ts) in image.keys {
+            self.remember_key(key, offset, ts);
         }
         self.answer_waiters();
     }
@@ -504,5 +518,49 @@ impl RoomState {
     fn broadcast(&self, frame: &Frame, except: Option<u64>) {
         let queued = self.subscribers.iter().filter(|(id, outbox)| Some(**id) != except && outbox.push(frame)).count();
         self.metrics.frames_out.inc_by(queued as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(key: &str, ts: u64) -> Command {
+        let sender = UserInfo { id: "u".into(), name: "U".into() };
+        Command::Publish { room: "r".into(), key: key.into(), sender, body: key.into(), ts, epoch: "e".into() }
+    }
+
+    fn stored_again(room: &Room, key: &str, ts: u64) -> bool {
+        matches!(room.lock().apply(&publish(key, ts)), Applied::Stored { duplicate: false, .. })
+    }
+
+    #[test]
+    fn keys_are_kept_for_the_window_however_busy_the_room_is() {
+        let room = Room::new("r".into(), 10, Arc::new(Metrics::new()));
+        assert!(stored_again(&room, "first", 1_000));
+        // 5 000 more in 30 s: far beyond the 1 000-key minimum, inside the time window.
+        for i in 0..5_000u64 {
+            assert!(stored_again(&room, &format!("k{i}"), 1_000 + i * 6));
+        }
+        assert!(!stored_again(&room, "first", 31_000), "a retry within the window is the same publish");
+        // Once the window has passed, keys beyond the minimum are forgotten...
+        assert!(stored_again(&room, "late", 1_000 + DEDUPE_WINDOW_MS + 1));
+        assert!(stored_again(&room, "first", 1_000 + DEDUPE_WINDOW_MS + 2), "forgotten after the window");
+        // ...but the last 1 000 are always kept, and snapshots carry them.
+        assert!(!stored_again(&room, "k4999", 10_000_000));
+        let image = room.lock().image();
+        let copy = Room::new("r".into(), 10, Arc::new(Metrics::new()));
+        copy.lock().install(image);
+        assert!(!stored_again(&copy, "k4500", 10_000_001), "a snapshot keeps the keys");
+    }
+
+    #[test]
+    fn keys_are_capped_per_room() {
+        let room = Room::new("r".into(), 10, Arc::new(Metrics::new()));
+        for i in 0..=MAX_DEDUPE_KEYS as u64 {
+            room.lock().apply(&publish(&format!("k{i}"), 5));
+        }
+        assert_eq!(room.lock().keys.len(), MAX_DEDUPE_KEYS);
+        assert!(stored_again(&room, "k0", 5), "the oldest key went over the cap");
     }
 }

@@ -118,6 +118,8 @@ enum Backend {
 struct MemoryTables {
     log: BTreeMap<(u32, u64), Vec<u8>>,
     meta: BTreeMap<(u32, String), Vec<u8>>,
+    /// Simulations make every write fail from some point on, as a broken disk would.
+    failing: bool,
 }
 
 impl MemoryTables {
@@ -232,9 +234,24 @@ impl Disk {
                 }
             }
             Backend::Memory(tables) => {
-                Self::memory(tables).apply(op);
+                let mut tables = Self::memory(tables);
+                if tables.failing {
+                    drop(tables);
+                    done.finish(&Err("simulated disk failure".to_owned()));
+                    return;
+                }
+                tables.apply(op);
+                drop(tables);
                 done.finish(&Ok(()));
             }
+        }
+    }
+
+    /// From now on every write fails (in-memory tables only).
+    #[cfg(test)]
+    pub fn fail_writes(&self) {
+        if let Backend::Memory(tables) = &self.backend {
+            Self::memory(tables).failing = true;
         }
     }
 

@@ -40,7 +40,7 @@ use disk::{Disk, DiskError, Loaded};
 use network::{Calls, NetworkFactory};
 use state_machine::{Applier, StateMachine};
 use store::LogStore;
-use types::{Raft, group_of, new_incarnation, raft_id};
+use types::{Raft, RaftMetrics, group_of, new_incarnation, raft_id};
 use wire::{MemberInfo, RaftReply, RaftRpc, ReplicaFrame};
 
 /// How often membership, readiness and waiting publishes are looked after.
@@ -50,6 +50,8 @@ pub const TICK: Duration = Duration::from_millis(100);
 /// lost some other way). Each proposal is a log entry, and dedupe only covers a room's recent
 /// keys: proposing again while the first is still on its way would risk storing it twice.
 const SAFETY_RETRY_SHARE: u32 = 2;
+/// How long a leaving leader tries to hand each group to a successor before it leaves anyway.
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
@@ -112,6 +114,8 @@ pub struct ReplicatedLog {
     steward: Mutex<steward::Steward>,
     /// A simulation fixes each node's election timeout (seeded) so runs replay exactly.
     fixed_election_ms: OnceLock<u64>,
+    /// Set once a group's Raft stopped on an error: the node must restart (see `failed`).
+    failure: tokio::sync::watch::Sender<Option<String>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -174,6 +178,7 @@ impl ReplicatedLog {
             waiting: Mutex::default(),
             steward: Mutex::default(),
             fixed_election_ms: OnceLock::new(),
+            failure: tokio::sync::watch::Sender::new(None),
         });
         let handler: Weak<dyn PeerHandler> = log.this.clone() as _;
         cluster.set_handler(handler);
@@ -221,7 +226,8 @@ impl ReplicatedLog {
                 .await
                 .map_err(|e| ReplicationError::Start { group, message: e.to_string() })?;
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            tokio::spawn(append_in_order(raft.clone(), rx, self.this.clone()));
+            tokio::spawn(append_in_order(raft.clone(), group, rx, self.this.clone()));
+            tokio::spawn(retry_on_new_leader(raft.metrics(), self.this.clone()));
             appends.push(tx);
             groups.push(raft);
         }
@@ -248,6 +254,7 @@ impl ReplicatedLog {
     }
 
     fn tick(&self) {
+        self.check_groups();
         steward::tend(self);
         self.retry_waiting();
         self.metrics.peer_queued_frames.set(self.cluster.queued_frames() as i64);
@@ -257,6 +264,40 @@ impl ReplicatedLog {
                 for room in hub.rooms_awaiting_stream() {
                     self.open(&room);
                 }
+            }
+        }
+    }
+
+    /// A group whose Raft stopped on an error (a storage failure, or openraft's own "replication
+    /// channel closed") answers nothing from then on: the node cannot serve its rooms again
+    /// without a restart, so it reports the failure for the server to drain and exit.
+    fn check_groups(&self) {
+        if self.failure.borrow().is_some() {
+            return;
+        }
+        for (group, raft) in self.groups().iter().enumerate() {
+            let stopped = match &raft.metrics().borrow().running_state {
+                Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
+                Err(err) => Some(err.to_string()),
+            };
+            if let Some(err) = stopped {
+                tracing::error!(group, %err, "a room-log group stopped on an error; the node drains and exits to restart");
+                self.metrics.raft_group_failures.inc();
+                self.failure.send_replace(Some(format!("room-log group {group} stopped: {err}")));
+                return;
+            }
+        }
+    }
+
+    /// Resolves once a group stopped on an error, with what happened.
+    pub async fn failed(&self) -> String {
+        let mut failure = self.failure.subscribe();
+        loop {
+            if let Some(reason) = failure.borrow_and_update().clone() {
+                return reason;
+            }
+            if failure.changed().await.is_err() {
+                return std::future::pending().await;
             }
         }
     }
@@ -309,9 +350,13 @@ impl ReplicatedLog {
     /// Draining: leaders take this node out of their groups; it waits until it votes nowhere
     /// (bounded by `timeout`), so its leaving never costs a group its quorum.
     pub async fn leave(&self, timeout: Duration) {
+        // Before `leaving` is set, or a tick could take this node out of a group it leads
+        // first, and its vote would no longer count for the successor.
+        let led = steward::stop_appending_to_led_groups(self);
         self.leaving.store(true, Ordering::Release);
         self.cluster.broadcast(ReplicaFrame::Member(self.member_info()).encode());
         let started = Instant::now();
+        steward::hand_over(self, led, HAND_OVER_TIMEOUT.min(timeout)).await;
         while started.elapsed() < timeout && steward::votes_anywhere(self) {
             steward::tend(self);
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -451,6 +496,18 @@ impl ReplicatedLog {
                     waiting.sent_to = None;
                 }
             }
+            ReplicaFrame::Elect { group, to } => {
+                let Some(raft) = self.groups().get(group as usize).cloned() else { return };
+                if to != self.raft_id || self.leaving.load(Ordering::Acquire) {
+                    return;
+                }
+                tokio::spawn(async move {
+                    // A leader, or a node that is no longer a voter, ignores it.
+                    if let Err(err) = raft.trigger().elect().await {
+                        tracing::debug!(group, %err, "standing for election failed");
+                    }
+                });
+            }
             ReplicaFrame::Bootstrap { group, members } => {
                 let Some(raft) = self.groups().get(group as usize).cloned() else { return };
                 tokio::spawn(async move {
@@ -473,9 +530,16 @@ impl ReplicatedLog {
 
 /// Appends one group's commands in the order they were queued; a failure goes back to the
 /// proposer.
-async fn append_in_order(raft: Raft, mut queue: UnboundedReceiver<Append>, log: Weak<ReplicatedLog>) {
+async fn append_in_order(raft: Raft, group: u32, mut queue: UnboundedReceiver<Append>, log: Weak<ReplicatedLog>) {
     while let Some(Append { command, from }) = queue.recv().await {
         let key = command.key().unwrap_or_default().to_owned();
+        if let Some(log) = log.upgrade()
+            && lock(&log.steward).handing_over.contains(&group)
+        {
+            // The successor must be able to catch up: the proposer retries with it.
+            log.append_failed(&key, from.as_deref());
+            continue;
+        }
         let outcome = match raft.client_write_ff(command).await {
             Ok(outcome) => outcome,
             Err(_) => break,
@@ -488,6 +552,23 @@ async fn append_in_order(raft: Raft, mut queue: UnboundedReceiver<Append>, log: 
                 log.append_failed(&key, from.as_deref());
             }
         });
+    }
+}
+
+/// Proposes a group's waiting publishes again as soon as it has a new leader, rather than on
+/// the next tick.
+async fn retry_on_new_leader(mut metrics: tokio::sync::watch::Receiver<RaftMetrics>, log: Weak<ReplicatedLog>) {
+    let mut leader = metrics.borrow().current_leader;
+    while metrics.changed().await.is_ok() {
+        let now = metrics.borrow_and_update().current_leader;
+        if now != leader {
+            leader = now;
+            match log.upgrade() {
+                Some(log) if now.is_some() => log.retry_waiting(),
+                Some(_) => {}
+                None => return,
+            }
+        }
     }
 }
 

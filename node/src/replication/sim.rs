@@ -19,8 +19,8 @@ use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::ReplicatedLog;
 use super::disk::Disk;
+use super::{ReplicatedLog, steward};
 use crate::cluster::{Cluster, PeerHandler};
 use crate::config::NodeConfig;
 use crate::hub::Hub;
@@ -438,7 +438,8 @@ impl Sim {
                     let fresh = self.rng.random_bool(0.7);
                     self.publish(client, fresh);
                 }
-                75..=79 => self.fault_crash().await,
+                75..=77 => self.fault_crash().await,
+                78..=79 => self.fault_drain().await,
                 80..=84 => self.fault_restart().await,
                 85..=88 => {
                     let alive: Vec<usize> = self.nodes.keys().copied().collect();
@@ -465,6 +466,20 @@ impl Sim {
         }
         let alive: Vec<usize> = self.nodes.keys().copied().collect();
         let victim = alive[self.rng.random_range(0..alive.len())];
+        self.crash(victim).await;
+    }
+
+    /// A rolling restart's step: a node drains as on SIGTERM (hands over the groups it leads,
+    /// leaves their voters) and exits; `fault_restart` brings it back later.
+    async fn fault_drain(&mut self) {
+        if self.nodes.len() < self.size || !self.all_ready() {
+            return;
+        }
+        let alive: Vec<usize> = self.nodes.keys().copied().collect();
+        let victim = alive[self.rng.random_range(0..alive.len())];
+        self.note(format!("drain sim-{victim}"));
+        let log = self.nodes[&victim].log.clone();
+        log.leave(Duration::from_secs(5)).await;
         self.crash(victim).await;
     }
 
@@ -608,14 +623,20 @@ fn history(hub: &Hub, room: &str) -> (String, Vec<(u64, String)>) {
     (epoch, messages.into_iter().map(|m| (m.offset, m.body)).collect())
 }
 
-/// Runs one seed to the end on its own paused-clock runtime; returns the trace digest.
-fn run_seed(seed: u64) -> String {
+/// Runs `work` on a single-threaded runtime of its own whose clock only moves when every task
+/// waits, so a run is the same every time.
+fn on_paused_clock<T>(work: impl std::future::Future<Output = T>) -> T {
     if let Ok(filter) = std::env::var("SIM_LOG") {
         let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     }
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().expect("a runtime");
-    runtime.block_on(async move {
+    runtime.block_on(work)
+}
+
+/// Runs one seed to the end on its own paused-clock runtime; returns the trace digest.
+fn run_seed(seed: u64) -> String {
+    on_paused_clock(async move {
         let mut sim = Sim::new(seed);
         sim.run().await;
         let digest = sim.digest();
@@ -653,4 +674,83 @@ fn seeds_replay_exactly() {
     for seed in seeds().into_iter().take(3) {
         assert_eq!(run_seed(seed), run_seed(seed), "seed {seed} did not replay the same run");
     }
+}
+
+/// Three ready nodes (memory storage unless `disk`), then `settle` of quiet time.
+async fn three_ready_nodes(seed: u64, disk: bool, settle: Duration) -> Sim {
+    crate::random::seed_thread(Some(seed));
+    let mut sim = Sim::new(seed);
+    sim.disk_mode = disk;
+    for ordinal in 0..sim.size {
+        sim.start_node(ordinal).await;
+    }
+    assert!(sim.settle(Duration::from_secs(20), Sim::all_ready).await, "the cluster never became ready");
+    sim.settle(settle, |_| false).await;
+    sim
+}
+
+fn leader_and_term(sim: &Sim, group: usize) -> Option<(usize, u64)> {
+    sim.nodes.iter().find_map(|(ordinal, node)| {
+        let m = node.log.groups()[group].metrics().borrow().clone();
+        (m.current_leader == Some(node.log.raft_id)).then_some((*ordinal, m.current_term))
+    })
+}
+
+#[test]
+fn a_draining_leader_hands_its_groups_to_a_successor() {
+    on_paused_clock(async {
+        let mut sim = three_ready_nodes(11, false, Duration::from_secs(2)).await;
+        let (leader, term) = leader_and_term(&sim, 0).expect("group 0 has a leader");
+        let led: Vec<usize> =
+            (0..PARTITIONS as usize).filter(|g| leader_and_term(&sim, *g).map(|l| l.0) == Some(leader)).collect();
+        let log = sim.nodes[&leader].log.clone();
+        let started = Instant::now();
+        let watch = async {
+            let mut moved = BTreeMap::new();
+            while moved.len() < led.len() && started.elapsed() < Duration::from_secs(5) {
+                for group in &led {
+                    if let Some((by, term)) = leader_and_term(&sim, *group).filter(|(by, _)| *by != leader) {
+                        moved.entry(*group).or_insert((by, term, started.elapsed()));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            moved
+        };
+        let (moved, ()) = tokio::join!(watch, log.leave(Duration::from_secs(5)));
+        assert_eq!(moved.len(), led.len(), "every group sim-{leader} led has a new leader: {moved:?}");
+        for (group, (_, new_term, after)) in &moved {
+            // The lease alone is the election timeout's maximum (151–451 ms here); a hand-over
+            // is one vote round trip and needs no second term.
+            assert!(*after < Duration::from_millis(150), "group {group} waited {after:?} for a new leader");
+            if *group == 0 {
+                assert_eq!(*new_term, term + 1, "group 0 changed leader in one election");
+            }
+        }
+        assert!(!steward::votes_anywhere(&log), "the drained node votes nowhere");
+        sim.crash(leader).await;
+        for node in sim.nodes.values() {
+            node.log.shutdown().await;
+        }
+    });
+}
+
+#[test]
+fn a_group_stopped_by_a_storage_error_makes_the_node_fail() {
+    on_paused_clock(async {
+        let mut sim = three_ready_nodes(12, true, Duration::from_millis(500)).await;
+        sim.disks[&1].fail_writes();
+        sim.add_clients(1);
+        for _ in 0..10 {
+            sim.publish(0, true);
+        }
+        let log = sim.nodes[&1].log.clone();
+        let failed = tokio::time::timeout(Duration::from_secs(10), log.failed()).await;
+        let reason = failed.expect("the node reports the stopped group");
+        assert!(reason.contains("stopped"), "{reason}");
+        assert!(sim.nodes[&0].log.failure.borrow().is_none(), "the other nodes keep going");
+        for ordinal in [0, 1, 2] {
+            sim.crash(ordinal).await;
+        }
+    });
 }

@@ -29,6 +29,9 @@ pub struct Steward {
     bootstrapped: bool,
     /// Groups with a membership change under way, and since when.
     changing: BTreeMap<u32, Instant>,
+    /// Groups this leaving node leads and is handing to a successor: it appends nothing more to
+    /// them and keeps their voters as they are, so the successor can win with its vote.
+    pub handing_over: BTreeSet<u32>,
 }
 
 /// Voter slots: the ordinals `0..slots` vote.
@@ -167,6 +170,9 @@ fn reconcile(log: &ReplicatedLog, group: u32) {
     }
     {
         let mut steward = steward(log);
+        if steward.handing_over.contains(&group) {
+            return;
+        }
         match steward.changing.get(&group) {
             Some(since) if since.elapsed() < CHANGE_TIMEOUT => return,
             _ => steward.changing.remove(&group),
@@ -228,6 +234,85 @@ fn reconcile(log: &ReplicatedLog, group: u32) {
             steward(&log).changing.remove(&group);
         }
     });
+}
+
+/// How long a successor that was asked to stand for election has before it is asked again.
+const ASK_AGAIN: Duration = Duration::from_millis(150);
+
+/// Before a leaving node leaves its groups: every group it leads gets a successor first. It
+/// stops appending to the group, waits until a live voter has its whole log and asks that voter
+/// to stand for election at once; this node grants the vote, which with the successor's own is
+/// a majority of three voters. Without this the other voters would refuse every candidate
+/// until their leader lease runs out, then wait an election timeout (0.6–0.8 s at the
+/// defaults). With five voters the other three still refuse until their lease runs out, and a
+/// group that has no caught-up successor by `timeout` is left as before (see `reconcile`).
+pub async fn hand_over(log: &ReplicatedLog, led: BTreeSet<u32>, timeout: Duration) {
+    let started = Instant::now();
+    let mut asked: BTreeMap<u32, Instant> = BTreeMap::new();
+    // A successor counts as caught up only when two looks in a row agree: an append that was
+    // already on its way when appends stopped shows up in between.
+    let mut caught_up_once: BTreeSet<u32> = BTreeSet::new();
+    while started.elapsed() < timeout {
+        let pending: Vec<u32> = led.iter().copied().filter(|g| leads(log, *g)).collect();
+        if pending.is_empty() {
+            break;
+        }
+        for group in pending {
+            if asked.get(&group).is_some_and(|at| at.elapsed() < ASK_AGAIN) {
+                continue;
+            }
+            match successor(log, group) {
+                Some((id, name)) if !caught_up_once.insert(group) => {
+                    tracing::info!(group, successor = %name, "handing room-log leadership over");
+                    log.cluster.send(&name, ReplicaFrame::Elect { group, to: id }.encode());
+                    asked.insert(group, Instant::now());
+                }
+                Some(_) => {}
+                None => {
+                    caught_up_once.remove(&group);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let kept: Vec<u32> = led.iter().copied().filter(|g| leads(log, *g)).collect();
+    if !kept.is_empty() {
+        tracing::warn!(groups = ?kept, "no successor took over in time; leaving those groups as their leader");
+    }
+    steward(log).handing_over.clear();
+}
+
+/// The first step of a hand-over: the groups this node leads, which it appends nothing more to.
+pub fn stop_appending_to_led_groups(log: &ReplicatedLog) -> BTreeSet<u32> {
+    let led: BTreeSet<u32> = (0..log.groups().len() as u32).filter(|g| leads(log, *g)).collect();
+    steward(log).handing_over = led.clone();
+    led
+}
+
+fn leads(log: &ReplicatedLog, group: u32) -> bool {
+    log.groups().get(group as usize).is_some_and(|raft| {
+        let m = raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_leader == Some(log.raft_id)
+    })
+}
+
+/// A voter of `group` other than this node, linked and not leaving, that has every entry this
+/// node has; the lowest ordinal first, so the choice is the same every time.
+fn successor(log: &ReplicatedLog, group: u32) -> Option<(u64, String)> {
+    let raft = log.groups().get(group as usize)?;
+    let m = raft.metrics().borrow().clone();
+    let last = m.last_log_index?;
+    let matched = m.replication.clone().unwrap_or_default();
+    let membership = m.membership_config.membership();
+    let live = live(log);
+    membership
+        .voter_ids()
+        .filter(|id| *id != log.raft_id)
+        .filter(|id| matched.get(id).copied().flatten().is_some_and(|l| l.index >= last))
+        .filter_map(|id| live.get(&id).map(|(name, info)| (info.ordinal, id, name.clone())))
+        .min()
+        .map(|(_, id, name)| (id, name))
 }
 
 /// Ready: a majority of the voter slots is linked, and in every group this node is a member

@@ -71,6 +71,12 @@ pub enum ReplicaFrame {
     ProposeFailed {
         key: String,
     },
+    /// The leader of `group` is leaving and member `to` has its whole log: stand for election
+    /// now (the leader grants its vote) instead of after the leader lease and a timeout.
+    Elect {
+        group: u32,
+        to: u64,
+    },
     /// Initialize `group` of a fresh cluster with these voters (sent by the bootstrapping node
     /// to the voter meant to lead the group).
     Bootstrap {
