@@ -33,6 +33,14 @@ impl Command {
         }
     }
 
+    /// The size of the message body it carries.
+    pub fn body_len(&self) -> usize {
+        match self {
+            Self::Publish { body, .. } => body.len(),
+            Self::Open { .. } => 0,
+        }
+    }
+
     /// The dedupe key of a publish.
     pub fn key(&self) -> Option<&str> {
         match self {

@@ -355,7 +355,7 @@ mod tests {
     fn entry(index: u64) -> Entry {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 7), index),
-            payload: EntryPayload::Normal(Command::Open { room: format!("r{index}"), epoch: "e".into() }),
+            payload: EntryPayload::Normal(vec![Command::Open { room: format!("r{index}"), epoch: "e".into() }]),
         }
     }
 

@@ -40,7 +40,7 @@ use disk::{Disk, DiskError, Loaded};
 use network::{Calls, NetworkFactory};
 use state_machine::{Applier, StateMachine};
 use store::LogStore;
-use types::{Raft, RaftMetrics, group_of, new_incarnation, raft_id};
+use types::{Batch, Raft, RaftMetrics, group_of, new_incarnation, raft_id};
 use wire::{MemberInfo, RaftReply, RaftRpc, ReplicaFrame};
 
 /// How often membership, readiness and waiting publishes are looked after.
@@ -226,7 +226,9 @@ impl ReplicatedLog {
                 .await
                 .map_err(|e| ReplicationError::Start { group, message: e.to_string() })?;
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            tokio::spawn(append_in_order(raft.clone(), group, rx, self.this.clone()));
+            let in_flight =
+                entries_in_flight(if self.disk.is_some() { StorageMode::Disk } else { StorageMode::Memory });
+            tokio::spawn(append_in_order(raft.clone(), group, in_flight, rx, self.this.clone()));
             tokio::spawn(retry_on_new_leader(raft.metrics(), self.this.clone()));
             appends.push(tx);
             groups.push(raft);
@@ -403,6 +405,10 @@ impl ReplicatedLog {
     /// An append failed (this node is no longer the leader, or is stopping): the proposer
     /// retries now instead of at its next retry time.
     fn append_failed(&self, key: &str, from: Option<&str>) {
+        if key.is_empty() {
+            // An `open`: the next join or tick proposes it again.
+            return;
+        }
         match from {
             Some(peer) => {
                 self.cluster.send(peer, ReplicaFrame::ProposeFailed { key: key.to_owned() }.encode());
@@ -528,28 +534,75 @@ impl ReplicatedLog {
     }
 }
 
-/// Appends one group's commands in the order they were queued; a failure goes back to the
-/// proposer.
-async fn append_in_order(raft: Raft, group: u32, mut queue: UnboundedReceiver<Append>, log: Weak<ReplicatedLog>) {
-    while let Some(Append { command, from }) = queue.recv().await {
-        let key = command.key().unwrap_or_default().to_owned();
-        if let Some(log) = log.upgrade()
-            && lock(&log.steward).handing_over.contains(&group)
-        {
-            // The successor must be able to catch up: the proposer retries with it.
-            log.append_failed(&key, from.as_deref());
+/// Raft entries of one group that may wait for their commit at once (see `append_in_order`).
+/// In memory an append costs nothing, so a few entries pipeline; on disk each entry costs the
+/// leader a flush before it takes the next, so one entry at a time gathers the largest batches
+/// (`chat-bench cluster --storage disk`: p50 14 ms with 1, 19–28 ms with 2 or 4, 59 ms with 64).
+fn entries_in_flight(storage: StorageMode) -> usize {
+    match storage {
+        StorageMode::Memory => 4,
+        StorageMode::Disk => 1,
+    }
+}
+/// Most commands, and most bytes of message bodies, in one entry.
+const BATCH_COMMANDS: usize = 512;
+const BATCH_BODY_BYTES: usize = 256 * 1024;
+
+/// Appends one group's commands in the order they were queued, in as few Raft entries as the
+/// load allows: at most `in_flight` entries wait for their commit, and the commands that
+/// queue meanwhile go into the next entry together. openraft 0.9 flushes the leader's log once
+/// per entry before it takes the next one, so one command per entry would cap a group with disk
+/// storage at one fsync per message. A command that cannot be appended goes back to its proposer.
+async fn append_in_order(
+    raft: Raft,
+    group: u32,
+    in_flight: usize,
+    mut queue: UnboundedReceiver<Append>,
+    log: Weak<ReplicatedLog>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(in_flight));
+    while let Some(first) = queue.recv().await {
+        // Waiting for a slot first lets the next entry gather what arrives meanwhile.
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let mut batch = vec![first];
+        let mut body_bytes = 0;
+        while batch.len() < BATCH_COMMANDS && body_bytes < BATCH_BODY_BYTES {
+            match queue.try_recv() {
+                Ok(next) => {
+                    body_bytes += next.command.body_len();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let Some(node) = log.upgrade() else { return };
+        if lock(&node.steward).handing_over.contains(&group) {
+            // The successor must be able to catch up: the proposers retry with it.
+            for append in &batch {
+                node.append_failed(append.command.key().unwrap_or_default(), append.from.as_deref());
+            }
             continue;
         }
-        let outcome = match raft.client_write_ff(command).await {
+        drop(node);
+        let (commands, origins): (Batch, Vec<(String, Option<String>)>) = batch
+            .into_iter()
+            .map(|a| {
+                let key = a.command.key().unwrap_or_default().to_owned();
+                (a.command, (key, a.from))
+            })
+            .unzip();
+        let outcome = match raft.client_write_ff(commands).await {
             Ok(outcome) => outcome,
-            Err(_) => break,
+            Err(_) => return,
         };
         let log = log.clone();
         tokio::spawn(async move {
-            if !matches!(outcome.await, Ok(Ok(_)))
-                && let Some(log) = log.upgrade()
-            {
-                log.append_failed(&key, from.as_deref());
+            let committed = matches!(outcome.await, Ok(Ok(_)));
+            drop(slot);
+            if !committed && let Some(log) = log.upgrade() {
+                for (key, from) in origins {
+                    log.append_failed(&key, from.as_deref());
+                }
             }
         });
     }

@@ -123,7 +123,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((self.last_applied, self.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Option<Applied>>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<()>, StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -132,14 +132,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut results = Vec::new();
         for entry in entries {
             self.last_applied = Some(entry.log_id);
-            results.push(match entry.payload {
-                EntryPayload::Blank => None,
-                EntryPayload::Normal(command) => applier.as_ref().map(|a| a.apply(self.group, &command)),
+            match entry.payload {
+                EntryPayload::Blank => {}
+                EntryPayload::Normal(batch) => {
+                    if let Some(applier) = &applier {
+                        for command in &batch {
+                            applier.apply(self.group, command);
+                        }
+                    }
+                }
                 EntryPayload::Membership(membership) => {
                     self.membership = StoredMembership::new(Some(entry.log_id), membership);
-                    None
                 }
-            });
+            }
+            results.push(());
         }
         Ok(results)
     }

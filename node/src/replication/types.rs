@@ -5,13 +5,18 @@ use std::io::Cursor;
 use openraft::BasicNode;
 use sha2::{Digest, Sha256};
 
-use crate::hub::log::{Applied, Command};
+use crate::hub::log::Command;
+
+/// One Raft entry: the hub's commands that reached the group's leader while earlier entries
+/// were on their way, in arrival order (see `append_in_order`).
+pub type Batch = Vec<Command>;
 
 openraft::declare_raft_types!(
-    /// Every room-log group: entries are the hub's commands, members are named by their peer id.
+    /// Every room-log group: entries are batches of the hub's commands, members are named by
+    /// their peer id.
     pub TypeConfig:
-        D = Command,
-        R = Option<Applied>,
+        D = Batch,
+        R = (),
         NodeId = u64,
         Node = BasicNode,
         Entry = openraft::Entry<TypeConfig>,
