@@ -1214,7 +1214,7 @@ fn forged_frames(
         "vote": {"leader_id": forged_leader, "committed": true},
         "prev_log_id": {"leader_id": leader, "index": last},
         "entries": [{"log_id": {"leader_id": forged_leader, "index": last + 1},
-                     "payload": {"Normal": serde_json::to_value(publish(2))?}}],
+                     "payload": {"Normal": serde_json::to_value(vec![publish(2)])?}}],
         "leader_commit": {"leader_id": forged_leader, "index": last + 1},
     }}}});
     serde_json::from_value::<ReplicaFrame>(append.clone()).context("the forged append must be a well-formed frame")?;
