@@ -47,8 +47,8 @@ use wire::{MemberInfo, RaftReply, RaftRpc, ReplicaFrame};
 pub const TICK: Duration = Duration::from_millis(100);
 /// A waiting publish is proposed again at once when its group's leader changes, the link to it
 /// drops or it reports a failure; otherwise only after half of `publish_timeout_ms` (a proposal
-/// lost some other way). Each proposal is a log entry, and dedupe only covers a room's recent
-/// keys: proposing again while the first is still on its way would risk storing it twice.
+/// lost some other way). Each proposal is appended to the log again, and dedupe only covers a
+/// room's recent keys: proposing again while the first is on its way risks storing it twice.
 const SAFETY_RETRY_SHARE: u32 = 2;
 /// How long a leaving leader tries to hand each group to a successor before it leaves anyway.
 const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(1);
@@ -226,8 +226,7 @@ impl ReplicatedLog {
                 .await
                 .map_err(|e| ReplicationError::Start { group, message: e.to_string() })?;
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let in_flight =
-                entries_in_flight(if self.disk.is_some() { StorageMode::Disk } else { StorageMode::Memory });
+            let in_flight = entries_in_flight(self.config.storage);
             tokio::spawn(append_in_order(raft.clone(), group, in_flight, rx, self.this.clone()));
             tokio::spawn(retry_on_new_leader(raft.metrics(), self.this.clone()));
             appends.push(tx);
@@ -349,8 +348,9 @@ impl ReplicatedLog {
         metrics.membership_config.membership().get_node(&id).map(|n| n.addr.clone())
     }
 
-    /// Draining: leaders take this node out of their groups; it waits until it votes nowhere
-    /// (bounded by `timeout`), so its leaving never costs a group its quorum.
+    /// Draining: the groups this node leads get a successor first (`steward::hand_over`), then
+    /// leaders take it out of their groups; it waits until it votes nowhere (bounded by
+    /// `timeout`), so its leaving never costs a group its quorum.
     pub async fn leave(&self, timeout: Duration) {
         // Before `leaving` is set, or a tick could take this node out of a group it leads
         // first, and its vote would no longer count for the successor.
