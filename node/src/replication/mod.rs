@@ -103,6 +103,8 @@ pub struct ReplicatedLog {
     /// Per group, the commands this node appends as its leader, in arrival order: a client's
     /// publishes keep their order.
     appends: OnceLock<Vec<UnboundedSender<Append>>>,
+    /// Per group, entries this node handed to Raft as leader that have not committed yet.
+    uncommitted: OnceLock<Vec<Arc<AtomicUsize>>>,
     calls: Arc<Calls>,
     /// Linked peers by node name, once they have said who they are.
     members: Mutex<HashMap<String, MemberInfo>>,
@@ -170,6 +172,7 @@ impl ReplicatedLog {
             hub: OnceLock::new(),
             groups: OnceLock::new(),
             appends: OnceLock::new(),
+            uncommitted: OnceLock::new(),
             calls: Arc::default(),
             members: Mutex::default(),
             leaving: AtomicBool::new(false),
@@ -213,6 +216,7 @@ impl ReplicatedLog {
         let applier: Weak<dyn Applier> = self.this.clone() as _;
         let mut groups = Vec::new();
         let mut appends = Vec::new();
+        let mut uncommitted = Vec::new();
         for group in 0..self.config.partitions {
             let mut loaded = match &self.disk {
                 Some(disk) => disk.load(group)?,
@@ -227,13 +231,16 @@ impl ReplicatedLog {
                 .map_err(|e| ReplicationError::Start { group, message: e.to_string() })?;
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let in_flight = entries_in_flight(self.config.storage);
-            tokio::spawn(append_in_order(raft.clone(), group, in_flight, rx, self.this.clone()));
+            let pending = Arc::new(AtomicUsize::new(0));
+            tokio::spawn(append_in_order(raft.clone(), group, in_flight, pending.clone(), rx, self.this.clone()));
+            uncommitted.push(pending);
             tokio::spawn(retry_on_new_leader(raft.metrics(), self.this.clone()));
             appends.push(tx);
             groups.push(raft);
         }
         let _ = self.groups.set(groups);
         let _ = self.appends.set(appends);
+        let _ = self.uncommitted.set(uncommitted);
         tracing::info!(
             raft_id = format!("{:x}", self.raft_id),
             ordinal = self.ordinal,
@@ -394,6 +401,12 @@ impl ReplicatedLog {
             self.cluster.send(&name, ReplicaFrame::Propose { group, command }.encode());
         }
         Some(leader)
+    }
+
+    /// Whether entries this node appended to `group` as its leader are still on their way: the
+    /// group's log may still grow by them.
+    fn appends_pending(&self, group: u32) -> bool {
+        self.uncommitted.get().and_then(|u| u.get(group as usize)).is_some_and(|n| n.load(Ordering::Acquire) > 0)
     }
 
     fn append(&self, group: u32, command: Command, from: Option<String>) {
@@ -557,6 +570,7 @@ async fn append_in_order(
     raft: Raft,
     group: u32,
     in_flight: usize,
+    uncommitted: Arc<AtomicUsize>,
     mut queue: UnboundedReceiver<Append>,
     log: Weak<ReplicatedLog>,
 ) {
@@ -591,13 +605,16 @@ async fn append_in_order(
                 (a.command, (key, a.from))
             })
             .unzip();
+        uncommitted.fetch_add(1, Ordering::AcqRel);
         let outcome = match raft.client_write_ff(commands).await {
             Ok(outcome) => outcome,
             Err(_) => return,
         };
         let log = log.clone();
+        let uncommitted = uncommitted.clone();
         tokio::spawn(async move {
             let committed = matches!(outcome.await, Ok(Ok(_)));
+            uncommitted.fetch_sub(1, Ordering::AcqRel);
             drop(slot);
             if !committed && let Some(log) = log.upgrade() {
                 for (key, from) in origins {

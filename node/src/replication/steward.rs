@@ -300,6 +300,11 @@ fn leads(log: &ReplicatedLog, group: u32) -> bool {
 /// A voter of `group` other than this node, linked and not leaving, that has every entry this
 /// node has; the lowest ordinal first, so the choice is the same every time.
 fn successor(log: &ReplicatedLog, group: u32) -> Option<(u64, String)> {
+    if log.appends_pending(group) {
+        // An entry handed to Raft may not be in the log yet: the successor would lack it, and
+        // this node would refuse it its vote.
+        return None;
+    }
     let raft = log.groups().get(group as usize)?;
     let m = raft.metrics().borrow().clone();
     let last = m.last_log_index?;
