@@ -282,9 +282,15 @@ pub async fn hand_over(log: &ReplicatedLog, led: BTreeSet<u32>, timeout: Duratio
     steward(log).handing_over.clear();
 }
 
-/// The first step of a hand-over: the groups this node leads, which it appends nothing more to.
+/// The first step of a hand-over: the groups this node leads and that have another voter to
+/// take over (a single-voter group has nobody), which it appends nothing more to.
 pub fn stop_appending_to_led_groups(log: &ReplicatedLog) -> BTreeSet<u32> {
-    let led: BTreeSet<u32> = (0..log.groups().len() as u32).filter(|g| leads(log, *g)).collect();
+    let has_other_voter = |group: u32| {
+        log.groups().get(group as usize).is_some_and(|raft| {
+            raft.metrics().borrow().membership_config.membership().voter_ids().any(|id| id != log.raft_id)
+        })
+    };
+    let led: BTreeSet<u32> = (0..log.groups().len() as u32).filter(|g| leads(log, *g) && has_other_voter(*g)).collect();
     steward(log).handing_over = led.clone();
     led
 }
