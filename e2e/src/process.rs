@@ -57,20 +57,25 @@ pub struct NodeProcess {
 impl NodeProcess {
     /// Starts a node with this config (which must set `listen`) and waits for `/readyz`.
     pub async fn start(toml: &str) -> anyhow::Result<NodeProcess> {
-        let node = NodeProcess::spawn(toml, None)?;
+        NodeProcess::start_with_env(toml, &[]).await
+    }
+
+    /// Like [`NodeProcess::start`], with these environment variables set for the node.
+    pub async fn start_with_env(toml: &str, env: &[(&str, &str)]) -> anyhow::Result<NodeProcess> {
+        let node = NodeProcess::spawn(toml, None, env)?;
         node.ready_or_fail().await
     }
 
     /// Starts a node with this config but does not wait for `/readyz`.
     pub fn start_unready(toml: &str) -> anyhow::Result<NodeProcess> {
-        NodeProcess::spawn(toml, None)
+        NodeProcess::spawn(toml, None, &[])
     }
 
     /// Starts a node inside network namespace `netns` (`ip netns exec`, see [`crate::netns`]) and
     /// waits for `/readyz`, asked from inside the namespace (a wildcard `listen` is reached at
     /// 127.0.0.1 there).
     pub async fn start_in_netns(netns: &str, toml: &str) -> anyhow::Result<NodeProcess> {
-        let node = NodeProcess::spawn(toml, Some(netns))?;
+        let node = NodeProcess::spawn(toml, Some(netns), &[])?;
         node.ready_or_fail().await
     }
 
@@ -79,7 +84,7 @@ impl NodeProcess {
         Ok(self)
     }
 
-    fn spawn(toml: &str, netns: Option<&str>) -> anyhow::Result<NodeProcess> {
+    fn spawn(toml: &str, netns: Option<&str>, env: &[(&str, &str)]) -> anyhow::Result<NodeProcess> {
         let parsed: chat_node::config::NodeConfig = toml::from_str(toml).context("test config")?;
         let mut addr = parsed.listen;
         if netns.is_some() && addr.ip().is_unspecified() {
@@ -101,6 +106,7 @@ impl NodeProcess {
             .arg("--config")
             .arg(&path)
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)

@@ -4,7 +4,7 @@
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use chat_e2e::client::handshake_status;
+use chat_e2e::client::{Client, handshake_status};
 use chat_e2e::{NodeProcess, free_port, node_binary};
 
 /// Runs chat-node to completion; a run that should have failed fast but serves instead is
@@ -64,22 +64,43 @@ fn env_overrides_file_and_flags_override_env() {
 #[test]
 fn schema_and_token_subcommands() {
     let out = run(&["schema"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let schema: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(schema["title"], "NodeConfig");
 
-    let out = run(&["token", "--sub", "ann", "--roles", "a,b"], &[("CHAT_AUTH__JWT_SECRET", "0123456789abcdef0123")]);
+    let secret = "0123456789abcdef0123";
+    let out = run(&["token", "--sub", "ann", "--roles", "a,b"], &[("CHAT_AUTH__JWT_SECRET", secret)]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert_eq!(token.split('.').count(), 3, "{token}");
+    // Signed with the configured secret (HS256), for the subject and roles asked for.
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.required_spec_claims = ["sub", "exp"].iter().map(|c| c.to_string()).collect();
+    let key = jsonwebtoken::DecodingKey::from_secret(secret.as_bytes());
+    let claims = jsonwebtoken::decode::<serde_json::Value>(&token, &key, &validation)
+        .unwrap_or_else(|e| panic!("the token does not verify with the secret: {e}: {token}"))
+        .claims;
+    assert_eq!(claims["sub"], "ann", "{claims}");
+    assert_eq!(claims["roles"], serde_json::json!(["a", "b"]), "{claims}");
+    let wrong = jsonwebtoken::DecodingKey::from_secret(b"another secret of twenty bytes");
+    assert!(jsonwebtoken::decode::<serde_json::Value>(&token, &wrong, &validation).is_err(), "signature checked");
 }
 
 #[tokio::test]
 async fn json_logs_and_env_limits_apply_to_a_running_node() {
     let port = free_port();
     let config = format!("listen = \"127.0.0.1:{port}\"\n[auth]\nmode = \"anonymous\"\n[log]\nformat = \"json\"\n");
-    let node = NodeProcess::start(&config).await.unwrap();
-    let ok = handshake_status(&node.ws_url(), &[]).await;
-    assert_eq!(ok, 101);
+    // The file leaves limits.max_connections at its default (thousands); the environment says 1.
+    let node = NodeProcess::start_with_env(&config, &[("CHAT_LIMITS__MAX_CONNECTIONS", "1")]).await.unwrap();
+    let first = Client::connect(&node.ws_url(), None).await.expect("the first connection fits the limit");
+    assert_eq!(handshake_status(&node.ws_url(), &[]).await, 503, "a second one is over the limit from the environment");
+    first.close().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut ok = 0;
+    while ok != 101 && Instant::now() < deadline {
+        ok = handshake_status(&node.ws_url(), &[]).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ok, 101, "the slot is free again once the first connection closed");
     let logs = node.output();
     let json_line = logs.lines().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no JSON log line in:\n{logs}"));
     let parsed: serde_json::Value = serde_json::from_str(json_line).unwrap();
