@@ -830,10 +830,14 @@ async fn sigterm_drains_and_exits_zero() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn health_metrics_and_web_assets() -> anyhow::Result<()> {
-    let assets = tempfile::tempdir()?;
-    std::fs::write(assets.path().join("logo.svg"), "<svg id=\"custom-logo\"></svg>")?;
+    // The assets directory has a sibling file that traversal must never reach.
+    let root = tempfile::tempdir()?;
+    let assets = root.path().join("assets");
+    std::fs::create_dir(&assets)?;
+    std::fs::write(root.path().join("secret.txt"), "outside-the-assets-directory")?;
+    std::fs::write(assets.join("logo.svg"), "<svg id=\"custom-logo\"></svg>")?;
     let mut cfg = anonymous_config();
-    cfg.assets_dir = Some(assets.path().to_path_buf());
+    cfg.assets_dir = Some(assets.clone());
     let node = start(&cfg).await?;
 
     assert_eq!(get(&node, "/healthz").await?.0, 200);
@@ -852,14 +856,24 @@ async fn health_metrics_and_web_assets() -> anyhow::Result<()> {
     assert_eq!(status, 200);
     assert!(logo.contains("custom-logo"), "assets_dir overrides the built-in logo: {logo}");
     // Changes on disk are served without a restart.
-    std::fs::write(assets.path().join("logo.svg"), "<svg id=\"second-logo\"></svg>")?;
+    std::fs::write(assets.join("logo.svg"), "<svg id=\"second-logo\"></svg>")?;
     let addr = node.addr();
     wait_for("the new logo", T, || async move {
         http_get(addr, "/logo.svg").await.map(|(_, b)| b.contains("second-logo")).unwrap_or(false)
     })
     .await?;
     assert_eq!(get(&node, "/no-such-file.txt").await?.0, 404);
-    assert_eq!(get(&node, "/../Cargo.toml").await?.0 / 100, 4, "no path traversal");
+    for probe in [
+        "/../secret.txt",
+        "/..%2fsecret.txt",
+        "/%2e%2e/secret.txt",
+        "/%2e%2e%2fsecret.txt",
+        "/logo.svg/../../secret.txt",
+    ] {
+        let (status, body) = get(&node, probe).await?;
+        assert!(!body.contains("outside-the-assets-directory"), "path traversal through {probe}: {status}");
+        assert_eq!(status / 100, 4, "{probe} is refused");
+    }
     Ok(())
 }
 
