@@ -259,10 +259,12 @@ async fn sustained_rate_abuse_is_closed() {
     for _ in 0..5 {
         send(&ann, json!({"type": "publish", "room": "r", "body": "spam"})).await;
     }
-    let mut kinds = Vec::new();
-    while let Some(frame) = ann.next_json().await {
-        kinds.push(frame["code"].as_str().unwrap_or(frame["type"].as_str().unwrap_or("")).to_owned());
-    }
+    let (frames, code) = ann.frames_until_close(Duration::from_secs(5)).await;
+    assert_eq!(code, Some(close::TOO_MANY_REQUESTS), "the third strike closes the connection with 4003");
+    let mut kinds: Vec<String> = frames
+        .iter()
+        .map(|frame| frame["code"].as_str().unwrap_or(frame["type"].as_str().unwrap_or("")).to_owned())
+        .collect();
     // Replies and room deliveries travel separately, so only the replies' order is fixed.
     let messages = kinds.iter().filter(|k| *k == "message").count();
     kinds.retain(|k| k != "message");

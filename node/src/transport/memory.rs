@@ -42,6 +42,26 @@ impl MemoryClient {
         }
     }
 
+    /// The JSON frames until the connection closes, and its close code; `None` when the
+    /// server did not close within `within` (or dropped the connection without a close).
+    pub async fn frames_until_close(&mut self, within: std::time::Duration) -> (Vec<serde_json::Value>, Option<u16>) {
+        let mut frames = Vec::new();
+        let code = tokio::time::timeout(within, async {
+            while let Some(item) = self.outbound.recv().await {
+                match item {
+                    ToClient::Frame(frame) => frames.extend(serde_json::from_str(&frame).ok()),
+                    ToClient::Ping => {}
+                    ToClient::Close(code, _) => return Some(code),
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten();
+        (frames, code)
+    }
+
     /// Everything until the connection closes; returns the close code.
     pub async fn close_code(&mut self) -> Option<u16> {
         while let Some(item) = self.outbound.recv().await {
