@@ -24,7 +24,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// tungstenite settings for peer links: larger buffers than clients, there are few links.
 pub fn peer_ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(64 * 1024)
+        .read_buffer_size(16 * 1024)
         .write_buffer_size(64 * 1024)
         .max_message_size(Some(64 << 20))
         .max_frame_size(Some(64 << 20))

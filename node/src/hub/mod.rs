@@ -20,7 +20,7 @@ use crate::transport::Connection;
 
 use log::{Applied, Command, LocalLog, RoomLog};
 use outbox::ConnSignal;
-use room::{Room, RoomImage};
+use room::{Room, RoomCapture, RoomImage};
 use sessions::Sessions;
 
 pub(crate) fn unix_millis() -> u64 {
@@ -203,12 +203,12 @@ impl Hub {
     }
 
     /// The replicated state of every room `wanted` selects, for a snapshot.
-    pub fn images(&self, wanted: impl Fn(&str) -> bool) -> Vec<RoomImage> {
-        let mut images: Vec<RoomImage> = self
+    pub fn images(&self, wanted: impl Fn(&str) -> bool) -> Vec<RoomCapture> {
+        let mut images: Vec<RoomCapture> = self
             .rooms_snapshot()
             .iter()
             .filter(|r| wanted(r.name()))
-            .map(|r| r.lock().image())
+            .map(|r| r.lock().capture())
             .filter(|image| image.epoch.is_some())
             .collect();
         images.sort_by(|a, b| a.name.cmp(&b.name));

@@ -43,6 +43,28 @@ pub struct RoomImage {
     pub keys: Vec<(String, u64, u64)>,
 }
 
+/// A room's replicated state captured for a snapshot without copying it: the history shares
+/// the stored messages and the keys their strings, so the capture (which holds up the group's
+/// applies) costs little however large the room is. Serializes exactly as a `RoomImage`.
+#[derive(Serialize)]
+pub struct RoomCapture {
+    pub name: String,
+    pub epoch: Option<String>,
+    last_offset: u64,
+    #[serde(serialize_with = "shared_messages")]
+    history: Vec<Arc<Stored>>,
+    #[serde(serialize_with = "shared_keys")]
+    keys: Vec<(Arc<str>, u64, u64)>,
+}
+
+fn shared_messages<S: serde::Serializer>(history: &[Arc<Stored>], out: S) -> Result<S::Ok, S::Error> {
+    out.collect_seq(history.iter().map(|stored| &stored.message))
+}
+
+fn shared_keys<S: serde::Serializer>(keys: &[(Arc<str>, u64, u64)], out: S) -> Result<S::Ok, S::Error> {
+    out.collect_seq(keys.iter().map(|(key, offset, ts)| (&**key, offset, ts)))
+}
+
 /// What a connection gets back when it joins.
 pub enum JoinOutcome {
     Joined {
@@ -105,9 +127,9 @@ pub struct RoomState {
     history: VecDeque<Arc<Stored>>,
     history_size: usize,
     /// Keys of recent publishes and where they were stored, so a retry is stored once.
-    keys: HashMap<String, u64>,
-    /// The keys in the order they were stored, with their publishes' `ts`.
-    key_order: VecDeque<(String, u64)>,
+    keys: HashMap<Arc<str>, u64>,
+    /// The keys in the order they were stored, with their offsets and their publishes' `ts`.
+    key_order: VecDeque<(Arc<str>, u64, u64)>,
     subscribers: HashMap<u64, Outbox>,
     waiters: Vec<Waiter>,
     presence: HashMap<String, Presence>,
@@ -297,7 +319,7 @@ impl RoomState {
                     self.answer_waiters();
                 }
                 let epoch = self.epoch.clone().unwrap_or_default();
-                if let Some(&offset) = self.keys.get(key) {
+                if let Some(&offset) = self.keys.get(key.as_str()) {
                     return Applied::Stored { offset, epoch, duplicate: true };
                 }
                 let offset = self.last_offset + 1;
@@ -311,7 +333,7 @@ impl RoomState {
                     ts: *ts,
                 };
                 self.store(message, true);
-                self.remember_key(key.clone(), offset, *ts);
+                self.remember_key(Arc::from(key.as_str()), offset, *ts);
                 if !self.waiters.is_empty() {
                     self.answer_waiters();
                 }
@@ -337,31 +359,31 @@ impl RoomState {
     }
 
     /// Deterministic on every node: what is forgotten depends only on the log.
-    fn remember_key(&mut self, key: String, offset: u64, ts: u64) {
+    fn remember_key(&mut self, key: Arc<str>, offset: u64, ts: u64) {
         self.keys.insert(key.clone(), offset);
-        self.key_order.push_back((key, ts));
+        self.key_order.push_back((key, offset, ts));
         let keep = self.history_size.max(MIN_DEDUPE_WINDOW);
         let cap = keep.max(MAX_DEDUPE_KEYS);
-        while let Some((_, oldest_ts)) = self.key_order.front() {
+        while let Some((_, _, oldest_ts)) = self.key_order.front() {
             let len = self.key_order.len();
             let expired = len > keep && oldest_ts.saturating_add(DEDUPE_WINDOW_MS) < ts;
             if !(expired || len > cap) {
                 break;
             }
-            if let Some((old, _)) = self.key_order.pop_front() {
+            if let Some((old, _, _)) = self.key_order.pop_front() {
                 self.keys.remove(&old);
             }
         }
     }
 
     /// The replicated part of the room, for a snapshot.
-    pub(crate) fn image(&self) -> RoomImage {
-        RoomImage {
+    pub(crate) fn capture(&self) -> RoomCapture {
+        RoomCapture {
             name: self.name.clone(),
             epoch: self.epoch.clone(),
             last_offset: self.last_offset,
-            history: self.history.iter().map(|s| s.message.clone()).collect(),
-            keys: self.key_order.iter().filter_map(|(k, ts)| self.keys.get(k).map(|o| (k.clone(), *o, *ts))).collect(),
+            history: self.history.iter().cloned().collect(),
+            keys: self.key_order.iter().cloned().collect(),
         }
     }
 
@@ -379,7 +401,7 @@ impl RoomState {
         self.keys.clear();
         self.key_order.clear();
         for (key, offset, ts) in image.keys {
-            self.remember_key(key, offset, ts);
+            self.remember_key(Arc::from(key), offset, ts);
         }
         self.answer_waiters();
     }
@@ -549,7 +571,8 @@ mod tests {
         assert!(stored_again(&room, "first", 1_000 + DEDUPE_WINDOW_MS + 2), "forgotten after the window");
         // ...but the last 1 000 are always kept, and snapshots carry them.
         assert!(!stored_again(&room, "k4999", 10_000_000));
-        let image = room.lock().image();
+        let captured = serde_json::to_vec(&room.lock().capture()).expect("a capture serializes");
+        let image: RoomImage = serde_json::from_slice(&captured).expect("as an image");
         let copy = Room::new("r".into(), 10, Arc::new(Metrics::new()));
         copy.lock().install(image);
         assert!(!stored_again(&copy, "k4500", 10_000_001), "a snapshot keeps the keys");

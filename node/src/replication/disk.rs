@@ -307,7 +307,10 @@ fn write_loop(db: &Database, queue: &Receiver<(Op, Done)>) {
             }
         }
         let (ops, dones): (Vec<Op>, Vec<Done>) = batch.into_iter().unzip();
+        let started = std::time::Instant::now();
+        let count = ops.len();
         let result = write_batch(db, ops).map_err(|e| e.to_string());
+        tracing::trace!(count, took = ?started.elapsed(), "room log write");
         if let Err(err) = &result {
             tracing::error!(%err, "writing the room logs failed");
         }

@@ -30,7 +30,7 @@ use crate::cluster::{Cluster, PeerHandler};
 use crate::config::{ClusterConfig, StorageMode};
 use crate::hub::Hub;
 use crate::hub::log::{Applied, Command, Reply, RoomLog};
-use crate::hub::room::RoomImage;
+use crate::hub::room::{RoomCapture, RoomImage};
 use crate::hub::sessions::SessionRecord;
 use crate::metrics::Metrics;
 use crate::protocol::{ErrorCode, UserInfo};
@@ -38,9 +38,9 @@ use crate::transport::Frame;
 
 use disk::{Disk, DiskError, Loaded};
 use network::{Calls, NetworkFactory};
-use state_machine::{Applier, StateMachine};
+use state_machine::{Applier, SnapshotDue, SnapshotRule, StateMachine};
 use store::LogStore;
-use types::{Batch, Raft, RaftMetrics, group_of, new_incarnation, raft_id};
+use types::{Batch, Raft, RaftServerMetrics, group_of, new_incarnation, raft_id};
 use wire::{MemberInfo, RaftReply, RaftRpc, ReplicaFrame};
 
 /// How often membership, readiness and waiting publishes are looked after.
@@ -116,6 +116,10 @@ pub struct ReplicatedLog {
     steward: Mutex<steward::Steward>,
     /// A simulation fixes each node's election timeout (seeded) so runs replay exactly.
     fixed_election_ms: OnceLock<u64>,
+    /// Per group, how much it applied since its last snapshot.
+    snapshots: OnceLock<Vec<Arc<SnapshotDue>>>,
+    /// `SnapshotRule::DEFAULT`, or a simulation's smaller one (so its short runs snapshot).
+    snapshot_rule: OnceLock<SnapshotRule>,
     /// Set once a group's Raft stopped on an error: the node must restart (see `failed`).
     failure: tokio::sync::watch::Sender<Option<String>>,
 }
@@ -181,6 +185,8 @@ impl ReplicatedLog {
             waiting: Mutex::default(),
             steward: Mutex::default(),
             fixed_election_ms: OnceLock::new(),
+            snapshots: OnceLock::new(),
+            snapshot_rule: OnceLock::new(),
             failure: tokio::sync::watch::Sender::new(None),
         });
         let handler: Weak<dyn PeerHandler> = log.this.clone() as _;
@@ -199,10 +205,10 @@ impl ReplicatedLog {
             heartbeat_interval: c.raft_heartbeat_ms,
             election_timeout_min: election_min,
             election_timeout_max: election_max,
-            // Snapshots hold every room's history window: take one every few thousand entries
-            // and keep some log behind it, so a briefly absent follower catches up from the log.
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(5000),
-            max_in_snapshot_log_to_keep: 2000,
+            // The tick asks for snapshots by size (`SnapshotRule`); some log stays behind each,
+            // so a briefly absent follower catches up from the log.
+            snapshot_policy: SnapshotPolicy::Never,
+            max_in_snapshot_log_to_keep: self.snapshot_rule().keep_log_entries,
             snapshot_max_chunk_size: 256 * 1024,
             max_payload_entries: 512,
             ..Config::default()
@@ -217,13 +223,16 @@ impl ReplicatedLog {
         let mut groups = Vec::new();
         let mut appends = Vec::new();
         let mut uncommitted = Vec::new();
+        let mut snapshots = Vec::new();
         for group in 0..self.config.partitions {
             let mut loaded = match &self.disk {
                 Some(disk) => disk.load(group)?,
                 None => Loaded::default(),
             };
             let store = LogStore::new(group, self.disk.clone(), &mut loaded);
-            let sm = StateMachine::new(group, applier.clone(), self.disk.clone(), &mut loaded)
+            let due = Arc::new(SnapshotDue::default());
+            snapshots.push(due.clone());
+            let sm = StateMachine::new(group, applier.clone(), self.disk.clone(), due, &mut loaded)
                 .map_err(|source| ReplicationError::Snapshot { group, source })?;
             let network = NetworkFactory { group, cluster: self.cluster.clone(), calls: self.calls.clone() };
             let raft = Raft::new(self.raft_id, config.clone(), network, store, sm)
@@ -234,13 +243,14 @@ impl ReplicatedLog {
             let pending = Arc::new(AtomicUsize::new(0));
             tokio::spawn(append_in_order(raft.clone(), group, in_flight, pending.clone(), rx, self.this.clone()));
             uncommitted.push(pending);
-            tokio::spawn(retry_on_new_leader(raft.metrics(), self.this.clone()));
+            tokio::spawn(retry_on_new_leader(raft.server_metrics(), self.this.clone()));
             appends.push(tx);
             groups.push(raft);
         }
         let _ = self.groups.set(groups);
         let _ = self.appends.set(appends);
         let _ = self.uncommitted.set(uncommitted);
+        let _ = self.snapshots.set(snapshots);
         tracing::info!(
             raft_id = format!("{:x}", self.raft_id),
             ordinal = self.ordinal,
@@ -263,6 +273,7 @@ impl ReplicatedLog {
 
     fn tick(&self) {
         self.check_groups();
+        self.take_due_snapshots();
         steward::tend(self);
         self.retry_waiting();
         self.metrics.peer_queued_frames.set(self.cluster.queued_frames() as i64);
@@ -293,6 +304,25 @@ impl ReplicatedLog {
                 self.metrics.raft_group_failures.inc();
                 self.failure.send_replace(Some(format!("room-log group {group} stopped: {err}")));
                 return;
+            }
+        }
+    }
+
+    fn snapshot_rule(&self) -> SnapshotRule {
+        self.snapshot_rule.get().copied().unwrap_or(SnapshotRule::DEFAULT)
+    }
+
+    fn take_due_snapshots(&self) {
+        let Some(snapshots) = self.snapshots.get() else { return };
+        let tick = self.ticks.load(Ordering::Relaxed);
+        for (raft, due) in self.groups().iter().zip(snapshots) {
+            if due.due(&self.snapshot_rule()) && due.request(tick) {
+                let raft = raft.clone();
+                tokio::spawn(async move {
+                    if let Err(err) = raft.trigger().snapshot().await {
+                        tracing::debug!(%err, "snapshot not taken");
+                    }
+                });
             }
         }
     }
@@ -351,7 +381,8 @@ impl ReplicatedLog {
     /// The node name of Raft member `id` in `group`, from the group's membership.
     fn name_of(&self, group: u32, id: u64) -> Option<String> {
         let raft = self.groups().get(group as usize)?;
-        let metrics = raft.metrics().borrow().clone();
+        let metrics = raft.server_metrics();
+        let metrics = metrics.borrow();
         metrics.membership_config.membership().get_node(&id).map(|n| n.addr.clone())
     }
 
@@ -393,7 +424,7 @@ impl ReplicatedLog {
     /// Sends a command to its group's leader, or appends it here if that is this node.
     fn propose(&self, group: u32, command: Command) -> Option<u64> {
         let raft = self.groups().get(group as usize)?;
-        let leader = raft.metrics().borrow().current_leader?;
+        let leader = raft.server_metrics().borrow().current_leader?;
         if leader == self.raft_id {
             self.append(group, command, None);
         } else {
@@ -627,7 +658,7 @@ async fn append_in_order(
 
 /// Proposes a group's waiting publishes again as soon as it has a new leader, rather than on
 /// the next tick.
-async fn retry_on_new_leader(mut metrics: tokio::sync::watch::Receiver<RaftMetrics>, log: Weak<ReplicatedLog>) {
+async fn retry_on_new_leader(mut metrics: tokio::sync::watch::Receiver<RaftServerMetrics>, log: Weak<ReplicatedLog>) {
     let mut leader = metrics.borrow().current_leader;
     while metrics.changed().await.is_ok() {
         let now = metrics.borrow_and_update().current_leader;
@@ -678,7 +709,7 @@ impl Applier for ReplicatedLog {
         applied
     }
 
-    fn images(&self, group: u32) -> Vec<RoomImage> {
+    fn images(&self, group: u32) -> Vec<RoomCapture> {
         let partitions = self.config.partitions;
         self.hub().map(|hub| hub.images(|room| group_of(room, partitions) == group)).unwrap_or_default()
     }

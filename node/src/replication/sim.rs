@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::disk::Disk;
+use super::state_machine::SnapshotRule;
 use super::{ReplicatedLog, steward};
 use crate::cluster::{Cluster, PeerHandler};
 use crate::config::NodeConfig;
@@ -145,6 +146,14 @@ impl Sim {
             ReplicatedLog::with_storage(name.clone(), cfg.cluster.clone(), cluster.clone(), metrics.clone(), disk)
                 .expect("sim room log");
         let _ = log.fixed_election_ms.set(150 + self.rng.random_range(0..300));
+        // Short runs snapshot often and keep little log behind, so followers and new
+        // incarnations catch up from snapshots too.
+        let _ = log.snapshot_rule.set(SnapshotRule {
+            log_factor: 1,
+            min_log_bytes: 4096,
+            max_log_entries: 30,
+            keep_log_entries: 10,
+        });
         let hub = Hub::new(name.clone(), cfg, metrics, Some(log.clone() as _)).expect("sim hub");
         log.start().await.expect("sim groups start");
         let run = tokio::spawn(log.clone().run());

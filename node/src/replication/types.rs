@@ -25,6 +25,7 @@ openraft::declare_raft_types!(
 
 pub type Raft = openraft::Raft<TypeConfig>;
 pub type RaftMetrics = openraft::RaftMetrics<u64, BasicNode>;
+pub type RaftServerMetrics = openraft::metrics::RaftServerMetrics<u64, BasicNode>;
 pub type LogId = openraft::LogId<u64>;
 pub type Vote = openraft::Vote<u64>;
 pub type Entry = openraft::Entry<TypeConfig>;
