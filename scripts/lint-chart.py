@@ -478,6 +478,16 @@ def load_file(path: Path) -> list[tuple[str, dict]]:
     return [(str(rel), d) for d in yaml.safe_load_all(path.read_text()) if d]
 
 
+def load_snapshot(path: Path) -> list[tuple[str, dict]]:
+    """The object of an insta snapshot: the document after the `source`/`expression` header."""
+    rel = path.relative_to(REPO)
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    objects = [(str(rel), d) for d in docs if isinstance(d, dict) and "apiVersion" in d]
+    if not objects:
+        fail(f"{rel}: holds no Kubernetes object")
+    return objects
+
+
 # ---------------------------------------------------------------------------------------------
 # Documentation
 
@@ -626,13 +636,22 @@ def main() -> int:
         objs = load_file(path)
         total += len(objs)
         validate_objects(str(path.relative_to(REPO)), objs, skipped, counts)
+    # What the operator builds: operator/tests/builders.rs fails unless the built children equal
+    # these snapshots, so validating them validates the builders' output.
+    snapshots = sorted((REPO / "operator" / "tests" / "snapshots").glob("builders__*.snap"))
+    if not snapshots:
+        fail("operator/tests/snapshots: no builder snapshots found")
+    for path in snapshots:
+        objs = load_snapshot(path)
+        total += len(objs)
+        validate_objects(str(path.relative_to(REPO)), objs, skipped, counts)
     cm = docs_argocd_cm()
     total += len(cm)
     validate_objects("docs/helm.md", cm, skipped, counts)
     for s in skipped:
         print(f"skip {s}")
-    print(f"     {total} objects from the {len(rendered)} renders, {', '.join(str(p.relative_to(REPO)) for p in files)} "
-          f"and the argocd-cm block of docs/helm.md: "
+    print(f"     {total} objects from the {len(rendered)} renders, {', '.join(str(p.relative_to(REPO)) for p in files)}, "
+          f"the {len(snapshots)} operator builder snapshots and the argocd-cm block of docs/helm.md: "
           f"{counts['k8s']} valid against the Kubernetes {' and '.join(K8S_VERSIONS)} schemas (strict), "
           f"{counts['crd']} ChatClusters valid against the CRD's openAPIV3Schema, {len(skipped)} skipped (listed above)")
 

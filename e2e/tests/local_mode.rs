@@ -116,22 +116,29 @@ async fn local_mode_runs_rolls_reloads_assets_scales_and_stops() -> anyhow::Resu
     assert_eq!(lm.pids()?, pids, "assets changed in place: same processes");
     assert!(pids.values().all(|pid| running(*pid)));
 
-    // An invalid edit is reported with the operator's reason and changes nothing.
+    // An invalid edit is reported with the operator's reason and changes nothing. Its
+    // max_connections (8 000) differs from the valid edit's below (9 000), so a rollout of the
+    // invalid manifest could not pass for the valid one's.
+    let revision = lm.status()?["revision"].clone();
     let mut invalid = spec.clone();
     invalid.grace = Some(1);
-    invalid.max_connections = 9_000;
+    invalid.max_connections = 8_000;
     lm.edit(&manifest(&invalid))?;
-    let problem = lm
+    let status = lm
         .wait_for("the invalid manifest reported", T, async |lm| {
             let status = lm.status()?;
-            let problem = status["manifest_problem"].as_str().context("no problem reported yet")?;
-            Ok(problem.to_owned())
+            status["manifest_problem"].as_str().context("no problem reported yet")?;
+            Ok(status)
         })
         .await?;
+    let problem = status["manifest_problem"].as_str().unwrap_or_default();
     assert!(problem.contains("InvalidDrain") && problem.contains("unchanged"), "{problem}");
     assert!(lm.output().contains("InvalidDrain"), "logged too:\n{}", lm.output());
-    // Several polls later, still the same processes.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The manifest is judged and reported in one step: had it been taken, the desired revision
+    // in the same status would already be a new one.
+    assert_eq!(status["revision"], revision, "the desired state is unchanged");
+    let nodes = status["nodes"].as_array().context("nodes")?;
+    assert!(nodes.iter().all(|n| n["revision"] == revision), "every node runs the old revision: {nodes:?}");
     assert_eq!(lm.pids()?, pids, "an invalid manifest restarts nothing");
 
     // A config edit rolls the nodes one at a time, highest ordinal first, while two stay ready.
@@ -177,7 +184,7 @@ async fn local_mode_runs_rolls_reloads_assets_scales_and_stops() -> anyhow::Resu
     assert!(most_unready <= 1, "at most one node unready at a time, saw {most_unready}");
     for ordinal in 0..3 {
         let toml = std::fs::read_to_string(lm.state.join(format!("nodes/{NAME}-{ordinal}/node.toml")))?;
-        assert!(toml.contains("max_connections = 9000"), "{toml}");
+        assert!(toml.contains("max_connections = 9000"), "the valid manifest's value: {toml}");
     }
     let pids = lm.wait_linked(3, READY).await?;
     assert!(lm.status()?["manifest_problem"].is_null(), "the valid manifest cleared the problem");

@@ -1,8 +1,16 @@
 //! An in-process fake Kubernetes API server (a tower service behind a real `kube::Client`) for
 //! tests and the benchmark: stores objects as JSON, applies, creates, replaces with
 //! resourceVersion checks, deletes, records requests and injects failures.
+//!
+//! Server-side apply is modelled as the API server does it, simplified where the operator
+//! cannot tell: every field has owners (field managers); an apply without `force` that would
+//! change a field another manager set is refused with 409 and the conflicting fields; an apply
+//! removes the fields its manager applied before and no longer applies, unless another manager
+//! owns them. Lists count as one field (the real server merges some by key). Lists of objects
+//! honour equality-based `labelSelector`s. StatefulSets either settle at once (`auto_ready`) or
+//! move as their controller would, one pod per `step_statefulsets`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -28,7 +36,12 @@ struct State {
     failures: VecDeque<(Method, u16)>,
     revision: u64,
     auto_ready: bool,
+    /// Per object, the fields each field manager owns (paths such as `spec.ports`).
+    owners: BTreeMap<String, BTreeMap<String, BTreeSet<String>>>,
 }
+
+/// The manager the test helpers write as, like a user running `kubectl edit`.
+pub const USER_MANAGER: &str = "kubectl-edit";
 
 /// Handle on the fake server's state; cheap to clone.
 #[derive(Clone)]
@@ -88,7 +101,9 @@ impl FakeApi {
         let Ok(value) = serde_json::to_value(object) else { return };
         let key = object_path::<K>(&ns, &name);
         let mut state = self.lock();
-        let stored = state.write(&key, value, None);
+        let old = state.value(&key);
+        state.take_changed_fields(&key, USER_MANAGER, old.as_ref(), &value);
+        let stored = state.write(&key, value, old.as_ref());
         state.insert(key, &stored);
     }
 
@@ -105,8 +120,34 @@ impl FakeApi {
         let Some(old) = state.value(&key) else { return };
         let mut new = old.clone();
         change(&mut new);
+        state.take_changed_fields(&key, USER_MANAGER, Some(&old), &new);
         let stored = state.write(&key, new, Some(&old));
         state.insert(key, &stored);
+    }
+
+    /// The fields `manager` owns in an object.
+    pub fn owned_fields<K: Resource<DynamicType = ()>>(&self, ns: &str, name: &str, manager: &str) -> Vec<String> {
+        let state = self.lock();
+        let owners = state.owners.get(&object_path::<K>(ns, name));
+        owners.and_then(|o| o.get(manager)).map(|f| f.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Moves every StatefulSet one step as its controller would with `OrderedReady` pods and a
+    /// `RollingUpdate` strategy: it sees the spec, then adds or removes one pod, or replaces
+    /// the highest-numbered outdated one; a new pod is ready one step later. Returns whether any
+    /// changed.
+    pub fn step_statefulsets(&self) -> bool {
+        let mut state = self.lock();
+        let keys: Vec<String> = state.objects.keys().filter(|k| k.contains("/statefulsets/")).cloned().collect();
+        let mut changed = false;
+        for key in keys {
+            let Some(mut sts) = state.value(&key) else { continue };
+            if step_statefulset(&mut sts) {
+                changed = true;
+                state.insert(key, &sts);
+            }
+        }
+        changed
     }
 
     /// Finishes what the StatefulSet controller was doing (for tests that turned auto-ready off).
@@ -120,7 +161,10 @@ impl FakeApi {
     }
 
     pub fn remove<K: Resource<DynamicType = ()>>(&self, ns: &str, name: &str) -> bool {
-        self.lock().objects.remove(&object_path::<K>(ns, name)).is_some()
+        let key = object_path::<K>(ns, name);
+        let mut state = self.lock();
+        state.owners.remove(&key);
+        state.objects.remove(&key).is_some()
     }
 
     /// Number of stored objects of a kind.
@@ -143,11 +187,57 @@ impl FakeApi {
 fn settle(sts: &mut Value, generation: i64) {
     let replicas = sts["spec"]["replicas"].clone();
     let revision = json!(format!("rev-{generation}"));
+    let pods: Vec<Value> = (0..replicas.as_i64().unwrap_or(0)).map(|_| json!([true, true])).collect();
     sts["status"] = json!({
         "observedGeneration": generation, "replicas": replicas, "readyReplicas": replicas,
         "updatedReplicas": replicas, "currentReplicas": replicas, "availableReplicas": replicas,
         "currentRevision": revision, "updateRevision": revision,
+        "x-fake-pods": pods, "x-fake-template": sts["spec"]["template"].clone(),
     });
+}
+
+/// One step of the StatefulSet controller (see `FakeApi::step_statefulsets`). The status keeps
+/// `pods`: one entry per existing pod, `[updated, ready]`, in ordinal order.
+fn step_statefulset(sts: &mut Value) -> bool {
+    let generation = sts["metadata"]["generation"].as_i64().unwrap_or(1);
+    let wanted = sts["spec"]["replicas"].as_i64().unwrap_or(1).max(0) as usize;
+    let status = &sts["status"];
+    let mut pods: Vec<(bool, bool)> = status["x-fake-pods"]
+        .as_array()
+        .map(|a| a.iter().map(|p| (p[0].as_bool().unwrap_or(false), p[1].as_bool().unwrap_or(false))).collect())
+        .unwrap_or_default();
+    let seen = status["observedGeneration"].as_i64();
+    if seen != Some(generation) {
+        // A new template makes every pod outdated; a new replica count changes nothing yet.
+        let template_changed = status["x-fake-template"] != sts["spec"]["template"];
+        if template_changed {
+            for pod in &mut pods {
+                pod.0 = false;
+            }
+        }
+    } else if let Some(unready) = pods.iter_mut().find(|p| !p.1) {
+        unready.1 = true;
+    } else if pods.len() > wanted {
+        pods.pop();
+    } else if let Some(outdated) = pods.iter().rposition(|p| !p.0) {
+        pods[outdated] = (true, false);
+    } else if pods.len() < wanted {
+        pods.push((true, false));
+    } else {
+        return false;
+    }
+    let count = |f: fn(&(bool, bool)) -> bool| json!(pods.iter().filter(|p| f(p)).count());
+    let all_updated = pods.iter().all(|p| p.0);
+    let update = json!(format!("rev-{generation}"));
+    let current = if all_updated { update.clone() } else { sts["status"]["currentRevision"].clone() };
+    sts["status"] = json!({
+        "observedGeneration": generation, "replicas": pods.len(), "readyReplicas": count(|p| p.1),
+        "availableReplicas": count(|p| p.1), "updatedReplicas": count(|p| p.0),
+        "currentReplicas": count(|p| !p.0), "currentRevision": current, "updateRevision": update,
+        "x-fake-pods": pods.iter().map(|p| json!([p.0, p.1])).collect::<Vec<_>>(),
+        "x-fake-template": sts["spec"]["template"].clone(),
+    });
+    true
 }
 
 fn text(v: &Value) -> String {
@@ -192,7 +282,9 @@ impl State {
         new
     }
 
-    fn handle(&mut self, method: &Method, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+    fn handle(&mut self, method: &Method, path: &str, query: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+        let params: BTreeMap<String, String> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+        let manager = params.get("fieldManager").cloned();
         if self.record {
             self.requests.push(format!("{method} {path}"));
         }
@@ -209,12 +301,17 @@ impl State {
         let existing = self.value(&key);
         match *method {
             Method::GET if is_collection(&key) => {
+                let selector = match params.get("labelSelector").map(|s| parse_selector(s)).transpose() {
+                    Ok(selector) => selector.unwrap_or_default(),
+                    Err(message) => return status(400, &message),
+                };
                 let prefix = format!("{key}/");
                 let items: Vec<Value> = self
                     .objects
                     .iter()
                     .filter(|(k, _)| k.strip_prefix(&prefix).is_some_and(|rest| !rest.contains('/')))
-                    .filter_map(|(_, t)| serde_json::from_str(t).ok())
+                    .filter_map(|(_, t)| serde_json::from_str::<Value>(t).ok())
+                    .filter(|item| selector.iter().all(|requirement| requirement.matches(&item["metadata"]["labels"])))
                     .collect();
                 (
                     200,
@@ -232,6 +329,7 @@ impl State {
                 }
                 let mut new = parsed;
                 new["metadata"]["name"] = json!(name);
+                self.take_changed_fields(&key, manager.as_deref().unwrap_or(UPDATE_MANAGER), None, &new);
                 let stored = self.write(&key, new, None);
                 self.insert(key, &stored);
                 (201, stored)
@@ -241,6 +339,7 @@ impl State {
                 if parsed["metadata"]["resourceVersion"] != old["metadata"]["resourceVersion"] {
                     return status(409, "the object has been modified");
                 }
+                self.take_changed_fields(&key, manager.as_deref().unwrap_or(UPDATE_MANAGER), Some(&old), &parsed);
                 self.store(key, parsed, Some(&old))
             }
             Method::PATCH if subresource => {
@@ -250,24 +349,105 @@ impl State {
                 self.store(key, new, Some(&old))
             }
             Method::PATCH if content_type.starts_with("application/apply-patch") => {
-                let mut new = parsed;
-                if let Some(status) = existing.as_ref().and_then(|o| o.get("status")) {
-                    new["status"] = status.clone();
+                let Some(manager) = manager else {
+                    return status(
+                        400,
+                        "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+                    );
+                };
+                let force = params.get("force").is_some_and(|f| f == "true");
+                match self.apply(&key, &manager, force, parsed, existing.as_ref()) {
+                    Ok(new) => self.store(key, new, existing.as_ref()),
+                    Err(conflicts) => status(409, &conflicts),
                 }
-                self.store(key, new, existing.as_ref())
             }
             Method::PATCH => {
                 let Some(old) = existing else { return not_found(&key) };
                 let mut new = old.clone();
                 merge(&mut new, &parsed);
+                self.take_changed_fields(&key, manager.as_deref().unwrap_or(UPDATE_MANAGER), Some(&old), &new);
                 self.store(key, new, Some(&old))
             }
-            Method::DELETE => match self.objects.remove(&key) {
-                Some(old) => (200, serde_json::from_str(&old).unwrap_or(Value::Null)),
-                None => not_found(&key),
-            },
+            Method::DELETE => {
+                self.owners.remove(&key);
+                match self.objects.remove(&key) {
+                    Some(old) => (200, serde_json::from_str(&old).unwrap_or(Value::Null)),
+                    None => not_found(&key),
+                }
+            }
             _ => status(405, "method not supported by the fake"),
         }
+    }
+
+    /// Server-side apply of `applied` by `manager` (see the module's description). Returns the
+    /// new object, or the conflicts as the API server words them.
+    fn apply(
+        &mut self,
+        key: &str,
+        manager: &str,
+        force: bool,
+        applied: Value,
+        old: Option<&Value>,
+    ) -> Result<Value, String> {
+        let mut applied_fields = BTreeSet::new();
+        fields(&applied, "", &mut applied_fields);
+        let owners = self.owners.entry(key.to_owned()).or_default();
+        let mut conflicts = Vec::new();
+        for (other, owned) in owners.iter() {
+            if other == manager {
+                continue;
+            }
+            for field in owned.intersection(&applied_fields) {
+                let current = old.and_then(|o| at(o, field));
+                if current != at(&applied, field) {
+                    conflicts.push(format!("conflict with \"{other}\": .{field}"));
+                }
+            }
+        }
+        if !conflicts.is_empty() && !force {
+            return Err(format!("Apply failed with {} conflict(s): {}", conflicts.len(), conflicts.join(", ")));
+        }
+        for (other, owned) in owners.iter_mut() {
+            if other != manager {
+                owned.retain(|f| !applied_fields.contains(f));
+            }
+        }
+        let before = owners.insert(manager.to_owned(), applied_fields.clone()).unwrap_or_default();
+        owners.retain(|_, owned| !owned.is_empty());
+        let mut new = old.cloned().unwrap_or_else(|| json!({}));
+        for dropped in before.difference(&applied_fields) {
+            if !owners.values().any(|owned| owned.contains(dropped)) {
+                remove_at(&mut new, dropped);
+            }
+        }
+        let status = new.get("status").cloned();
+        merge_replacing_lists(&mut new, &applied);
+        match status {
+            Some(status) => new["status"] = status,
+            None => {
+                if let Some(o) = new.as_object_mut() {
+                    o.remove("status");
+                }
+            }
+        }
+        Ok(new)
+    }
+
+    /// A write other than apply: `manager` owns every field it set or changed from then on.
+    fn take_changed_fields(&mut self, key: &str, manager: &str, old: Option<&Value>, new: &Value) {
+        let mut set = BTreeSet::new();
+        fields(new, "", &mut set);
+        let changed: BTreeSet<String> =
+            set.into_iter().filter(|f| old.is_none_or(|o| at(o, f) != at(new, f))).collect();
+        if changed.is_empty() {
+            return;
+        }
+        let owners = self.owners.entry(key.to_owned()).or_default();
+        for owned in owners.values_mut() {
+            owned.retain(|f| !changed.contains(f));
+        }
+        owners.entry(manager.to_owned()).or_default().extend(changed);
+        owners.retain(|_, owned| !owned.is_empty());
     }
 
     fn store(&mut self, key: String, new: Value, old: Option<&Value>) -> (u16, Value) {
@@ -275,6 +455,114 @@ impl State {
         self.insert(key, &stored);
         (200, stored)
     }
+}
+
+/// The manager of writes that name none (the real server takes the client's user agent).
+const UPDATE_MANAGER: &str = "unnamed-update";
+
+/// Fields the API server sets or that identify the object: nobody owns them.
+fn server_field(path: &str) -> bool {
+    matches!(
+        path,
+        "apiVersion"
+            | "kind"
+            | "metadata.name"
+            | "metadata.namespace"
+            | "metadata.resourceVersion"
+            | "metadata.generation"
+            | "metadata.uid"
+            | "metadata.creationTimestamp"
+            | "metadata.managedFields"
+    ) || path == "status"
+        || path.starts_with("status.")
+}
+
+/// The owned fields of an object: every leaf, a list or an empty object counting as one.
+fn fields(value: &Value, prefix: &str, out: &mut BTreeSet<String>) {
+    match value.as_object() {
+        Some(object) if !object.is_empty() => {
+            for (k, v) in object {
+                let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                if !server_field(&path) {
+                    fields(v, &path, out);
+                }
+            }
+        }
+        _ if !prefix.is_empty() => {
+            out.insert(prefix.to_owned());
+        }
+        _ => {}
+    }
+}
+
+fn at<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(value, |v, k| v.get(k))
+}
+
+fn remove_at(value: &mut Value, path: &str) {
+    let (parent, last) = match path.rsplit_once('.') {
+        Some((parent, last)) => (at_mut(value, parent), last),
+        None => (Some(value), path),
+    };
+    if let Some(object) = parent.and_then(Value::as_object_mut) {
+        object.remove(last);
+    }
+}
+
+fn at_mut<'a>(value: &'a mut Value, path: &str) -> Option<&'a mut Value> {
+    path.split('.').try_fold(value, |v, k| v.get_mut(k))
+}
+
+/// Applied fields over the stored object: objects merge, everything else (lists too) replaces.
+fn merge_replacing_lists(target: &mut Value, applied: &Value) {
+    match (target.as_object_mut(), applied.as_object()) {
+        (Some(t), Some(a)) => {
+            for (k, v) in a {
+                merge_replacing_lists(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        _ => *target = applied.clone(),
+    }
+}
+
+/// One requirement of an equality-based label selector.
+enum Requirement {
+    Equals(String, String),
+    NotEquals(String, String),
+    Exists(String),
+    Absent(String),
+}
+
+impl Requirement {
+    fn matches(&self, labels: &Value) -> bool {
+        let label = |k: &str| labels.get(k).and_then(Value::as_str);
+        match self {
+            Requirement::Equals(k, v) => label(k) == Some(v.as_str()),
+            Requirement::NotEquals(k, v) => label(k) != Some(v.as_str()),
+            Requirement::Exists(k) => label(k).is_some(),
+            Requirement::Absent(k) => label(k).is_none(),
+        }
+    }
+}
+
+/// `a=b,c!=d,e,!f`; set-based selectors (`in`, `notin`) are refused rather than ignored.
+fn parse_selector(selector: &str) -> Result<Vec<Requirement>, String> {
+    let mut requirements = Vec::new();
+    for part in selector.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let requirement = if let Some((k, v)) = part.split_once("!=") {
+            Requirement::NotEquals(k.trim().to_owned(), v.trim().to_owned())
+        } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
+            Requirement::Equals(k.trim().to_owned(), v.trim().to_owned())
+        } else if let Some(k) = part.strip_prefix('!') {
+            Requirement::Absent(k.trim().to_owned())
+        } else if part.contains(' ') || part.contains('(') {
+            return Err(format!("labelSelector {selector:?}: set-based requirements are not supported by the fake"));
+        } else {
+            Requirement::Exists(part.to_owned())
+        };
+        requirements.push(requirement);
+    }
+    Ok(requirements)
 }
 
 /// `/api/v1/namespaces/ns/plural` and `/apis/g/v/namespaces/ns/plural` name no object.
@@ -341,7 +629,7 @@ impl tower_service::Service<Request<Body>> for FakeService {
                 parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
             let (code, value) = {
                 let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
-                state.handle(&parts.method, parts.uri.path(), content_type, &body)
+                state.handle(&parts.method, parts.uri.path(), parts.uri.query().unwrap_or(""), content_type, &body)
             };
             let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
             *response.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -350,5 +638,119 @@ impl tower_service::Service<Request<Body>> for FakeService {
                 .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
             Ok(response)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Api, ListParams, Patch, PatchParams};
+
+    use super::*;
+
+    fn map(name: &str, data: Value, labels: Value) -> Value {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": name, "namespace": "ns", "labels": labels}, "data": data})
+    }
+
+    async fn apply(api: &Api<ConfigMap>, params: &PatchParams, object: Value) -> Result<ConfigMap, kube::Error> {
+        let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        api.patch(&name, params, &Patch::Apply(object)).await
+    }
+
+    fn code(result: Result<ConfigMap, kube::Error>) -> u16 {
+        match result {
+            Err(kube::Error::Api(status)) => status.code,
+            Err(other) => panic!("not an API error: {other}"),
+            Ok(_) => 200,
+        }
+    }
+
+    #[tokio::test]
+    async fn apply_conflicts_with_other_managers_unless_forced() {
+        let fake = FakeApi::new();
+        let api: Api<ConfigMap> = Api::namespaced(fake.client(), "ns");
+        let ours = PatchParams::apply("operator");
+        apply(&api, &ours, map("m", json!({"a": "1", "b": "2"}), json!({}))).await.expect("created");
+        fake.edit::<ConfigMap>("ns", "m", |m| m["data"]["a"] = json!("edited"));
+
+        let refused = apply(&api, &ours, map("m", json!({"a": "1", "b": "2"}), json!({}))).await;
+        assert_eq!(code(refused), 409, "another manager changed data.a");
+        assert_eq!(fake.get::<ConfigMap>("ns", "m").and_then(|m| m.data).unwrap()["a"], "edited");
+        // The same value as the other manager's is no conflict.
+        let same = apply(&api, &ours, map("m", json!({"a": "edited", "b": "2"}), json!({}))).await;
+        assert_eq!(code(same), 200);
+
+        fake.edit::<ConfigMap>("ns", "m", |m| m["data"]["a"] = json!("again"));
+        let forced = apply(&api, &ours.clone().force(), map("m", json!({"a": "1", "b": "2"}), json!({}))).await;
+        assert_eq!(forced.expect("forced").data.unwrap()["a"], "1");
+        assert_eq!(fake.owned_fields::<ConfigMap>("ns", "m", "operator"), ["data.a", "data.b", "metadata.labels"]);
+        assert!(fake.owned_fields::<ConfigMap>("ns", "m", USER_MANAGER).is_empty(), "force takes the fields over");
+
+        let nameless = api.patch("m", &PatchParams::default(), &Patch::Apply(map("m", json!({}), json!({})))).await;
+        assert_eq!(code(nameless), 400, "apply needs a field manager");
+    }
+
+    #[tokio::test]
+    async fn apply_removes_what_its_manager_no_longer_applies_but_keeps_others_fields() {
+        let fake = FakeApi::new();
+        let api: Api<ConfigMap> = Api::namespaced(fake.client(), "ns");
+        let ours = PatchParams::apply("operator");
+        apply(&api, &ours, map("m", json!({"a": "1", "b": "2"}), json!({}))).await.expect("created");
+        fake.edit::<ConfigMap>("ns", "m", |m| m["data"]["user"] = json!("mine"));
+        let after = apply(&api, &ours, map("m", json!({"a": "1"}), json!({}))).await.expect("applied");
+        let data = after.data.unwrap();
+        assert_eq!(data.keys().collect::<Vec<_>>(), ["a", "user"]);
+    }
+
+    #[tokio::test]
+    async fn lists_honour_label_selectors() {
+        let fake = FakeApi::new();
+        let api: Api<ConfigMap> = Api::namespaced(fake.client(), "ns");
+        let ours = PatchParams::apply("operator");
+        apply(&api, &ours, map("x", json!({}), json!({"app": "chat", "tier": "a"}))).await.expect("x");
+        apply(&api, &ours, map("y", json!({}), json!({"app": "chat"}))).await.expect("y");
+        apply(&api, &ours, map("z", json!({}), json!({"app": "other"}))).await.expect("z");
+        let names = |list: kube::core::ObjectList<ConfigMap>| -> Vec<String> {
+            list.items.into_iter().filter_map(|m| m.metadata.name).collect()
+        };
+        let chat = api.list(&ListParams::default().labels("app=chat")).await.expect("list");
+        assert_eq!(names(chat), ["x", "y"]);
+        let untiered = api.list(&ListParams::default().labels("app=chat,!tier")).await.expect("list");
+        assert_eq!(names(untiered), ["y"]);
+        let not_chat = api.list(&ListParams::default().labels("app!=chat")).await.expect("list");
+        assert_eq!(names(not_chat), ["z"]);
+        assert!(api.list(&ListParams::default().labels("app in (chat)")).await.is_err(), "refused, not ignored");
+    }
+
+    #[tokio::test]
+    async fn statefulsets_move_one_pod_per_step() {
+        use k8s_openapi::api::apps::v1::StatefulSet;
+        let fake = FakeApi::new();
+        fake.set_auto_ready(false);
+        let sts = json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "s", "namespace": "ns"},
+            "spec": {"replicas": 2, "template": {"metadata": {"annotations": {"v": "1"}}}}});
+        let api: Api<StatefulSet> = Api::namespaced(fake.client(), "ns");
+        api.patch("s", &PatchParams::apply("operator"), &Patch::Apply(sts.clone())).await.expect("created");
+        let counts = || {
+            let st = fake.get::<StatefulSet>("ns", "s").and_then(|s| s.status).unwrap_or_default();
+            (st.replicas, st.ready_replicas.unwrap_or(0), st.updated_replicas.unwrap_or(0))
+        };
+        let mut seen = Vec::new();
+        while fake.step_statefulsets() {
+            seen.push(counts());
+        }
+        assert_eq!(seen, [(0, 0, 0), (1, 0, 1), (1, 1, 1), (2, 1, 2), (2, 2, 2)]);
+
+        let mut changed = sts;
+        changed["spec"]["template"]["metadata"]["annotations"]["v"] = json!("2");
+        api.patch("s", &PatchParams::apply("operator"), &Patch::Apply(changed)).await.expect("changed");
+        seen.clear();
+        while fake.step_statefulsets() {
+            seen.push(counts());
+        }
+        // Seen, then the highest pod replaced and ready, then the next.
+        assert_eq!(seen, [(2, 2, 0), (2, 1, 1), (2, 2, 1), (2, 1, 2), (2, 2, 2)]);
     }
 }

@@ -1,5 +1,7 @@
 //! Snapshot tests of every child object, for a minimal and a full ChatCluster, plus the pure
-//! validation rules behind them.
+//! validation rules behind them. The snapshots are also validated against the Kubernetes
+//! schemas (strict, oldest and newest supported version) by `scripts/lint-chart.sh`: these tests
+//! fail unless the built objects equal the snapshots, so together they validate what is built.
 
 use chat_node::config::StorageMode;
 use chat_operator::crd::ChatCluster;

@@ -115,6 +115,47 @@ async fn rollout_in_progress_is_progressing_until_pods_are_updated() {
     assert_eq!(stored(&fake, "demo").status.unwrap().config_hash, None, "not rolled out yet");
 }
 
+/// Runs the operator after every step of the (gradual) StatefulSet controller until nothing
+/// moves; returns the Progressing reasons seen, in order, without repeats, and whether the
+/// cluster stayed Available at every step.
+async fn reasons_until_settled(fake: &FakeApi, ctx: &Arc<Context>, name: &str) -> (Vec<String>, bool) {
+    let mut reasons: Vec<String> = Vec::new();
+    let mut always_available = true;
+    for _ in 0..100 {
+        run(fake, ctx, name).await.unwrap();
+        let reason = cond(fake, name, PROGRESSING).1;
+        always_available &= cond(fake, name, AVAILABLE).0 == "True";
+        if reasons.last() != Some(&reason) {
+            reasons.push(reason);
+        }
+        if !fake.step_statefulsets() {
+            return (reasons, always_available);
+        }
+    }
+    panic!("the StatefulSet never settled: {reasons:?}");
+}
+
+#[tokio::test]
+async fn a_rollout_reports_each_stage_and_records_the_hash_once_complete() {
+    let (fake, ctx) = setup(minimal("demo"));
+    fake.set_auto_ready(false);
+    let (created, _) = reasons_until_settled(&fake, &ctx, "demo").await;
+    assert_eq!(created, ["Applying", "RollingUpdate", "WaitingForReady", "RolloutComplete"]);
+    let first = stored(&fake, "demo").status.unwrap().config_hash;
+    assert_eq!(first, Some(config_hash(&fake, "demo")));
+
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["config"]["history"] = json!({"size": 7}));
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_eq!(stored(&fake, "demo").status.unwrap().config_hash, first, "not rolled out yet");
+    let (rolled, available) = reasons_until_settled(&fake, &ctx, "demo").await;
+    assert_eq!(rolled, ["Applying", "RollingUpdate", "WaitingForReady", "RolloutComplete"]);
+    assert!(available, "one pod at a time: the others keep serving");
+    let status = stored(&fake, "demo").status.unwrap();
+    assert_eq!(status.config_hash, Some(config_hash(&fake, "demo")));
+    assert_ne!(status.config_hash, first);
+    assert_eq!((status.ready_replicas, status.updated_replicas), (3, 3));
+}
+
 fn sts_replicas(fake: &FakeApi, name: &str) -> Option<i32> {
     fake.get::<StatefulSet>(NAMESPACE, name).unwrap().spec.replicas
 }
@@ -336,6 +377,34 @@ async fn conflicts_are_retried_without_degrading() {
     let config_patches =
         fake.requests().iter().filter(|r| r.starts_with("PATCH") && r.ends_with("/demo-config")).count();
     assert_eq!(config_patches, 3, "two conflicts, then success");
+}
+
+fn peer_key(fake: &FakeApi) -> k8s_openapi::ByteString {
+    fake.get::<Secret>(NAMESPACE, "demo-peer").and_then(|s| s.data).expect("peer secret")[PEER_KEY].clone()
+}
+
+#[tokio::test]
+async fn a_failed_read_of_the_existing_peer_secret_never_replaces_its_key() {
+    let (fake, ctx) = setup(minimal("demo"));
+    run(&fake, &ctx, "demo").await.unwrap();
+    let key = peer_key(&fake);
+
+    fake.fail_next(Method::GET, 503, 1);
+    run(&fake, &ctx, "demo").await.expect("a transient failure is retried");
+    assert_eq!(peer_key(&fake), key);
+
+    // Read as "absent", a failure would write a fresh key: pods restarted with it could no
+    // longer link to the others.
+    fake.clear_requests();
+    fake.fail_next(Method::GET, 503, 50);
+    let err = run(&fake, &ctx, "demo").await.expect_err("a read that keeps failing fails the reconcile");
+    assert!(
+        matches!(&err, Error::Read { kind, name, .. } if kind == "Secret" && name == "demo-peer"),
+        "unexpected error: {err}"
+    );
+    let writes: Vec<String> = fake.requests().into_iter().filter(|r| !r.starts_with("GET")).collect();
+    assert!(writes.iter().all(|w| !w.contains("/secrets/")), "no Secret written: {writes:?}");
+    assert_eq!(peer_key(&fake), key);
 }
 
 #[tokio::test]
