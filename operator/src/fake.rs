@@ -150,6 +150,20 @@ impl FakeApi {
         changed
     }
 
+    /// Deletes a StatefulSet's outdated pods, as a user does under `OnDelete`: they come back
+    /// with the latest template, not ready yet.
+    pub fn delete_statefulset_pods(&self, ns: &str, name: &str) {
+        let key = object_path::<k8s_openapi::api::apps::v1::StatefulSet>(ns, name);
+        let mut state = self.lock();
+        let Some(mut sts) = state.value(&key) else { return };
+        let pods: Vec<(bool, bool)> =
+            fake_pods(&sts).into_iter().map(|p| if p.0 { p } else { (true, false) }).collect();
+        let generation = sts["status"]["observedGeneration"].as_i64().unwrap_or(1);
+        let on_delete = sts["spec"]["updateStrategy"]["type"] == "OnDelete";
+        write_statefulset_status(&mut sts, generation, &pods, on_delete);
+        state.insert(key, &sts);
+    }
+
     /// Finishes what the StatefulSet controller was doing (for tests that turned auto-ready off).
     pub fn settle_statefulset(&self, ns: &str, name: &str) {
         let key = object_path::<k8s_openapi::api::apps::v1::StatefulSet>(ns, name);
@@ -202,11 +216,11 @@ fn step_statefulset(sts: &mut Value) -> bool {
     let generation = sts["metadata"]["generation"].as_i64().unwrap_or(1);
     let wanted = sts["spec"]["replicas"].as_i64().unwrap_or(1).max(0) as usize;
     let status = &sts["status"];
-    let mut pods: Vec<(bool, bool)> = status["x-fake-pods"]
-        .as_array()
-        .map(|a| a.iter().map(|p| (p[0].as_bool().unwrap_or(false), p[1].as_bool().unwrap_or(false))).collect())
-        .unwrap_or_default();
+    let mut pods = fake_pods(sts);
     let seen = status["observedGeneration"].as_i64();
+    // `OnDelete`: outdated pods stay until someone deletes them (`delete_statefulset_pods`), and
+    // `currentRevision` never moves, as with the real controller.
+    let on_delete = sts["spec"]["updateStrategy"]["type"] == "OnDelete";
     if seen != Some(generation) {
         // A new template makes every pod outdated; a new replica count changes nothing yet.
         let template_changed = status["x-fake-template"] != sts["spec"]["template"];
@@ -219,17 +233,23 @@ fn step_statefulset(sts: &mut Value) -> bool {
         unready.1 = true;
     } else if pods.len() > wanted {
         pods.pop();
-    } else if let Some(outdated) = pods.iter().rposition(|p| !p.0) {
+    } else if let Some(outdated) = pods.iter().rposition(|p| !p.0).filter(|_| !on_delete) {
         pods[outdated] = (true, false);
     } else if pods.len() < wanted {
         pods.push((true, false));
     } else {
         return false;
     }
+    write_statefulset_status(sts, generation, &pods, on_delete);
+    true
+}
+
+fn write_statefulset_status(sts: &mut Value, generation: i64, pods: &[(bool, bool)], on_delete: bool) {
     let count = |f: fn(&(bool, bool)) -> bool| json!(pods.iter().filter(|p| f(p)).count());
     let all_updated = pods.iter().all(|p| p.0);
     let update = json!(format!("rev-{generation}"));
-    let current = if all_updated { update.clone() } else { sts["status"]["currentRevision"].clone() };
+    let old = &sts["status"]["currentRevision"];
+    let current = if all_updated && !(on_delete && !old.is_null()) { update.clone() } else { old.clone() };
     sts["status"] = json!({
         "observedGeneration": generation, "replicas": pods.len(), "readyReplicas": count(|p| p.1),
         "availableReplicas": count(|p| p.1), "updatedReplicas": count(|p| p.0),
@@ -237,7 +257,13 @@ fn step_statefulset(sts: &mut Value) -> bool {
         "x-fake-pods": pods.iter().map(|p| json!([p.0, p.1])).collect::<Vec<_>>(),
         "x-fake-template": sts["spec"]["template"].clone(),
     });
-    true
+}
+
+fn fake_pods(sts: &Value) -> Vec<(bool, bool)> {
+    sts["status"]["x-fake-pods"]
+        .as_array()
+        .map(|a| a.iter().map(|p| (p[0].as_bool().unwrap_or(false), p[1].as_bool().unwrap_or(false))).collect())
+        .unwrap_or_default()
 }
 
 fn text(v: &Value) -> String {

@@ -11,10 +11,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
 use serde_json::Value;
-
-use crate::crd::ChatCluster;
 
 /// The command that regenerates the committed reference.
 pub const REGENERATE: &str = "cargo run -p chat-operator -- crd-reference > docs/chatcluster-reference.md";
@@ -50,7 +47,7 @@ pub enum ReferenceError {
 
 /// The reference for the ChatCluster CRD, exactly as `chat-operator crd-reference` prints it.
 pub fn markdown() -> Result<String, ReferenceError> {
-    render(&ChatCluster::crd())
+    render(&crate::crd::definition())
 }
 
 /// The reference for a CRD (the first storage version's schema).

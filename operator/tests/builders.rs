@@ -213,3 +213,22 @@ fn invalid_specs_are_named() {
     data_dir.spec.config.cluster.data_dir = Some("/data".into());
     assert_eq!(reason(&data_dir, &refs()), "OperatorOwnedField");
 }
+
+#[test]
+fn names_that_cannot_name_pods_and_services_are_refused() {
+    let longest = "a".repeat(chat_operator::crd::MAX_NAME_LEN);
+    assert!(validate(&minimal(&longest), Owner::of(&minimal(&longest)).unwrap(), &refs()).is_ok());
+    for name in [format!("{longest}b"), "9lives".into(), "chat-".into(), "Chat".into(), "chat.one".into()] {
+        let cluster = minimal(&name);
+        assert_eq!(reason(&cluster, &refs()), "InvalidName", "{name}");
+    }
+}
+
+#[test]
+fn the_crd_carries_the_same_name_rule_for_admission() {
+    let crd = serde_json::to_value(chat_operator::crd::definition()).unwrap();
+    let rules = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["x-kubernetes-validations"];
+    let rule = rules[0]["rule"].as_str().unwrap_or_default();
+    assert!(rule.contains(&format!("size() <= {}", chat_operator::crd::MAX_NAME_LEN)), "{rule}");
+    assert!(rule.contains(chat_operator::crd::NAME_PATTERN), "{rule}");
+}

@@ -22,7 +22,7 @@ fn committed_crd_matches_generated() {
 }
 
 fn schema() -> Value {
-    let crd = serde_json::to_value(ChatCluster::crd()).unwrap();
+    let crd = serde_json::to_value(chat_operator::crd::definition()).unwrap();
     crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
 }
 

@@ -156,6 +156,24 @@ async fn a_rollout_reports_each_stage_and_records_the_hash_once_complete() {
     assert_eq!((status.ready_replicas, status.updated_replicas), (3, 3));
 }
 
+#[tokio::test]
+async fn an_on_delete_rollout_completes_once_every_pod_was_replaced() {
+    let (fake, ctx) = setup(minimal("demo"));
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["rollout"] = json!({"strategy": "OnDelete"}));
+    fake.set_auto_ready(false);
+    reasons_until_settled(&fake, &ctx, "demo").await;
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["config"]["history"] = json!({"size": 7}));
+    let (waiting, _) = reasons_until_settled(&fake, &ctx, "demo").await;
+    assert_eq!(waiting.last().map(String::as_str), Some("RollingUpdate"), "waits for the pods' deletion");
+
+    fake.delete_statefulset_pods(NAMESPACE, "demo");
+    let (replaced, _) = reasons_until_settled(&fake, &ctx, "demo").await;
+    assert_eq!(replaced.last().map(String::as_str), Some("RolloutComplete"), "{replaced:?}");
+    let sts = fake.get::<StatefulSet>(NAMESPACE, "demo").and_then(|s| s.status).unwrap();
+    assert_ne!(sts.current_revision, sts.update_revision, "the controller never moves it under OnDelete");
+    assert_eq!(stored(&fake, "demo").status.unwrap().config_hash, Some(config_hash(&fake, "demo")));
+}
+
 fn sts_replicas(fake: &FakeApi, name: &str) -> Option<i32> {
     fake.get::<StatefulSet>(NAMESPACE, name).unwrap().spec.replicas
 }

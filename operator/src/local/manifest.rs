@@ -9,7 +9,6 @@ use std::sync::OnceLock;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::CustomResourceExt;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -167,7 +166,7 @@ fn pick_cluster(clusters: Vec<(usize, Value)>, pick: Option<&str>) -> Result<(us
 fn validator() -> &'static jsonschema::Validator {
     static VALIDATOR: OnceLock<jsonschema::Validator> = OnceLock::new();
     VALIDATOR.get_or_init(|| {
-        let crd = serde_json::to_value(ChatCluster::crd()).unwrap_or_default();
+        let crd = serde_json::to_value(crate::crd::definition()).unwrap_or_default();
         let schema = crd.pointer("/spec/versions/0/schema/openAPIV3Schema").cloned().unwrap_or(Value::Bool(true));
         // Our own generated schema compiles (the CRD tests check it); accepting everything is the
         // safe fallback should it ever not, since the operator's validation still runs.

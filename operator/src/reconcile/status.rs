@@ -40,7 +40,8 @@ pub fn observed(
         Some(("ScalingDown", message))
     } else if !seen {
         Some(("Applying", "the StatefulSet controller has not seen the latest spec yet".to_owned()))
-    } else if updated < desired || st.current_revision != st.update_revision {
+    } else if updated < desired {
+        // Counts, not revisions: under `OnDelete` the StatefulSet's currentRevision never moves.
         Some(("RollingUpdate", format!("{updated}/{desired} nodes run the latest pod template")))
     } else if ready < desired {
         Some(("WaitingForReady", format!("{ready}/{desired} nodes ready")))

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use sha2::{Digest, Sha256};
 
 use super::{scale, storage};
-use crate::crd::{ChatCluster, ServiceType};
+use crate::crd::{ChatCluster, MAX_NAME_LEN, ServiceType};
 use crate::resources::{ASSETS_DIR, AUTH_DIR, HTTP_PORT, Owner, PEER_DIR, PEER_KEY, PEER_PORT};
 
 /// Shortest JWT key accepted (the node's own minimum for inline keys).
@@ -62,6 +62,7 @@ pub struct Plan {
 }
 
 pub fn validate(cluster: &ChatCluster, owner: Owner, refs: &Refs) -> Result<Plan, Invalid> {
+    check_name(&owner.name)?;
     let auth_key = auth_key(cluster, &owner, refs)?;
     let config = render_config(cluster, &owner.peer_dns())?;
     storage::check_unchanged(cluster.spec.storage.as_ref(), refs.statefulset.as_ref(), &owner.name)?;
@@ -75,6 +76,22 @@ pub fn validate(cluster: &ChatCluster, owner: Owner, refs: &Refs) -> Result<Plan
     let config_hash = config_hash(&restart_relevant(&config)?, auth_key.as_deref(), &peer_key);
     let replicas = scale::step(cluster.spec.replicas, refs.statefulset.as_ref());
     Ok(Plan { owner, config, config_toml, assets, peer_key, config_hash, termination_grace_seconds, replicas })
+}
+
+/// The CRD's CEL rule on the name, for API servers without CEL and for local mode.
+fn check_name(name: &str) -> Result<(), Invalid> {
+    let starts_with_letter = name.starts_with(|c: char| c.is_ascii_lowercase());
+    let ends_alphanumeric = name.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let allowed = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if name.len() > MAX_NAME_LEN || !(starts_with_letter && ends_alphanumeric && allowed) {
+        return Err(invalid(
+            "InvalidName",
+            format!(
+                "metadata.name {name:?}: at most {MAX_NAME_LEN} characters of lower-case letters, digits and '-', starting with a letter and ending with a letter or digit (it names the StatefulSet's pods and the Services)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// `spec.config` with the operator-owned fields forced, checked by the node's own rules;
