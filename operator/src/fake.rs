@@ -249,7 +249,7 @@ fn write_statefulset_status(sts: &mut Value, generation: i64, pods: &[(bool, boo
     let all_updated = pods.iter().all(|p| p.0);
     let update = json!(format!("rev-{generation}"));
     let old = &sts["status"]["currentRevision"];
-    let current = if all_updated && !(on_delete && !old.is_null()) { update.clone() } else { old.clone() };
+    let current = if all_updated && (!on_delete || old.is_null()) { update.clone() } else { old.clone() };
     sts["status"] = json!({
         "observedGeneration": generation, "replicas": pods.len(), "readyReplicas": count(|p| p.1),
         "availableReplicas": count(|p| p.1), "updatedReplicas": count(|p| p.0),
