@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use chat_operator::crd::{ChatCluster, crd_yaml};
 use chat_operator::reconcile::validate::render_config;
-use kube::CustomResourceExt;
 use serde_json::Value;
 
 fn repo() -> PathBuf {
