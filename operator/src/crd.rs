@@ -420,8 +420,10 @@ pub struct ChatClusterStatus {
     /// One word summary: Running, Progressing, Degraded or Paused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
-    /// `Available`, `Progressing`, `Degraded` and `ReconcileSuccess` (see docs/operator.md).
+    /// `Ready`, `Available`, `Progressing`, `Degraded` and `ReconcileSuccess` (see
+    /// docs/operator.md); one per type, so server-side apply merges them by type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 

@@ -92,3 +92,12 @@ fn schema_rejects_out_of_range_values() {
         assert!(errors.iter().any(|e| e == path), "{path} not rejected: {errors:?}");
     }
 }
+
+#[test]
+fn conditions_merge_by_type() {
+    let conditions = &schema()["properties"]["status"]["properties"]["conditions"];
+    assert_eq!(conditions["x-kubernetes-list-type"], "map");
+    assert_eq!(conditions["x-kubernetes-list-map-keys"], serde_json::json!(["type"]));
+    let required = conditions["items"]["required"].as_array().cloned().unwrap_or_default();
+    assert!(required.contains(&serde_json::json!("type")), "a map key must be required: {required:?}");
+}

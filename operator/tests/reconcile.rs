@@ -7,7 +7,7 @@ use std::sync::Arc;
 use chat_operator::crd::{ChatCluster, PAUSED_ANNOTATION};
 use chat_operator::fake::FakeApi;
 use chat_operator::fixtures::{NAMESPACE, context, full, jwt_secret, minimal, theme_config_map};
-use chat_operator::reconcile::status::{AVAILABLE, DEGRADED, PROGRESSING, RECONCILE_SUCCESS, condition};
+use chat_operator::reconcile::status::{AVAILABLE, DEGRADED, PROGRESSING, READY, RECONCILE_SUCCESS, condition};
 use chat_operator::reconcile::{Context, Error, reconcile};
 use chat_operator::resources::{CONFIG_HASH_ANNOTATION, PEER_KEY};
 use http::Method;
@@ -70,6 +70,7 @@ async fn create_applies_every_child_and_writes_status() {
     assert_eq!(cond(&fake, "demo", PROGRESSING), ("False".into(), "RolloutComplete".into()));
     assert_eq!(cond(&fake, "demo", DEGRADED).0, "False");
     assert_eq!(cond(&fake, "demo", RECONCILE_SUCCESS).0, "True");
+    assert_eq!(cond(&fake, "demo", READY), ("True".into(), "Ready".into()));
     assert!(fake.events().contains(&("Normal".into(), "Created".into())));
 }
 
@@ -125,6 +126,12 @@ async fn reasons_until_settled(fake: &FakeApi, ctx: &Arc<Context>, name: &str) -
         run(fake, ctx, name).await.unwrap();
         let reason = cond(fake, name, PROGRESSING).1;
         always_available &= cond(fake, name, AVAILABLE).0 == "True";
+        let ready = cond(fake, name, READY);
+        if reason == "RolloutComplete" {
+            assert_eq!(ready, ("True".into(), "Ready".into()));
+        } else {
+            assert_eq!(ready, ("False".into(), reason.clone()), "Ready says why not");
+        }
         if reasons.last() != Some(&reason) {
             reasons.push(reason);
         }
@@ -356,6 +363,7 @@ async fn missing_secret_is_degraded_and_changes_nothing() {
     run(&fake, &ctx, "prod").await.unwrap();
     assert_eq!(cond(&fake, "prod", DEGRADED), ("True".into(), "SecretNotFound".into()));
     assert_eq!(cond(&fake, "prod", RECONCILE_SUCCESS), ("False".into(), "SecretNotFound".into()));
+    assert_eq!(cond(&fake, "prod", READY), ("False".into(), "SecretNotFound".into()));
     assert!(fake.events().contains(&("Warning".into(), "SecretNotFound".into())));
     assert_eq!(fake.count::<StatefulSet>(), 0, "nothing may be created from an invalid spec");
 

@@ -95,8 +95,8 @@ impl Context {
 
     /// Publishes an event; failures are logged only, an event is never worth a failed reconcile.
     pub async fn event(&self, cluster: &ChatCluster, type_: EventType, reason: &str, note: String) {
-        let event =
-            Event { type_, reason: reason.to_owned(), note: Some(note), action: reason.to_owned(), secondary: None };
+        let note = Some(event_note(note));
+        let event = Event { type_, reason: reason.to_owned(), note, action: reason.to_owned(), secondary: None };
         if let Err(e) = self.recorder.publish(&event, &cluster.object_ref(&())).await {
             tracing::warn!(error = %e, reason, "could not publish event");
         }
@@ -196,5 +196,37 @@ async fn announce(ctx: &Context, cluster: &ChatCluster, new: &crate::crd::ChatCl
     }
     if status::condition(old, status::DEGRADED).is_some_and(|c| c.status == "True") {
         ctx.event(cluster, EventType::Normal, "Recovered", "spec and references are valid again".to_owned()).await;
+    }
+}
+
+/// The API server refuses events whose note exceeds 1 KiB: long messages (a config error that
+/// quotes the config) are cut at a character boundary instead.
+pub const MAX_EVENT_NOTE_BYTES: usize = 1024;
+
+pub fn event_note(mut note: String) -> String {
+    const ELLIPSIS: &str = "…";
+    if note.len() > MAX_EVENT_NOTE_BYTES {
+        let mut end = MAX_EVENT_NOTE_BYTES - ELLIPSIS.len();
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push_str(ELLIPSIS);
+    }
+    note
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_notes_fit_the_api_servers_limit() {
+        assert_eq!(event_note("short".into()), "short");
+        let long = event_note("é".repeat(MAX_EVENT_NOTE_BYTES));
+        assert!(long.len() <= MAX_EVENT_NOTE_BYTES, "{}", long.len());
+        assert!(long.ends_with('…') && long.starts_with("éé"), "cut at a character boundary");
+        let exact = "a".repeat(MAX_EVENT_NOTE_BYTES);
+        assert_eq!(event_note(exact.clone()), exact);
     }
 }

@@ -11,6 +11,9 @@ use super::{Context, Error};
 use crate::crd::{ChatCluster, ChatClusterStatus};
 use crate::resources::{FIELD_MANAGER, Owner};
 
+/// kstatus' summary condition (Flux, `kubectl wait --for=condition=Ready`): True once the
+/// cluster runs the current spec with every node ready and nothing wrong.
+pub const READY: &str = "Ready";
 pub const AVAILABLE: &str = "Available";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
@@ -63,6 +66,10 @@ pub fn observed(
     }
     set(DEGRADED, false, "AsExpected", "spec and references are valid".to_owned());
     set(RECONCILE_SUCCESS, true, "Reconciled", "all children applied".to_owned());
+    match &progress {
+        None => set(READY, true, "Ready", format!("{desired} nodes ready and up to date")),
+        Some((reason, message)) => set(READY, false, reason, message.clone()),
+    }
     ChatClusterStatus {
         observed_generation: generation,
         replicas: st.replicas,
@@ -83,6 +90,7 @@ pub fn degraded(cluster: &ChatCluster, problem: &Invalid, now: Time) -> ChatClus
     let generation = cluster.metadata.generation;
     set_condition(&mut status.conditions, DEGRADED, true, problem.reason, problem.message.clone(), generation, &now);
     let message = format!("nothing changed: {}", problem.message);
+    set_condition(&mut status.conditions, READY, false, problem.reason, message.clone(), generation, &now);
     set_condition(&mut status.conditions, RECONCILE_SUCCESS, false, problem.reason, message, generation, &now);
     status.observed_generation = generation;
     status.phase = Some("Degraded".to_owned());
@@ -94,6 +102,7 @@ pub fn api_failing(cluster: &ChatCluster, message: String, now: Time) -> ChatClu
     let mut status = cluster.status.clone().unwrap_or_default();
     let generation = cluster.metadata.generation;
     set_condition(&mut status.conditions, RECONCILE_SUCCESS, false, "ApiError", message.clone(), generation, &now);
+    set_condition(&mut status.conditions, READY, false, "ApiError", message.clone(), generation, &now);
     set_condition(&mut status.conditions, DEGRADED, true, "ApiError", message, generation, &now);
     status.phase = Some("Degraded".to_owned());
     status
