@@ -505,9 +505,39 @@ pub fn definition() -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiexten
     for version in &mut crd.spec.versions {
         if let Some(schema) = version.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) {
             schema.x_kubernetes_validations.get_or_insert_with(Vec::new).push(rule.clone());
+            drop_null_from_enums(schema);
         }
     }
     crd
+}
+
+/// schemars lists `null` among an optional enum's values; kubectl's client-side validation
+/// refuses that (`unknown object type "nil"`) where the API server has no field validation of
+/// its own. `nullable: true` already allows the null.
+fn drop_null_from_enums(
+    schema: &mut k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps,
+) {
+    if let Some(values) = schema.enum_.as_mut() {
+        values.retain(|v| v.0 != serde_json::Value::Null);
+    }
+    for sub in schema.properties.iter_mut().flat_map(|p| p.values_mut()) {
+        drop_null_from_enums(sub);
+    }
+    if let Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(
+        items,
+    )) = schema.items.as_mut()
+    {
+        drop_null_from_enums(items);
+    }
+    if let Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrBool::Schema(
+        extra,
+    )) = schema.additional_properties.as_mut()
+    {
+        drop_null_from_enums(extra);
+    }
+    for list in [&mut schema.all_of, &mut schema.any_of, &mut schema.one_of].into_iter().flatten() {
+        list.iter_mut().for_each(drop_null_from_enums);
+    }
 }
 
 /// The CRD as YAML, exactly as `chat-operator crd` prints it and `crds/chatcluster.yaml` holds.

@@ -101,3 +101,30 @@ fn conditions_merge_by_type() {
     let required = conditions["items"]["required"].as_array().cloned().unwrap_or_default();
     assert!(required.contains(&serde_json::json!("type")), "a map key must be required: {required:?}");
 }
+
+/// kubectl's client-side validation refuses `null` inside `enum` (`unknown object type "nil"`),
+/// so `kubectl apply -f crds/chatcluster.yaml` would fail on API servers without field validation.
+#[test]
+fn no_enum_lists_null() {
+    fn walk(node: &Value, path: &str, found: &mut Vec<String>) {
+        match node {
+            Value::Object(o) => {
+                if o.get("enum").and_then(Value::as_array).is_some_and(|values| values.contains(&Value::Null)) {
+                    found.push(path.to_owned());
+                }
+                for (k, v) in o {
+                    walk(v, &format!("{path}.{k}"), found);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| walk(v, path, found)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    walk(&schema(), "", &mut found);
+    assert!(found.is_empty(), "null in enum at {found:?}");
+    let committed: Value =
+        serde_norway::from_str(&std::fs::read_to_string(repo().join("crds/chatcluster.yaml")).unwrap()).unwrap();
+    walk(&committed, "", &mut found);
+    assert!(found.is_empty(), "null in enum in crds/chatcluster.yaml at {found:?}");
+}
