@@ -99,6 +99,26 @@ struct RunArgs {
     /// This replica's identity in the Lease and in events: its pod name.
     #[arg(long, global = true, env = "POD_NAME")]
     identity: Option<String>,
+    /// The Kubernetes cluster's DNS domain: the nodes find their peers at
+    /// `<name>-peers.<namespace>.svc.<domain>`.
+    #[arg(long, global = true, env = "CHAT_CLUSTER_DOMAIN", default_value = "cluster.local", value_parser = parse_domain)]
+    cluster_domain: String,
+}
+
+/// A DNS domain such as `cluster.local`: dot-separated labels of letters, digits and '-'.
+fn parse_domain(text: &str) -> Result<String, String> {
+    let domain = text.trim_end_matches('.').to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    if domain.len() > 200 || !domain.split('.').all(label_ok) {
+        return Err(format!("{text:?} is not a DNS domain (labels of letters, digits and '-', separated by dots)"));
+    }
+    Ok(domain)
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -210,7 +230,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let shutdown = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    let ctx = Arc::new(Context::new(client.clone(), metrics, Some(identity)));
+    let ctx = Arc::new(
+        Context::new(client.clone(), metrics, Some(identity)).with_cluster_domain(args.cluster_domain.clone()),
+    );
     let controller = controller::run(client, ctx, args.namespace.as_deref(), shutdown);
     let lost = match &elector {
         Some(elector) => tokio::select! {
@@ -256,5 +278,19 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_domain;
+
+    #[test]
+    fn cluster_domains_are_dns_names() {
+        assert_eq!(parse_domain("cluster.local").as_deref(), Ok("cluster.local"));
+        assert_eq!(parse_domain("Corp.Internal.").as_deref(), Ok("corp.internal"));
+        for bad in ["", "a..b", "-a.local", "a b", "ex_ample.local", "a/b"] {
+            assert!(parse_domain(bad).is_err(), "{bad:?}");
+        }
     }
 }

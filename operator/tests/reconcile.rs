@@ -181,6 +181,24 @@ async fn an_on_delete_rollout_completes_once_every_pod_was_replaced() {
     assert_eq!(stored(&fake, "demo").status.unwrap().config_hash, Some(config_hash(&fake, "demo")));
 }
 
+#[tokio::test]
+async fn the_nodes_find_their_peers_in_the_configured_cluster_domain() {
+    let fake = FakeApi::new();
+    fake.put(&minimal("demo"));
+    let ctx = context(&fake);
+    let mut custom = chat_operator::reconcile::Context::new(fake.client(), ctx.metrics.clone(), None)
+        .with_cluster_domain("corp.internal".to_owned());
+    custom.retry = ctx.retry;
+    run(&fake, &Arc::new(custom), "demo").await.unwrap();
+    let wanted = "demo-peers.chat.svc.corp.internal";
+    let sts = fake.get::<StatefulSet>(NAMESPACE, "demo").unwrap();
+    let env = sts.spec.template.spec.unwrap().containers[0].env.clone().unwrap_or_default();
+    let peer_dns = env.iter().find(|e| e.name == "CHAT_PEER_DNS").and_then(|e| e.value.clone());
+    assert_eq!(peer_dns.as_deref(), Some(wanted));
+    let config = fake.get::<ConfigMap>(NAMESPACE, "demo-config").and_then(|c| c.data).unwrap();
+    assert!(config.values().any(|toml| toml.contains(wanted)), "{config:?}");
+}
+
 fn sts_replicas(fake: &FakeApi, name: &str) -> Option<i32> {
     fake.get::<StatefulSet>(NAMESPACE, name).unwrap().spec.replicas
 }

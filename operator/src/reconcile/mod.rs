@@ -66,6 +66,8 @@ pub struct Context {
     pub retry: RetryPolicy,
     /// Consecutive failures per cluster (`namespace/name`), for back-off and `Degraded`.
     failures: Mutex<HashMap<String, u32>>,
+    /// DNS domain of the Kubernetes cluster (`--cluster-domain`).
+    pub cluster_domain: String,
 }
 
 impl Context {
@@ -77,7 +79,14 @@ impl Context {
             metrics,
             retry: RetryPolicy::default(),
             failures: Mutex::new(HashMap::new()),
+            cluster_domain: resources::DEFAULT_CLUSTER_DOMAIN.to_owned(),
         }
+    }
+
+    /// The Kubernetes cluster's DNS domain, when it is not `cluster.local`.
+    pub fn with_cluster_domain(mut self, domain: String) -> Self {
+        self.cluster_domain = domain;
+        self
     }
 
     fn failures(&self, key: &str, failed: bool) -> u32 {
@@ -114,7 +123,8 @@ fn now() -> Time {
 /// Entry point for the controller.
 pub async fn reconcile(cluster: Arc<ChatCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer();
-    let owner = Owner::of(&cluster).ok_or(Error::MissingObjectKey)?;
+    let mut owner = Owner::of(&cluster).ok_or(Error::MissingObjectKey)?;
+    owner.cluster_domain.clone_from(&ctx.cluster_domain);
     let result = reconcile_owned(&cluster, &owner, &ctx).await;
     let failures = ctx.failures(&key(&cluster), result.is_err());
     if let Err(e) = &result {

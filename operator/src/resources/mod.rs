@@ -42,12 +42,18 @@ pub const DATA_DIR: &str = "/var/lib/chatcluster";
 /// The volume claim template's name; the StatefulSet names each claim `data-<pod>`.
 pub const DATA_VOLUME: &str = "data";
 
+/// The Kubernetes cluster's DNS domain unless the operator is told otherwise
+/// (`--cluster-domain`).
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+
 /// Identity of the ChatCluster that every child carries.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Owner {
     pub name: String,
     pub namespace: String,
     pub reference: OwnerReference,
+    /// The DNS domain of the Kubernetes cluster, for the nodes' peer lookups.
+    pub cluster_domain: String,
 }
 
 impl Owner {
@@ -58,6 +64,7 @@ impl Owner {
             name: cluster.metadata.name.clone()?,
             namespace: cluster.metadata.namespace.clone()?,
             reference: cluster.controller_owner_ref(&())?,
+            cluster_domain: DEFAULT_CLUSTER_DOMAIN.to_owned(),
         })
     }
 
@@ -105,7 +112,7 @@ impl Owner {
 
     /// DNS name of the headless peer Service, as the nodes will use it to find each other.
     pub fn peer_dns(&self) -> String {
-        format!("{}.{}.svc.cluster.local", self.peer_service_name(), self.namespace)
+        format!("{}.{}.svc.{}", self.peer_service_name(), self.namespace, self.cluster_domain)
     }
 }
 
