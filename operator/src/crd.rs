@@ -50,7 +50,8 @@ pub struct ChatClusterSpec {
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,
-    /// Container image of the chat node.
+    /// Container image of the chat node; unset: the node release matching the operator, which an
+    /// operator upgrade moves (`status.image` shows the image in use).
     #[serde(default = "default_image")]
     #[schemars(length(min = 1))]
     pub image: String,
@@ -396,6 +397,9 @@ pub struct ChatClusterStatus {
     /// `metadata.generation` of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The chat node image the pods are given: `spec.image`, or the operator's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// Chat pods that exist.
     #[serde(default)]
     pub replicas: i32,
@@ -506,9 +510,43 @@ pub fn definition() -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiexten
         if let Some(schema) = version.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) {
             schema.x_kubernetes_validations.get_or_insert_with(Vec::new).push(rule.clone());
             drop_null_from_enums(schema);
+            drop_version_bound_defaults(schema);
         }
     }
     crd
+}
+
+/// Defaults the API server would write into every stored ChatCluster, freezing them at the
+/// operator version that created it: the image, and the node config (whose defaults belong to
+/// the node release). Without them the operator fills in its own defaults on every reconcile,
+/// so upgrading the operator moves existing clusters to its node image and config defaults.
+fn drop_version_bound_defaults(
+    root: &mut k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps,
+) {
+    fn strip(schema: &mut k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps) {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+            JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+        };
+        schema.default = None;
+        schema.properties.iter_mut().flat_map(|p| p.values_mut()).for_each(strip);
+        if let Some(JSONSchemaPropsOrArray::Schema(items)) = schema.items.as_mut() {
+            strip(items);
+        }
+        if let Some(JSONSchemaPropsOrBool::Schema(extra)) = schema.additional_properties.as_mut() {
+            strip(extra);
+        }
+        for list in [&mut schema.all_of, &mut schema.any_of, &mut schema.one_of].into_iter().flatten() {
+            list.iter_mut().for_each(strip);
+        }
+    }
+    let Some(spec) = root.properties.as_mut().and_then(|p| p.get_mut("spec")) else { return };
+    let Some(fields) = spec.properties.as_mut() else { return };
+    if let Some(image) = fields.get_mut("image") {
+        image.default = None;
+    }
+    if let Some(config) = fields.get_mut("config") {
+        strip(config);
+    }
 }
 
 /// schemars lists `null` among an optional enum's values; kubectl's client-side validation

@@ -128,3 +128,29 @@ fn no_enum_lists_null() {
     walk(&committed, "", &mut found);
     assert!(found.is_empty(), "null in enum in crds/chatcluster.yaml at {found:?}");
 }
+
+/// Defaults in the schema are written into stored objects by the API server and never move
+/// again: the image and the node config must come from the running operator instead.
+#[test]
+fn the_image_and_the_node_config_have_no_schema_defaults() {
+    fn defaults(node: &Value, path: &str, found: &mut Vec<String>) {
+        let Some(o) = node.as_object() else { return };
+        if o.contains_key("default") {
+            found.push(path.to_owned());
+        }
+        for (k, v) in o.get("properties").and_then(Value::as_object).into_iter().flatten() {
+            defaults(v, &format!("{path}.{k}"), found);
+        }
+        for key in ["items", "additionalProperties"] {
+            if let Some(sub) = o.get(key) {
+                defaults(sub, &format!("{path}[]"), found);
+            }
+        }
+    }
+    let spec = &schema()["properties"]["spec"]["properties"];
+    let mut found = Vec::new();
+    defaults(&spec["image"], "spec.image", &mut found);
+    defaults(&spec["config"], "spec.config", &mut found);
+    assert!(found.is_empty(), "schema defaults at {found:?}");
+    assert!(spec["replicas"].get("default").is_some(), "other defaults stay");
+}

@@ -71,6 +71,7 @@ async fn create_applies_every_child_and_writes_status() {
     assert_eq!(cond(&fake, "demo", DEGRADED).0, "False");
     assert_eq!(cond(&fake, "demo", RECONCILE_SUCCESS).0, "True");
     assert_eq!(cond(&fake, "demo", READY), ("True".into(), "Ready".into()));
+    assert_eq!(status.image, Some(chat_operator::crd::default_image()), "the image in use, resolved");
     assert!(fake.events().contains(&("Normal".into(), "Created".into())));
 }
 

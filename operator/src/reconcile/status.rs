@@ -72,6 +72,7 @@ pub fn observed(
     }
     ChatClusterStatus {
         observed_generation: generation,
+        image: Some(cluster.spec.image.clone()),
         replicas: st.replicas,
         ready_replicas: ready,
         updated_replicas: updated,
