@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use chat_node::config::{NodeConfig, RoomRule};
 use k8s_openapi::api::core::v1::{
-    Affinity, LocalObjectReference, ResourceRequirements, Toleration, TopologySpreadConstraint,
+    Affinity, LocalObjectReference, PodSecurityContext, ResourceRequirements, Toleration, TopologySpreadConstraint,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
@@ -253,12 +253,19 @@ pub struct PodSettings {
     /// Taints of nodes the pods tolerate.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
-    /// Node affinity and pod (anti-)affinity of the pods.
+    /// Node affinity and pod (anti-)affinity of the pods; unset: prefer nodes without another
+    /// pod of this cluster (soft, so a small cluster still schedules).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
-    /// How the pods spread over topology domains (zones, nodes).
+    /// How the pods spread over topology domains; empty: spread over zones where possible
+    /// (`ScheduleAnyway`, max skew 1).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// Replaces the pods' security context (default: non-root uid/gid 65532, fsGroup 65532,
+    /// RuntimeDefault seccomp). Set `{}` where the platform assigns ids itself (OpenShift's
+    /// restricted SCC); the container stays non-root, read-only, without capabilities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<PodSecurityContext>,
     /// PriorityClass of the pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,

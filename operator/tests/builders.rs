@@ -90,6 +90,63 @@ fn config_is_a_directory_mount_so_running_pods_see_a_new_size() {
 }
 
 #[test]
+fn pods_spread_over_machines_and_zones_unless_told_otherwise() {
+    let cluster = minimal("demo");
+    let pod = build(&cluster, &plan(&cluster)).statefulset.spec.template.spec.unwrap();
+    let anti = pod.affinity.and_then(|a| a.pod_anti_affinity).unwrap();
+    let preferred = anti.preferred_during_scheduling_ignored_during_execution.unwrap();
+    assert!(anti.required_during_scheduling_ignored_during_execution.is_none(), "soft: three pods fit two machines");
+    assert_eq!(preferred[0].pod_affinity_term.topology_key, "kubernetes.io/hostname");
+    let owner = Owner::of(&cluster).unwrap();
+    let selects = |s: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>| {
+        s.as_ref().and_then(|s| s.match_labels.clone()) == Some(owner.selector_labels())
+    };
+    assert!(selects(&preferred[0].pod_affinity_term.label_selector));
+    let spread = pod.topology_spread_constraints.unwrap();
+    assert_eq!(
+        (spread[0].topology_key.as_str(), spread[0].when_unsatisfiable.as_str(), spread[0].max_skew),
+        ("topology.kubernetes.io/zone", "ScheduleAnyway", 1)
+    );
+    assert!(selects(&spread[0].label_selector));
+
+    let mut custom = minimal("demo");
+    custom.spec.pod.affinity = Some(Default::default());
+    custom.spec.pod.topology_spread_constraints =
+        vec![k8s_openapi::api::core::v1::TopologySpreadConstraint { max_skew: 2, ..Default::default() }];
+    let pod = build(&custom, &plan(&custom)).statefulset.spec.template.spec.unwrap();
+    assert_eq!(pod.affinity, Some(Default::default()), "the user's affinity replaces the default");
+    assert_eq!(pod.topology_spread_constraints.unwrap()[0].max_skew, 2);
+}
+
+#[test]
+fn the_pod_security_context_can_be_replaced_for_platforms_that_assign_ids() {
+    let cluster = minimal("demo");
+    let pod = build(&cluster, &plan(&cluster)).statefulset.spec.template.spec.unwrap();
+    assert_eq!(pod.security_context.unwrap().run_as_user, Some(65532));
+    let mut openshift = minimal("demo");
+    openshift.spec.pod.security_context = Some(Default::default());
+    let pod = build(&openshift, &plan(&openshift)).statefulset.spec.template.spec.unwrap();
+    assert_eq!(pod.security_context, Some(Default::default()), "no uid, gid or fsGroup forced");
+    let container = pod.containers[0].security_context.clone().unwrap();
+    assert_eq!((container.run_as_non_root, container.read_only_root_filesystem), (Some(true), Some(true)));
+}
+
+#[test]
+fn probes_give_a_slow_start_time_and_readiness_a_second_chance() {
+    let cluster = minimal("demo");
+    let container = build(&cluster, &plan(&cluster)).statefulset.spec.template.spec.unwrap().containers[0].clone();
+    let budget = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        let p = p.clone().unwrap();
+        p.period_seconds.unwrap() * p.failure_threshold.unwrap()
+    };
+    assert!(budget(&container.startup_probe) >= 60, "reading back room logs must not get the pod killed");
+    let readiness = container.readiness_probe.clone().unwrap();
+    assert!(readiness.failure_threshold.unwrap() > 1, "one slow answer must not take a node out");
+    let lb_grace = i32::try_from(cluster.spec.drain.lb_grace_seconds).unwrap();
+    assert!(budget(&container.readiness_probe) < lb_grace, "a draining node leaves the Service within its grace");
+}
+
+#[test]
 fn storage_adds_a_volume_per_node_that_a_scale_down_deletes() {
     let cluster = full("prod");
     let sts = build(&cluster, &plan(&cluster)).statefulset.spec;

@@ -8,10 +8,11 @@ use k8s_openapi::api::apps::v1::{
     StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, KeyToPath, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Volume,
-    VolumeMount, VolumeResourceRequirements,
+    Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecretVolumeSource, SecurityContext, TopologySpreadConstraint, Volume, VolumeMount, VolumeResourceRequirements,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -81,10 +82,14 @@ fn pod_template(cluster: &ChatCluster, plan: &Plan) -> PodTemplateSpec {
             priority_class_name: pod.priority_class_name.clone(),
             node_selector: non_empty(pod.node_selector.clone()),
             tolerations: non_empty_vec(&pod.tolerations),
-            affinity: pod.affinity.clone(),
-            topology_spread_constraints: non_empty_vec(&pod.topology_spread_constraints),
+            affinity: Some(pod.affinity.clone().unwrap_or_else(|| spread_over_nodes(plan))),
+            topology_spread_constraints: Some(if pod.topology_spread_constraints.is_empty() {
+                vec![spread_over_zones(plan)]
+            } else {
+                pod.topology_spread_constraints.clone()
+            }),
             image_pull_secrets: non_empty_vec(&cluster.spec.image_pull_secrets),
-            security_context: Some(PodSecurityContext {
+            security_context: Some(pod.security_context.clone().unwrap_or_else(|| PodSecurityContext {
                 run_as_non_root: Some(true),
                 run_as_user: Some(RUN_AS),
                 run_as_group: Some(RUN_AS),
@@ -97,9 +102,46 @@ fn pod_template(cluster: &ChatCluster, plan: &Plan) -> PodTemplateSpec {
                     ..SeccompProfile::default()
                 }),
                 ..PodSecurityContext::default()
-            }),
+            })),
             ..PodSpec::default()
         }),
+    }
+}
+
+/// Losing a machine should cost a cluster one node, not a quorum: prefer machines without
+/// another of its pods. Soft, so that three pods still schedule on fewer machines.
+fn spread_over_nodes(plan: &Plan) -> Affinity {
+    let term = PodAffinityTerm {
+        label_selector: Some(LabelSelector {
+            match_labels: Some(plan.owner.selector_labels()),
+            ..LabelSelector::default()
+        }),
+        topology_key: "kubernetes.io/hostname".to_owned(),
+        ..PodAffinityTerm::default()
+    };
+    Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+                weight: 100,
+                pod_affinity_term: term,
+            }]),
+            ..PodAntiAffinity::default()
+        }),
+        ..Affinity::default()
+    }
+}
+
+/// Likewise over zones, where the cluster has them (a zone outage then costs a minority).
+fn spread_over_zones(plan: &Plan) -> TopologySpreadConstraint {
+    TopologySpreadConstraint {
+        max_skew: 1,
+        topology_key: "topology.kubernetes.io/zone".to_owned(),
+        when_unsatisfiable: "ScheduleAnyway".to_owned(),
+        label_selector: Some(LabelSelector {
+            match_labels: Some(plan.owner.selector_labels()),
+            ..LabelSelector::default()
+        }),
+        ..TopologySpreadConstraint::default()
     }
 }
 
@@ -130,8 +172,14 @@ fn container(cluster: &ChatCluster, plan: &Plan) -> Container {
             field_env("POD_IP", "status.podIP"),
             EnvVar { name: "CHAT_PEER_DNS".to_owned(), value: Some(plan.owner.peer_dns()), ..EnvVar::default() },
         ]),
+        // Starting can take a while with disk storage (the room logs are read back); the
+        // liveness probe only starts once the node answered.
+        startup_probe: Some(probe("/healthz", 2, 60)),
         liveness_probe: Some(probe("/healthz", 10, 3)),
-        readiness_probe: Some(probe("/readyz", 5, 1)),
+        // Two misses in a row, every 2 s: one slow answer does not take a node out of the
+        // Service, and a draining node leaves it within 4 s, inside the default
+        // `drain.lbGraceSeconds` (5).
+        readiness_probe: Some(probe("/readyz", 2, 2)),
         resources: cluster.spec.resources.clone(),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
