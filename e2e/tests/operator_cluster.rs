@@ -51,7 +51,8 @@ async fn operator_runs_a_chat_cluster_end_to_end() -> anyhow::Result<()> {
             let shutdown = async move {
                 let _ = stop_rx.wait_for(|s| *s).await;
             };
-            controller::run(client, ctx, Some(&ns), shutdown).await;
+            let health = Arc::new(chat_operator::http::Health::default());
+            controller::run(client, ctx, Some(&ns), health, shutdown).await;
         })
     };
     let result = scenario(&client, &ns).await;

@@ -1,5 +1,8 @@
-//! Wires the reconciler into a kube-runtime Controller: the ChatCluster watch, owned children,
-//! and the user's Secrets/ConfigMaps that a cluster references (so key and asset edits apply).
+//! Wires the reconciler into a kube-runtime Controller: the ChatCluster watch, owned children
+//! (selected by the operator's label), and the Secrets/ConfigMaps a cluster owns or references
+//! (so key and asset edits apply). Secrets and ConfigMaps are watched as metadata only: a
+//! cluster's namespace may hold many large ones (Helm keeps every release in a Secret), and the
+//! reconcile reads the few it needs itself.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,12 +12,15 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, controller, watcher};
 use kube::{Client, Resource, ResourceExt};
 
 use crate::crd::ChatCluster;
+use crate::http::Health;
 use crate::reconcile::{Context, error_policy, reconcile};
+use crate::resources::MANAGED_BY_SELECTOR;
 
 /// Which reference of a spec a watched object may be the target of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,38 +64,67 @@ where
     }
 }
 
-/// Runs the controller until `shutdown` resolves; in-flight reconciles finish first.
+/// Runs the controller until `shutdown` resolves; in-flight reconciles finish first. `health`
+/// learns when the ChatCluster watch has synced.
 pub async fn run(
     client: Client,
     ctx: Arc<Context>,
     namespace: Option<&str>,
+    health: Arc<Health>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let config = watcher::Config::default().any_semantic();
+    let owned = config.clone().labels(MANAGED_BY_SELECTOR);
     let controller = Controller::new(api::<ChatCluster>(&client, namespace), config.clone());
     let store = controller.store();
     let (secrets, config_maps) = (store.clone(), store.clone());
+    let synced = tokio::spawn(report_synced(store.clone(), health));
     let gauge = tokio::spawn(report_managed(store, ctx.clone()));
+    let metrics = ctx.metrics.clone();
     controller
-        .owns(api::<StatefulSet>(&client, namespace), config.clone())
-        .owns(api::<Service>(&client, namespace), config.clone())
-        .owns(api::<PodDisruptionBudget>(&client, namespace), config.clone())
-        .watches(api::<Secret>(&client, namespace), config.clone(), move |s: Secret| {
+        .owns(api::<StatefulSet>(&client, namespace), owned.clone())
+        .owns(api::<Service>(&client, namespace), owned.clone())
+        .owns(api::<PodDisruptionBudget>(&client, namespace), owned)
+        // `Api<PartialObjectMeta<_>>` lists and watches metadata only.
+        .watches(api::<PartialObjectMeta<Secret>>(&client, namespace), config.clone(), move |s| {
             affected(&s, Referenced::Secret, &secrets.state())
         })
-        .watches(api::<ConfigMap>(&client, namespace), config, move |c: ConfigMap| {
+        .watches(api::<PartialObjectMeta<ConfigMap>>(&client, namespace), config, move |c| {
             affected(&c, Referenced::ConfigMap, &config_maps.state())
         })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            match result {
-                Ok((object, _)) => tracing::debug!(cluster = %object, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile error"),
-            }
+        .for_each(|result| {
+            log_outcome(&metrics, result);
+            std::future::ready(())
         })
         .await;
     gauge.abort();
+    synced.abort();
+}
+
+/// Watch failures (403, a missing CRD, relists) stop everything the watch feeds: they are
+/// warnings and counted. Reconcile failures are reported by `error_policy`.
+fn log_outcome<E: std::error::Error, Q: std::error::Error>(
+    metrics: &crate::metrics::Metrics,
+    result: Result<(ObjectRef<ChatCluster>, kube::runtime::controller::Action), controller::Error<E, Q>>,
+) {
+    match result {
+        Ok((object, _)) => tracing::debug!(cluster = %object, "reconciled"),
+        Err(controller::Error::QueueError(e)) => {
+            metrics.watch_failed();
+            tracing::warn!(error = %e, "a watch failed; retrying with back-off");
+        }
+        Err(e) => tracing::debug!(error = %e, "reconcile error"),
+    }
+}
+
+/// Marks the watches synced once the ChatCluster cache has its first full list.
+async fn report_synced(store: Store<ChatCluster>, health: Arc<Health>) {
+    if store.wait_until_ready().await.is_ok() {
+        health.watches_synced.store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!("ChatCluster watch synced");
+    }
 }
 
 /// Keeps the managed-clusters gauge in step with the controller's cache.
@@ -121,5 +156,26 @@ mod tests {
         let mut owned = theme_config_map("plain-config");
         owned.metadata.owner_references = crate::resources::Owner::of(&minimal("plain")).map(|o| vec![o.reference]);
         assert_eq!(names(affected(&owned, Referenced::ConfigMap, &clusters)), ["plain"]);
+
+        // What the metadata-only watches deliver maps the same way.
+        use kube::core::PartialObjectMetaExt;
+        let meta = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| m.clone();
+        let secret = meta(&jwt_secret("chat-jwt", "key").metadata).into_response_partial::<Secret>();
+        assert_eq!(names(affected(&secret, Referenced::Secret, &clusters)), ["prod"]);
+        let owned = meta(&owned.metadata).into_response_partial::<ConfigMap>();
+        assert_eq!(names(affected(&owned, Referenced::ConfigMap, &clusters)), ["plain"]);
+    }
+
+    #[test]
+    fn watch_failures_are_counted_and_reconcile_failures_are_not() {
+        let metrics = crate::metrics::Metrics::new();
+        let watch: controller::Error<std::io::Error, watcher::Error> =
+            controller::Error::QueueError(watcher::Error::NoResourceVersion);
+        log_outcome(&metrics, Err(watch));
+        let object = ObjectRef::<ChatCluster>::new("demo").within("chat");
+        let failed: controller::Error<std::io::Error, watcher::Error> =
+            controller::Error::ReconcilerFailed(std::io::Error::other("boom"), Box::new(object.erase()));
+        log_outcome(&metrics, Err(failed));
+        assert_eq!(metrics.watch_errors(), 1);
     }
 }

@@ -23,6 +23,9 @@ pub struct Health {
     /// Set once the API client works; a standby replica is ready too (it serves metrics).
     pub ready: AtomicBool,
     pub leader: AtomicBool,
+    /// Set once the leader's ChatCluster watch has listed everything: until then (no CRD,
+    /// forbidden, API unreachable) the leader reconciles nothing and is not ready.
+    pub watches_synced: AtomicBool,
 }
 
 /// Answers one request: status, content type and body.
@@ -34,11 +37,19 @@ pub fn route(path: &str, metrics: &Metrics, health: &Health) -> (StatusCode, &'s
             Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, TEXT, "metrics encoding failed\n".to_owned()),
         },
         "/healthz" => (StatusCode::OK, TEXT, "ok\n".to_owned()),
-        "/readyz" if health.ready.load(Ordering::Relaxed) => {
-            let role = if health.leader.load(Ordering::Relaxed) { "leader" } else { "standby" };
-            (StatusCode::OK, TEXT, format!("ready ({role})\n"))
+        "/readyz" if !health.ready.load(Ordering::Relaxed) => {
+            (StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n".to_owned())
         }
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n".to_owned()),
+        "/readyz" if !health.leader.load(Ordering::Relaxed) => (StatusCode::OK, TEXT, "ready (standby)\n".to_owned()),
+        "/readyz" if health.watches_synced.load(Ordering::Relaxed) => {
+            (StatusCode::OK, TEXT, "ready (leader)\n".to_owned())
+        }
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            TEXT,
+            "not ready: leading, but the ChatCluster watch has not synced (see the log and chat_operator_watch_errors_total)\n"
+                .to_owned(),
+        ),
         _ => (StatusCode::NOT_FOUND, TEXT, "not found\n".to_owned()),
     }
 }
@@ -85,11 +96,19 @@ mod tests {
         assert_eq!(route("/readyz", &metrics, &health).0, StatusCode::SERVICE_UNAVAILABLE);
         health.ready.store(true, Ordering::Relaxed);
         assert_eq!(route("/readyz", &metrics, &health).2, "ready (standby)\n");
+        health.leader.store(true, Ordering::Relaxed);
+        let (code, _, body) = route("/readyz", &metrics, &health);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "a leader whose watch never synced reconciles nothing");
+        assert!(body.contains("has not synced"), "{body}");
+        health.watches_synced.store(true, Ordering::Relaxed);
+        assert_eq!(route("/readyz", &metrics, &health).2, "ready (leader)\n");
+        metrics.watch_failed();
         let _timer = metrics.reconcile_timer();
         let (code, _, body) = route("/metrics", &metrics, &health);
         assert_eq!(code, StatusCode::OK);
         assert!(body.contains("chat_operator_reconciles_total 1"), "{body}");
         assert!(body.contains("chat_operator_managed_clusters"), "{body}");
+        assert!(body.contains("chat_operator_watch_errors_total 1"), "{body}");
         assert_eq!(route("/nope", &metrics, &health).0, StatusCode::NOT_FOUND);
     }
 }

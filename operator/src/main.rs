@@ -233,7 +233,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ctx = Arc::new(
         Context::new(client.clone(), metrics, Some(identity)).with_cluster_domain(args.cluster_domain.clone()),
     );
-    let controller = controller::run(client, ctx, args.namespace.as_deref(), shutdown);
+    let controller = controller::run(client, ctx, args.namespace.as_deref(), health.clone(), shutdown);
     let lost = match &elector {
         Some(elector) => tokio::select! {
             _ = controller => false,

@@ -1,4 +1,5 @@
-//! Prometheus metrics: reconciles, failures by kind, reconcile duration, managed clusters.
+//! Prometheus metrics: reconciles, failures by kind, reconcile duration, managed clusters,
+//! watch errors.
 
 use std::time::Instant;
 
@@ -21,6 +22,7 @@ pub struct Metrics {
     failures: Family<ErrorLabels, Counter>,
     duration: Histogram,
     managed: Gauge,
+    watch_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -41,7 +43,13 @@ impl Metrics {
         registry.register("reconcile_errors", "Reconciles that failed, by kind", failures.clone());
         registry.register("reconcile_duration_seconds", "Time spent per reconcile", duration.clone());
         registry.register("managed_clusters", "ChatClusters the operator watches", managed.clone());
-        Self { registry, reconciles, failures, duration, managed }
+        let watch_errors = Counter::default();
+        registry.register(
+            "watch_errors",
+            "Failed watch or list calls (forbidden, missing CRD, relists); each is retried with back-off",
+            watch_errors.clone(),
+        );
+        Self { registry, reconciles, failures, duration, managed, watch_errors }
     }
 
     /// Counts a reconcile and records its duration when the returned guard drops.
@@ -52,6 +60,14 @@ impl Metrics {
 
     pub fn reconcile_failed(&self, kind: &str) {
         self.failures.get_or_create(&ErrorLabels { error: kind.to_owned() }).inc();
+    }
+
+    pub fn watch_failed(&self) {
+        self.watch_errors.inc();
+    }
+
+    pub fn watch_errors(&self) -> u64 {
+        self.watch_errors.get()
     }
 
     pub fn set_managed(&self, clusters: usize) {

@@ -24,6 +24,9 @@ pub use statefulset::statefulset;
 
 /// The one field manager for every server-side apply of the operator.
 pub const FIELD_MANAGER: &str = "chat-operator";
+/// The label every child carries, and the selector the operator watches its children with.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_SELECTOR: &str = "app.kubernetes.io/managed-by=chat-operator";
 /// Pod template annotation holding the hash of everything that needs a restart.
 pub const CONFIG_HASH_ANNOTATION: &str = "chatcluster.dev/config-hash";
 pub const HTTP_PORT: i32 = 8080;
@@ -84,7 +87,7 @@ impl Owner {
     /// Metadata of a child: its name, the cluster's namespace, labels and controller reference.
     pub fn object_meta(&self, name: impl Into<String>) -> ObjectMeta {
         let mut labels = self.selector_labels();
-        labels.insert("app.kubernetes.io/managed-by".to_owned(), FIELD_MANAGER.to_owned());
+        labels.insert(MANAGED_BY_LABEL.to_owned(), FIELD_MANAGER.to_owned());
         ObjectMeta {
             name: Some(name.into()),
             namespace: Some(self.namespace.clone()),
