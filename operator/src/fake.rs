@@ -34,6 +34,8 @@ struct State {
     requests: Vec<String>,
     record: bool,
     failures: VecDeque<(Method, u16)>,
+    /// Requests with these methods that never get an answer (a stalled connection).
+    stalls: VecDeque<Method>,
     revision: u64,
     auto_ready: bool,
     /// Per object, the fields each field manager owns (paths such as `spec.ports`).
@@ -84,6 +86,11 @@ impl FakeApi {
     /// The next `times` requests with this method fail with `code`.
     pub fn fail_next(&self, method: Method, code: u16, times: usize) {
         self.lock().failures.extend(std::iter::repeat_n((method, code), times));
+    }
+
+    /// The next `times` requests with this method never get an answer.
+    pub fn stall_next(&self, method: Method, times: usize) {
+        self.lock().stalls.extend(std::iter::repeat_n(method, times));
     }
 
     /// `METHOD /path` of every request so far (query strings dropped).
@@ -653,6 +660,14 @@ impl tower_service::Service<Request<Body>> for FakeService {
             let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
             let content_type =
                 parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+            let stalled = {
+                let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+                let index = state.stalls.iter().position(|m| m == parts.method);
+                index.and_then(|i| state.stalls.remove(i)).is_some()
+            };
+            if stalled {
+                std::future::pending::<()>().await;
+            }
             let (code, value) = {
                 let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
                 state.handle(&parts.method, parts.uri.path(), parts.uri.query().unwrap_or(""), content_type, &body)
