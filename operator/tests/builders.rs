@@ -16,6 +16,7 @@ fn refs() -> Refs {
         peer_secret: None,
         fresh_peer_key: vec![7; 32],
         statefulset: None,
+        existing: Default::default(),
     }
 }
 

@@ -480,9 +480,16 @@ async fn requests_follow_the_pipeline_order() {
     let (fake, ctx) = setup(minimal("demo"));
     run(&fake, &ctx, "demo").await.unwrap();
     let core = "/api/v1/namespaces/chat";
-    let expected = [
+    let reads = [
         format!("GET {core}/secrets/demo-peer"),
         "GET /apis/apps/v1/namespaces/chat/statefulsets/demo".to_owned(),
+        format!("GET {core}/configmaps/demo-config"),
+        format!("GET {core}/configmaps/demo-assets"),
+        format!("GET {core}/services/demo-peers"),
+        format!("GET {core}/services/demo"),
+        "GET /apis/policy/v1/namespaces/chat/poddisruptionbudgets/demo".to_owned(),
+    ];
+    let writes = [
         format!("PATCH {core}/configmaps/demo-config"),
         format!("PATCH {core}/configmaps/demo-assets"),
         format!("PATCH {core}/secrets/demo-peer"),
@@ -493,5 +500,48 @@ async fn requests_follow_the_pipeline_order() {
         "POST /apis/events.k8s.io/v1/namespaces/chat/events".to_owned(),
         "PATCH /apis/chatcluster.dev/v1alpha1/namespaces/chat/chatclusters/demo/status".to_owned(),
     ];
-    assert_eq!(fake.requests(), expected);
+    assert_eq!(fake.requests(), [&reads[..], &writes[..]].concat());
+
+    // Nothing changed: the operator only reads (1 000 clusters resynced every 5 minutes cost
+    // the API server no writes).
+    fake.clear_requests();
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_eq!(fake.requests(), reads);
+    // Someone edits a child: exactly that child is written back.
+    fake.edit::<Service>(NAMESPACE, "demo", |s| s["spec"]["ports"][0]["port"] = json!(9999));
+    fake.clear_requests();
+    run(&fake, &ctx, "demo").await.unwrap();
+    let written: Vec<String> = fake.requests().into_iter().filter(|r| !r.starts_with("GET")).collect();
+    assert_eq!(written, [format!("PATCH {core}/services/demo")]);
+    // A wanted field removed (an annotation no longer in spec.pod): the child is written even
+    // though what remains is all there.
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["service"]["annotations"] = json!({"a": "1"}));
+    run(&fake, &ctx, "demo").await.unwrap();
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["service"]["annotations"] = json!({}));
+    fake.clear_requests();
+    run(&fake, &ctx, "demo").await.unwrap();
+    let svc = fake.get::<Service>(NAMESPACE, "demo").unwrap();
+    assert!(!svc.metadata.annotations.unwrap_or_default().contains_key("a"), "the removed annotation is gone");
+}
+
+#[tokio::test]
+async fn a_same_named_object_of_another_application_is_never_taken_over() {
+    let (fake, ctx) = setup(minimal("demo"));
+    let mut foreign = Service::default();
+    foreign.metadata.name = Some("demo".into());
+    foreign.metadata.namespace = Some(NAMESPACE.into());
+    foreign.metadata.labels = Some([("app".to_owned(), "billing".to_owned())].into());
+    fake.put(&foreign);
+    run(&fake, &ctx, "demo").await.unwrap();
+    let (degraded, reason) = cond(&fake, "demo", DEGRADED);
+    assert_eq!((degraded.as_str(), reason.as_str()), ("True", "NameConflict"));
+    assert!(fake.events().contains(&("Warning".into(), "NameConflict".into())));
+    assert_eq!(fake.count::<StatefulSet>(), 0, "nothing is created next to a conflict");
+    let svc = fake.get::<Service>(NAMESPACE, "demo").unwrap();
+    assert_eq!(svc.metadata.labels.unwrap()["app"], "billing");
+    assert!(svc.metadata.owner_references.is_none(), "not adopted, so never garbage-collected with the cluster");
+
+    assert!(fake.remove::<Service>(NAMESPACE, "demo"));
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_eq!(cond(&fake, "demo", DEGRADED).0, "False", "resolved once the name is free");
 }

@@ -104,7 +104,15 @@ async fn main() -> anyhow::Result<()> {
     let (_, before) = memory_kib();
 
     let create = round(&ctx, &cache(&fake, &names)?, args.concurrency).await?;
+    // The steady round's requests are counted (recording is off elsewhere: it would inflate the
+    // memory figures).
+    fake.set_recording(true);
     let steady = round(&ctx, &cache(&fake, &names)?, args.concurrency).await?;
+    let requests = fake.requests();
+    fake.clear_requests();
+    fake.set_recording(false);
+    let reads = requests.iter().filter(|r| r.starts_with("GET ")).count();
+    let writes = requests.len() - reads;
     for name in &names {
         fake.edit::<ChatCluster>(NAMESPACE, name, |c| c["spec"]["config"]["history"]["size"] = serde_json::json!(7));
     }
@@ -122,6 +130,13 @@ async fn main() -> anyhow::Result<()> {
     println!("clusters: {}  concurrency: {}", args.clusters, args.concurrency);
     println!("reconciles/s  create: {create:.0}  steady: {steady:.0}  config change: {change:.0}");
     println!("reconciles total: {reconciles}");
+    let per_cluster = |n: usize| n as f64 / names.len().max(1) as f64;
+    println!(
+        "steady-state reconcile (nothing changed): {:.1} requests per cluster, {:.1} reads and {:.1} writes",
+        per_cluster(requests.len()),
+        per_cluster(reads),
+        per_cluster(writes)
+    );
     println!(
         "process  VmRSS: {:.1} MiB  VmHWM: {:.1} MiB  (before reconciling: {:.1} MiB; includes the fake API)",
         now as f64 / 1024.0,

@@ -64,6 +64,8 @@ pub fn desired(manifest: &Manifest, peer_key: &[u8], running: Option<&StatefulSe
         peer_secret: None,
         fresh_peer_key: peer_key.to_vec(),
         statefulset: running.cloned(),
+        // Local mode makes every child itself: nothing else can hold their names.
+        existing: Default::default(),
     };
     let plan = validate(cluster, owner.clone(), &refs)?;
     let children = resources::build(cluster, &plan);

@@ -14,6 +14,7 @@ use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::validate::Refs;
 use super::{Context, Error};
 use crate::resources::{Children, FIELD_MANAGER, Owner};
 
@@ -66,33 +67,74 @@ pub struct Applied {
     pub client_service: Service,
 }
 
-/// Applies every wanted child; volumes' sources go first so new pods never wait for them.
-pub async fn apply_all(ctx: &Context, owner: &Owner, children: &Children) -> Result<Applied, Error> {
-    apply(ctx, owner, &children.config).await?;
-    apply(ctx, owner, &children.assets).await?;
-    apply(ctx, owner, &children.peer_secret).await?;
-    apply(ctx, owner, &children.peer_service).await?;
-    let client_service = apply(ctx, owner, &children.client_service).await?;
+/// Applies every wanted child that is not already as wanted (`refs` holds them as read);
+/// volumes' sources go first so new pods never wait for them.
+pub async fn apply_all(ctx: &Context, owner: &Owner, children: &Children, refs: &Refs) -> Result<Applied, Error> {
+    let existing = &refs.existing;
+    apply(ctx, owner, &children.config, existing.config.as_ref()).await?;
+    apply(ctx, owner, &children.assets, existing.assets.as_ref()).await?;
+    apply(ctx, owner, &children.peer_secret, refs.peer_secret.as_ref()).await?;
+    apply(ctx, owner, &children.peer_service, existing.peer_service.as_ref()).await?;
+    let client_service = apply(ctx, owner, &children.client_service, existing.client_service.as_ref()).await?;
     if let Some(pdb) = &children.pdb {
-        apply(ctx, owner, pdb).await?;
+        apply(ctx, owner, pdb, existing.pdb.as_ref()).await?;
     }
-    let statefulset = apply(ctx, owner, &children.statefulset).await?;
+    let statefulset = apply(ctx, owner, &children.statefulset, refs.statefulset.as_ref()).await?;
     Ok(Applied { statefulset, client_service })
 }
 
-async fn apply<K>(ctx: &Context, owner: &Owner, object: &K) -> Result<K, Error>
+/// Annotation on every child: the hash of what the operator last applied to it. With the
+/// content check below it tells a child that is already as wanted (no write needed) from one
+/// whose wanted fields changed, fields removed included, or that someone else edited.
+pub const APPLIED_ANNOTATION: &str = "chatcluster.dev/applied";
+
+async fn apply<K>(ctx: &Context, owner: &Owner, object: &K, existing: Option<&K>) -> Result<K, Error>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
 {
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), &owner.namespace);
     let name = object.name_any();
+    let to_err = |source| Error::Apply { kind: K::kind(&()).into_owned(), name: name.clone(), source };
+    let mut wanted = serde_json::to_value(object).map_err(|e| to_err(kube::Error::SerdeError(e)))?;
+    let hash = applied_hash(&wanted);
+    if let Some(existing) = existing
+        && let Ok(current) = serde_json::to_value(existing)
+        && current.pointer("/metadata/annotations/chatcluster.dev~1applied").and_then(|v| v.as_str()) == Some(&hash)
+        && contains(&current, &wanted)
+    {
+        return Ok(existing.clone());
+    }
+    if let Some(meta) = wanted.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        let annotations = meta.entry("annotations").or_insert_with(|| serde_json::json!({}));
+        if let Some(annotations) = annotations.as_object_mut() {
+            annotations.insert(APPLIED_ANNOTATION.to_owned(), serde_json::Value::String(hash));
+        }
+    }
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &owner.namespace);
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let patch = Patch::Apply(object);
-    retry(ctx.retry, || api.patch(&name, &params, &patch)).await.map_err(|source| Error::Apply {
-        kind: K::kind(&()).into_owned(),
-        name: name.clone(),
-        source,
-    })
+    let patch = Patch::Apply(&wanted);
+    retry(ctx.retry, || api.patch(&name, &params, &patch)).await.map_err(to_err)
+}
+
+/// A short digest of the object the operator wants (before the annotation is added).
+fn applied_hash(wanted: &serde_json::Value) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(wanted.to_string().as_bytes());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `have` holds every field of `want` with the same value. Lists match element by
+/// element (the API server adds defaults inside list items, such as a port's protocol).
+pub fn contains(have: &serde_json::Value, want: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (have, want) {
+        (Value::Object(have), Value::Object(want)) => {
+            want.iter().all(|(k, w)| have.get(k).is_some_and(|h| contains(h, w)))
+        }
+        (Value::Array(have), Value::Array(want)) => {
+            have.len() == want.len() && have.iter().zip(want).all(|(h, w)| contains(h, w))
+        }
+        _ => have == want,
+    }
 }
 
 /// Deletes children the spec no longer wants; returns what was deleted (for events).

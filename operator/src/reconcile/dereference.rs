@@ -1,13 +1,15 @@
-//! Reads the objects a spec refers to (auth Secret, assets ConfigMap) and the children whose
-//! current state matters (the peer Secret's key, the StatefulSet's claims and progress).
+//! Reads the objects a spec refers to (auth Secret, assets ConfigMap) and the children as they
+//! are (the peer Secret's key, the StatefulSet's claims and progress, and every child's owner
+//! and content: a child already as wanted is not written again).
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
 use rand::RngCore;
 
 use super::apply::retry;
-use super::validate::{PEER_KEY_BYTES, Refs};
+use super::validate::{ExistingChildren, PEER_KEY_BYTES, Refs};
 use super::{Context, Error};
 use crate::crd::ChatCluster;
 use crate::resources::Owner;
@@ -26,10 +28,19 @@ pub async fn fetch(ctx: &Context, cluster: &ChatCluster, owner: &Owner) -> Resul
     let peer_secret = get(ctx, &secrets, &owner.peer_secret_name()).await?;
     let statefulsets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &owner.namespace);
     let statefulset = get(ctx, &statefulsets, &owner.name).await?;
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let existing = ExistingChildren {
+        config: get(ctx, &config_maps, &owner.config_name()).await?,
+        assets: get(ctx, &config_maps, &owner.assets_name()).await?,
+        peer_service: get(ctx, &services, &owner.peer_service_name()).await?,
+        client_service: get(ctx, &services, &owner.name).await?,
+        pdb: get(ctx, &pdbs, &owner.name).await?,
+    };
     let mut random = [0u8; PEER_KEY_BYTES];
     rand::rng().fill_bytes(&mut random);
     let fresh_peer_key = random.iter().map(|b| format!("{b:02x}")).collect::<String>().into_bytes();
-    Ok(Refs { auth_secret, assets_config_map, peer_secret, fresh_peer_key, statefulset })
+    Ok(Refs { auth_secret, assets_config_map, peer_secret, fresh_peer_key, statefulset, existing })
 }
 
 async fn get<K>(ctx: &Context, api: &Api<K>, name: &str) -> Result<Option<K>, Error>

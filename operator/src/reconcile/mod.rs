@@ -171,7 +171,7 @@ async fn reconcile_owned(cluster: &ChatCluster, owner: &Owner, ctx: &Context) ->
     };
     let children = resources::build(cluster, &plan);
     let before = refs.statefulset.as_ref().and_then(|s| s.spec.replicas);
-    let applied = apply::apply_all(ctx, owner, &children).await?;
+    let applied = apply::apply_all(ctx, owner, &children, &refs).await?;
     if let Some(before) = before.filter(|n| plan.replicas < *n) {
         let note = format!(
             "removing {}-{}: {before} → {} nodes, {} wanted (one at a time)",

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use chat_node::config::{AuthMode, DrainConfig, NodeConfig};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use sha2::{Digest, Sha256};
 
 use super::{scale, storage};
@@ -33,6 +35,18 @@ pub struct Refs {
     /// The cluster's StatefulSet as it is now: its volume claim templates cannot change, and its
     /// status paces a scale-down.
     pub statefulset: Option<StatefulSet>,
+    /// The other children as they are now (`None`: absent): a same-named object that is not
+    /// this cluster's is never taken over, and a child already as wanted is not written again.
+    pub existing: ExistingChildren,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ExistingChildren {
+    pub config: Option<ConfigMap>,
+    pub assets: Option<ConfigMap>,
+    pub peer_service: Option<Service>,
+    pub client_service: Option<Service>,
+    pub pdb: Option<PodDisruptionBudget>,
 }
 
 /// A spec problem only the operator can see; `reason` is the condition/event reason.
@@ -63,6 +77,7 @@ pub struct Plan {
 
 pub fn validate(cluster: &ChatCluster, owner: Owner, refs: &Refs) -> Result<Plan, Invalid> {
     check_name(&owner.name)?;
+    check_ownership(cluster, &owner, refs)?;
     let auth_key = auth_key(cluster, &owner, refs)?;
     let config = render_config(cluster, &owner.peer_dns())?;
     storage::check_unchanged(cluster.spec.storage.as_ref(), refs.statefulset.as_ref(), &owner.name)?;
@@ -76,6 +91,38 @@ pub fn validate(cluster: &ChatCluster, owner: Owner, refs: &Refs) -> Result<Plan
     let config_hash = config_hash(&restart_relevant(&config)?, auth_key.as_deref(), &peer_key);
     let replicas = scale::step(cluster.spec.replicas, refs.statefulset.as_ref());
     Ok(Plan { owner, config, config_toml, assets, peer_key, config_hash, termination_grace_seconds, replicas })
+}
+
+/// Every child the spec wants must be absent or this cluster's: applying with `force` would
+/// otherwise take another application's object over, and garbage collection later delete it.
+fn check_ownership(cluster: &ChatCluster, owner: &Owner, refs: &Refs) -> Result<(), Invalid> {
+    let existing = &refs.existing;
+    let pdb_wanted = cluster.spec.pdb.enabled;
+    let children: [(&str, Option<&ObjectMeta>); 7] = [
+        ("ConfigMap", existing.config.as_ref().map(|o| &o.metadata)),
+        ("ConfigMap", existing.assets.as_ref().map(|o| &o.metadata)),
+        ("Secret", refs.peer_secret.as_ref().map(|o| &o.metadata)),
+        ("Service", existing.peer_service.as_ref().map(|o| &o.metadata)),
+        ("Service", existing.client_service.as_ref().map(|o| &o.metadata)),
+        ("PodDisruptionBudget", existing.pdb.as_ref().filter(|_| pdb_wanted).map(|o| &o.metadata)),
+        ("StatefulSet", refs.statefulset.as_ref().map(|o| &o.metadata)),
+    ];
+    for (kind, meta) in children {
+        let Some(meta) = meta else { continue };
+        let ours =
+            meta.owner_references.iter().flatten().any(|r| r.uid == owner.reference.uid && r.controller == Some(true));
+        if !ours {
+            let name = meta.name.clone().unwrap_or_default();
+            return Err(invalid(
+                "NameConflict",
+                format!(
+                    "{kind} {}/{name} exists and is not controlled by this ChatCluster; rename the ChatCluster or remove that {kind} (it is left alone)",
+                    owner.namespace
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The CRD's CEL rule on the name, for API servers without CEL and for local mode.
