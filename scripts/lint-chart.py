@@ -378,7 +378,10 @@ def rendered_rules(role: dict) -> set[tuple[str, str, str]]:
 def check_rbac(label: str, docs: list[tuple[str, dict]], namespaced: bool) -> None:
     want = documented_rbac()
     kind = "Role" if namespaced else "ClusterRole"
-    main = [r for r in by_kind(docs, kind) if not r["metadata"]["name"].endswith("-leader-election")]
+    aggregate = [r for r in by_kind(docs, "ClusterRole") if r["metadata"]["name"].endswith(("-aggregate-view", "-aggregate-edit"))]
+    check_aggregate_roles(label, aggregate)
+    main = [r for r in by_kind(docs, kind)
+            if not r["metadata"]["name"].endswith(("-leader-election", "-aggregate-view", "-aggregate-edit"))]
     leader = [r for r in by_kind(docs, "Role") if r["metadata"]["name"].endswith("-leader-election")]
     if len(main) != 1 or len(leader) != 1:
         fail(f"{label}: expected one {kind} and one leader-election Role, got {len(main)} and {len(leader)}")
@@ -390,6 +393,27 @@ def check_rbac(label: str, docs: list[tuple[str, dict]], namespaced: bool) -> No
                  f"missing {sorted(expected - got)}")
         else:
             ok(f"{label}: {name} grants exactly the {len(expected)} (group, resource, verb) of docs/operator.md")
+
+
+def check_aggregate_roles(label: str, roles: list[dict]) -> None:
+    """The view role only reads; every aggregated rule is about ChatClusters; each role carries the
+    labels that put it into the built-in roles."""
+    if len(roles) != 2:
+        fail(f"{label}: expected the two aggregated ClusterRoles (view, edit), got {len(roles)}")
+        return
+    for role in roles:
+        name = role["metadata"]["name"]
+        labels = role["metadata"].get("labels", {})
+        wanted = ["edit", "admin"] + (["view"] if name.endswith("-aggregate-view") else [])
+        missing = [w for w in wanted if labels.get(f"rbac.authorization.k8s.io/aggregate-to-{w}") != "true"]
+        rules = rendered_rules(role)
+        foreign = sorted(r for r in rules if r[0] != "chatcluster.dev")
+        writes = sorted(r for r in rules if r[2] not in ("get", "list", "watch"))
+        if missing or foreign or (name.endswith("-aggregate-view") and writes):
+            fail(f"{label}: {name}: missing aggregation labels {missing}, rules outside chatcluster.dev {foreign}, "
+                 f"writes in the view role {writes if name.endswith('-aggregate-view') else []}")
+        else:
+            ok(f"{label}: {name} aggregates {len(rules)} ChatCluster permissions into {', '.join(wanted)}")
 
 
 def check_deployment(label: str, docs: list[tuple[str, dict]], replicas: int, leader: bool) -> None:
