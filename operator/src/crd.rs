@@ -6,6 +6,7 @@ use chat_node::config::{NodeConfig, RoomRule};
 use k8s_openapi::api::core::v1::{
     Affinity, LocalObjectReference, PodSecurityContext, ResourceRequirements, Toleration, TopologySpreadConstraint,
 };
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -527,61 +528,45 @@ pub fn definition() -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiexten
 /// operator version that created it: the image, and the node config (whose defaults belong to
 /// the node release). Without them the operator fills in its own defaults on every reconcile,
 /// so upgrading the operator moves existing clusters to its node image and config defaults.
-fn drop_version_bound_defaults(
-    root: &mut k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps,
-) {
-    fn strip(schema: &mut k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps) {
-        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-            JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
-        };
-        schema.default = None;
-        schema.properties.iter_mut().flat_map(|p| p.values_mut()).for_each(strip);
-        if let Some(JSONSchemaPropsOrArray::Schema(items)) = schema.items.as_mut() {
-            strip(items);
-        }
-        if let Some(JSONSchemaPropsOrBool::Schema(extra)) = schema.additional_properties.as_mut() {
-            strip(extra);
-        }
-        for list in [&mut schema.all_of, &mut schema.any_of, &mut schema.one_of].into_iter().flatten() {
-            list.iter_mut().for_each(strip);
-        }
-    }
+fn drop_version_bound_defaults(root: &mut JSONSchemaProps) {
     let Some(spec) = root.properties.as_mut().and_then(|p| p.get_mut("spec")) else { return };
     let Some(fields) = spec.properties.as_mut() else { return };
     if let Some(image) = fields.get_mut("image") {
         image.default = None;
     }
     if let Some(config) = fields.get_mut("config") {
-        strip(config);
+        visit_schemas(config, &mut |schema| schema.default = None);
     }
 }
 
 /// schemars lists `null` among an optional enum's values; kubectl's client-side validation
 /// refuses that (`unknown object type "nil"`) where the API server has no field validation of
 /// its own. `nullable: true` already allows the null.
-fn drop_null_from_enums(
-    schema: &mut k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps,
-) {
-    if let Some(values) = schema.enum_.as_mut() {
-        values.retain(|v| v.0 != serde_json::Value::Null);
-    }
+fn drop_null_from_enums(root: &mut JSONSchemaProps) {
+    visit_schemas(root, &mut |schema| {
+        if let Some(values) = schema.enum_.as_mut() {
+            values.retain(|v| v.0 != serde_json::Value::Null);
+        }
+    });
+}
+
+/// Calls `change` on `schema` and every schema nested in it.
+fn visit_schemas(schema: &mut JSONSchemaProps, change: &mut impl FnMut(&mut JSONSchemaProps)) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+        JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+    };
+    change(schema);
     for sub in schema.properties.iter_mut().flat_map(|p| p.values_mut()) {
-        drop_null_from_enums(sub);
+        visit_schemas(sub, change);
     }
-    if let Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(
-        items,
-    )) = schema.items.as_mut()
-    {
-        drop_null_from_enums(items);
+    if let Some(JSONSchemaPropsOrArray::Schema(items)) = schema.items.as_mut() {
+        visit_schemas(items, change);
     }
-    if let Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrBool::Schema(
-        extra,
-    )) = schema.additional_properties.as_mut()
-    {
-        drop_null_from_enums(extra);
+    if let Some(JSONSchemaPropsOrBool::Schema(extra)) = schema.additional_properties.as_mut() {
+        visit_schemas(extra, change);
     }
     for list in [&mut schema.all_of, &mut schema.any_of, &mut schema.one_of].into_iter().flatten() {
-        list.iter_mut().for_each(drop_null_from_enums);
+        list.iter_mut().for_each(|sub| visit_schemas(sub, change));
     }
 }
 
