@@ -34,6 +34,8 @@ pub struct Metrics {
     pub raft_group_failures: Counter,
     pub publishes_in_flight: Gauge,
     pub peer_queued_frames: Gauge,
+    pub relayed_entries_applied: Counter,
+    pub relayed_entries_skipped: Counter,
 }
 
 impl Default for Metrics {
@@ -68,6 +70,8 @@ impl Metrics {
             raft_group_failures: Counter::default(),
             publishes_in_flight: Gauge::default(),
             peer_queued_frames: Gauge::default(),
+            relayed_entries_applied: Counter::default(),
+            relayed_entries_skipped: Counter::default(),
             registry: Registry::with_prefix("chat"),
         };
         let registry = &mut m.registry;
@@ -133,6 +137,16 @@ impl Metrics {
             "peer_queued_frames",
             "Frames queued for peers and not yet written (replication lag)",
             m.peer_queued_frames.clone(),
+        );
+        registry.register(
+            "relayed_entries_applied",
+            "Committed room-log entries applied from the leader's relay, ahead of this node's own commit",
+            m.relayed_entries_applied.clone(),
+        );
+        registry.register(
+            "relayed_entries_skipped",
+            "Relayed entries left to Raft's apply (already applied, or not next in line)",
+            m.relayed_entries_skipped.clone(),
         );
         m
     }

@@ -38,7 +38,7 @@ use crate::transport::Frame;
 
 use disk::{Disk, DiskError, Loaded};
 use network::{Calls, NetworkFactory};
-use state_machine::{Applier, SnapshotDue, SnapshotRule, StateMachine};
+use state_machine::{AppliedGate, Applier, SnapshotDue, SnapshotRule, StateMachine};
 use store::LogStore;
 use types::{Batch, Raft, RaftServerMetrics, group_of, new_incarnation, raft_id};
 use wire::{MemberInfo, RaftReply, RaftRpc, ReplicaFrame};
@@ -118,6 +118,8 @@ pub struct ReplicatedLog {
     fixed_election_ms: OnceLock<u64>,
     /// Per group, how much it applied since its last snapshot.
     snapshots: OnceLock<Vec<Arc<SnapshotDue>>>,
+    /// Per group, how far its rooms applied the log (from Raft or the leader's relay).
+    gates: OnceLock<Vec<Arc<AppliedGate>>>,
     /// `SnapshotRule::DEFAULT`, or a simulation's smaller one (so its short runs snapshot).
     snapshot_rule: OnceLock<SnapshotRule>,
     /// Set once a group's Raft stopped on an error: the node must restart (see `failed`).
@@ -186,6 +188,7 @@ impl ReplicatedLog {
             steward: Mutex::default(),
             fixed_election_ms: OnceLock::new(),
             snapshots: OnceLock::new(),
+            gates: OnceLock::new(),
             snapshot_rule: OnceLock::new(),
             failure: tokio::sync::watch::Sender::new(None),
         });
@@ -224,6 +227,7 @@ impl ReplicatedLog {
         let mut appends = Vec::new();
         let mut uncommitted = Vec::new();
         let mut snapshots = Vec::new();
+        let mut gates = Vec::new();
         for group in 0..self.config.partitions {
             let mut loaded = match &self.disk {
                 Some(disk) => disk.load(group)?,
@@ -232,7 +236,9 @@ impl ReplicatedLog {
             let store = LogStore::new(group, self.disk.clone(), &mut loaded);
             let due = Arc::new(SnapshotDue::default());
             snapshots.push(due.clone());
-            let sm = StateMachine::new(group, applier.clone(), self.disk.clone(), due, &mut loaded)
+            let gate = Arc::new(AppliedGate::default());
+            gates.push(gate.clone());
+            let sm = StateMachine::new(group, applier.clone(), gate.clone(), self.disk.clone(), due, &mut loaded)
                 .map_err(|source| ReplicationError::Snapshot { group, source })?;
             let network = NetworkFactory { group, cluster: self.cluster.clone(), calls: self.calls.clone() };
             let raft = Raft::new(self.raft_id, config.clone(), network, store, sm)
@@ -243,7 +249,7 @@ impl ReplicatedLog {
             let pending = Arc::new(AtomicUsize::new(0));
             tokio::spawn(append_in_order(raft.clone(), group, in_flight, pending.clone(), rx, self.this.clone()));
             uncommitted.push(pending);
-            tokio::spawn(retry_on_new_leader(raft.server_metrics(), self.this.clone()));
+            tokio::spawn(watch_leader(raft.server_metrics(), gate, self.raft_id, self.this.clone()));
             appends.push(tx);
             groups.push(raft);
         }
@@ -251,6 +257,7 @@ impl ReplicatedLog {
         let _ = self.appends.set(appends);
         let _ = self.uncommitted.set(uncommitted);
         let _ = self.snapshots.set(snapshots);
+        let _ = self.gates.set(gates);
         tracing::info!(
             raft_id = format!("{:x}", self.raft_id),
             ordinal = self.ordinal,
@@ -567,6 +574,17 @@ impl ReplicatedLog {
                     }
                 });
             }
+            ReplicaFrame::Committed { group, index, commands } => {
+                let Some(gate) = self.gates.get().and_then(|gates| gates.get(group as usize)) else { return };
+                let applied = gate.apply_relayed(index, || {
+                    for command in &commands {
+                        Applier::apply(self, group, command);
+                    }
+                });
+                let counter =
+                    if applied { &self.metrics.relayed_entries_applied } else { &self.metrics.relayed_entries_skipped };
+                counter.inc();
+            }
             ReplicaFrame::Presence { room, user, present } => hub.set_remote_presence(peer, &room, &user, present),
             ReplicaFrame::PresenceSnapshot { entries } => hub.replace_remote_presence(peer, entries),
             ReplicaFrame::Session { session } => hub.sessions().merge(session),
@@ -656,14 +674,22 @@ async fn append_in_order(
     }
 }
 
-/// Proposes a group's waiting publishes again as soon as it has a new leader, rather than on
-/// the next tick.
-async fn retry_on_new_leader(mut metrics: tokio::sync::watch::Receiver<RaftServerMetrics>, log: Weak<ReplicatedLog>) {
+/// Follows a group's leader: tells the group's gate whether this node leads (then it relays
+/// committed entries), and proposes waiting publishes again as soon as there is a new leader,
+/// rather than on the next tick.
+async fn watch_leader(
+    mut metrics: tokio::sync::watch::Receiver<RaftServerMetrics>,
+    gate: Arc<AppliedGate>,
+    raft_id: u64,
+    log: Weak<ReplicatedLog>,
+) {
     let mut leader = metrics.borrow().current_leader;
+    gate.set_leading(leader == Some(raft_id));
     while metrics.changed().await.is_ok() {
         let now = metrics.borrow_and_update().current_leader;
         if now != leader {
             leader = now;
+            gate.set_leading(now == Some(raft_id));
             match log.upgrade() {
                 Some(log) if now.is_some() => log.retry_waiting(),
                 Some(_) => {}
@@ -712,6 +738,10 @@ impl Applier for ReplicatedLog {
     fn images(&self, group: u32) -> Vec<RoomCapture> {
         let partitions = self.config.partitions;
         self.hub().map(|hub| hub.images(|room| group_of(room, partitions) == group)).unwrap_or_default()
+    }
+
+    fn relay(&self, group: u32, index: u64, commands: &[Command]) {
+        self.cluster.broadcast(ReplicaFrame::Committed { group, index, commands: commands.to_vec() }.encode());
     }
 
     fn install(&self, group: u32, images: Vec<RoomImage>) {

@@ -2,6 +2,12 @@
 //! to the hub (which delivers them to subscribers and answers waiting publishes); snapshots
 //! are the rooms' replicated state (`RoomImage`), kept for followers that fell behind and, with
 //! disk storage, on disk so a restarted node starts from its latest one.
+//!
+//! The group's leader also relays every committed entry straight to the other nodes
+//! (`Applier::relay`): a follower learns of a commit only with the leader's next append, which
+//! it flushes first, so applying the relayed entry saves it a flush and a round trip. The rooms
+//! apply each entry once, whichever way it comes first ([`AppliedGate`]), so snapshots record
+//! how far the rooms had applied (`applied_through`), which may be past the snapshot's log id.
 
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,6 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{AnyError, EntryPayload, RaftSnapshotBuilder, StorageIOError};
+use serde::{Deserialize, Serialize};
 
 use super::disk::{Disk, Loaded};
 use super::types::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
@@ -20,6 +27,86 @@ pub trait Applier: Send + Sync + 'static {
     fn apply(&self, group: u32, command: &Command) -> Applied;
     fn images(&self, group: u32) -> Vec<RoomCapture>;
     fn install(&self, group: u32, images: Vec<RoomImage>);
+    /// Entry `index` of `group` is committed and this node leads the group: send it to the
+    /// other nodes, which apply it ahead of their own commit if it is next in line.
+    fn relay(&self, group: u32, index: u64, commands: &[Command]);
+}
+
+/// How far the rooms of one group have applied its log. Entries reach the rooms from this
+/// node's state machine and, ahead of it, from the leader's relay; each applies once, in order.
+#[derive(Debug, Default)]
+pub struct AppliedGate {
+    through: Mutex<u64>,
+    /// This node leads the group (set by the leader watcher): its applies are relayed.
+    leading: std::sync::atomic::AtomicBool,
+}
+
+impl AppliedGate {
+    fn through(&self) -> MutexGuard<'_, u64> {
+        self.through.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_leading(&self, leading: bool) {
+        self.leading.store(leading, Ordering::Relaxed);
+    }
+
+    fn leading(&self) -> bool {
+        self.leading.load(Ordering::Relaxed)
+    }
+
+    /// The state machine's path: applies entry `index` unless a relay applied it already.
+    fn apply(&self, index: u64, apply: impl FnOnce()) {
+        let mut through = self.through();
+        if index > *through {
+            apply();
+            *through = index;
+        }
+    }
+
+    /// A relayed committed entry: applied only when it is the next one, else left to the state
+    /// machine (true if applied).
+    pub fn apply_relayed(&self, index: u64, apply: impl FnOnce()) -> bool {
+        let mut through = self.through();
+        if index != *through + 1 {
+            return false;
+        }
+        apply();
+        *through = index;
+        true
+    }
+
+    /// Runs `capture` with the rooms held at a known point: no entry applies meanwhile.
+    fn hold<T>(&self, capture: impl FnOnce(u64) -> T) -> T {
+        let through = self.through();
+        capture(*through)
+    }
+
+    /// Installs a snapshot of the rooms through `index` unless they are there already.
+    fn install(&self, index: u64, install: impl FnOnce()) {
+        let mut through = self.through();
+        if index > *through {
+            install();
+            *through = index;
+        }
+    }
+}
+
+/// A snapshot as stored and sent: the group's rooms and the last entry they had applied.
+#[derive(Serialize)]
+struct SnapshotOut<'a> {
+    applied_through: u64,
+    rooms: &'a [RoomCapture],
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SnapshotIn {
+    Current {
+        applied_through: u64,
+        rooms: Vec<RoomImage>,
+    },
+    /// Written before relays: the rooms at the snapshot's own log id.
+    RoomsOnly(Vec<RoomImage>),
 }
 
 type StoredSnapshot = (SnapshotMeta, Vec<u8>);
@@ -29,11 +116,16 @@ type StoredSnapshot = (SnapshotMeta, Vec<u8>);
 /// the last one: taking one once the log outweighs the last snapshot `log_factor` times keeps
 /// the snapshot work per message small however large the rooms are (a fixed count of entries
 /// made snapshots of busy rooms the largest source of latency spikes, docs/benchmarks.md).
+/// Writing a snapshot also holds up the log's fsyncs on the same disk for a few milliseconds,
+/// so they should be rare: 16 times the snapshot, at most 64 MiB, between two.
 #[derive(Debug, Clone, Copy)]
 pub struct SnapshotRule {
     pub log_factor: u64,
     /// Log bytes below which no snapshot is taken.
     pub min_log_bytes: u64,
+    /// Log bytes after which one is taken however large the last one was (bounds the log kept
+    /// in memory and replayed after a restart).
+    pub max_log_bytes: u64,
     /// Entries after which one is taken whatever their size (bounds replay after a restart).
     pub max_log_entries: u64,
     /// Entries kept behind a snapshot, so a briefly absent follower catches up from the log.
@@ -41,8 +133,13 @@ pub struct SnapshotRule {
 }
 
 impl SnapshotRule {
-    pub const DEFAULT: SnapshotRule =
-        SnapshotRule { log_factor: 4, min_log_bytes: 1 << 20, max_log_entries: 50_000, keep_log_entries: 2000 };
+    pub const DEFAULT: SnapshotRule = SnapshotRule {
+        log_factor: 16,
+        min_log_bytes: 1 << 20,
+        max_log_bytes: 64 << 20,
+        max_log_entries: 50_000,
+        keep_log_entries: 2000,
+    };
 }
 
 /// What a group applied since its last snapshot; shared between its state machine and the
@@ -82,7 +179,8 @@ impl SnapshotDue {
     pub fn due(&self, rule: &SnapshotRule) -> bool {
         let bytes = self.log_bytes.load(Ordering::Relaxed);
         let wanted = self.snapshot_bytes.load(Ordering::Relaxed).saturating_mul(rule.log_factor);
-        bytes >= wanted.max(rule.min_log_bytes) || self.log_entries.load(Ordering::Relaxed) >= rule.max_log_entries
+        bytes >= wanted.max(rule.min_log_bytes).min(rule.max_log_bytes)
+            || self.log_entries.load(Ordering::Relaxed) >= rule.max_log_entries
     }
 
     /// Marks a snapshot as asked for at `tick`; false if it was asked for recently.
@@ -99,6 +197,7 @@ impl SnapshotDue {
 pub struct StateMachine {
     group: u32,
     applier: Weak<dyn Applier>,
+    gate: Arc<AppliedGate>,
     last_applied: Option<LogId>,
     membership: StoredMembership,
     current: Arc<Mutex<Option<StoredSnapshot>>>,
@@ -119,6 +218,7 @@ impl StateMachine {
     pub fn new(
         group: u32,
         applier: Weak<dyn Applier>,
+        gate: Arc<AppliedGate>,
         disk: Option<Arc<Disk>>,
         due: Arc<SnapshotDue>,
         loaded: &mut Loaded,
@@ -126,6 +226,7 @@ impl StateMachine {
         let mut sm = StateMachine {
             group,
             applier,
+            gate,
             last_applied: None,
             membership: StoredMembership::default(),
             current: Arc::default(),
@@ -141,10 +242,16 @@ impl StateMachine {
     }
 
     fn restore(&mut self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), serde_json::Error> {
-        let images: Vec<RoomImage> = serde_json::from_slice(data)?;
-        if let Some(applier) = self.applier.upgrade() {
-            applier.install(self.group, images);
-        }
+        let (through, images) = match serde_json::from_slice(data)? {
+            SnapshotIn::Current { applied_through, rooms } => (applied_through, rooms),
+            SnapshotIn::RoomsOnly(rooms) => (meta.last_log_id.map_or(0, |id| id.index), rooms),
+        };
+        // Rooms that applied this far already (from relays) are newer than the snapshot.
+        self.gate.install(through, || {
+            if let Some(applier) = self.applier.upgrade() {
+                applier.install(self.group, images);
+            }
+        });
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         Ok(())
@@ -159,18 +266,14 @@ impl StateMachine {
         let Some(disk) = disk else { return Ok(()) };
         let meta = serde_json::to_vec(meta).map_err(sm_error)?;
         let data = data.to_vec();
-        disk.durably(|disk, done| {
-            disk.put_raw(group, "snapshot", data, super::disk::Done::Nothing);
-            disk.put_raw(group, "snapshot_meta", meta, done);
-        })
-        .await
-        .map_err(sm_error)
+        disk.durably(|disk, done| disk.put_snapshot(group, meta, data, done)).await.map_err(sm_error)
     }
 }
 
 pub struct Builder {
     group: u32,
     images: Vec<RoomCapture>,
+    applied_through: u64,
     last_applied: Option<LogId>,
     membership: StoredMembership,
     current: Arc<Mutex<Option<StoredSnapshot>>>,
@@ -181,7 +284,8 @@ pub struct Builder {
 impl RaftSnapshotBuilder<TypeConfig> for Builder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let started = std::time::Instant::now();
-        let data = serde_json::to_vec(&self.images).map_err(sm_error)?;
+        let out = SnapshotOut { applied_through: self.applied_through, rooms: &self.images };
+        let data = serde_json::to_vec(&out).map_err(sm_error)?;
         let encoded = started.elapsed();
         let snapshot_id = match self.last_applied {
             Some(id) => format!("{}-{}-{}", self.group, id.leader_id.term, id.index),
@@ -211,23 +315,30 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: Send,
     {
         let applier = self.applier.upgrade();
+        let leading = self.gate.leading();
         let mut results = Vec::new();
         let mut log_bytes = 0;
         for entry in entries {
             self.last_applied = Some(entry.log_id);
-            match entry.payload {
-                EntryPayload::Blank => {}
-                EntryPayload::Normal(batch) => {
-                    for command in &batch {
-                        log_bytes += command.body_len() as u64 + COMMAND_OVERHEAD_BYTES;
-                        if let Some(applier) = &applier {
-                            applier.apply(self.group, command);
-                        }
+            let index = entry.log_id.index;
+            let commands: &[Command] = match &entry.payload {
+                EntryPayload::Normal(batch) => batch,
+                EntryPayload::Blank | EntryPayload::Membership(_) => &[],
+            };
+            if let (true, Some(applier)) = (leading, &applier) {
+                // Entries without commands go too: a follower applies relays only in order.
+                applier.relay(self.group, index, commands);
+            }
+            log_bytes += commands.iter().map(|c| c.body_len() as u64 + COMMAND_OVERHEAD_BYTES).sum::<u64>();
+            self.gate.apply(index, || {
+                if let Some(applier) = &applier {
+                    for command in commands {
+                        applier.apply(self.group, command);
                     }
                 }
-                EntryPayload::Membership(membership) => {
-                    self.membership = StoredMembership::new(Some(entry.log_id), membership);
-                }
+            });
+            if let EntryPayload::Membership(membership) = entry.payload {
+                self.membership = StoredMembership::new(Some(entry.log_id), membership);
             }
             results.push(());
         }
@@ -236,14 +347,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        // Captured now, between applies, so the snapshot matches `last_applied` exactly.
+        // Captured between applies, with relays held off, so the rooms match `applied_through`.
         let started = std::time::Instant::now();
-        let images = self.applier.upgrade().map(|a| a.images(self.group)).unwrap_or_default();
+        let (applied_through, images) = self
+            .gate
+            .hold(|through| (through, self.applier.upgrade().map(|a| a.images(self.group)).unwrap_or_default()));
         tracing::debug!(group = self.group, took = ?started.elapsed(), "rooms captured for a snapshot");
         self.due.captured();
         Builder {
             group: self.group,
             images,
+            applied_through,
             last_applied: self.last_applied,
             membership: self.membership.clone(),
             current: self.current.clone(),
@@ -279,8 +393,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 mod tests {
     use super::*;
 
-    const RULE: SnapshotRule =
-        SnapshotRule { log_factor: 4, min_log_bytes: 1000, max_log_entries: 100, keep_log_entries: 10 };
+    const RULE: SnapshotRule = SnapshotRule {
+        log_factor: 4,
+        min_log_bytes: 1000,
+        max_log_bytes: 100_000,
+        max_log_entries: 100,
+        keep_log_entries: 10,
+    };
 
     #[test]
     fn a_snapshot_is_due_once_the_log_outweighs_the_last_one() {
@@ -300,6 +419,12 @@ mod tests {
         assert!(!due.due(&RULE));
         due.applied(1, 1);
         assert!(due.due(&RULE), "many small entries make one due whatever their size");
+        due.captured();
+        due.stored(1_000_000);
+        due.applied(1, 99_999);
+        assert!(!due.due(&RULE));
+        due.applied(1, 1);
+        assert!(due.due(&RULE), "a huge snapshot does not let the log grow without bound");
     }
 
     #[test]
@@ -310,5 +435,37 @@ mod tests {
         assert!(due.request(REQUEST_AGAIN_TICKS), "asked again: the first request may have been ignored");
         due.captured();
         assert!(due.request(REQUEST_AGAIN_TICKS + 1), "taken: the next one may be asked for at once");
+    }
+
+    #[test]
+    fn the_rooms_apply_each_entry_once_whichever_way_it_comes_first() {
+        let gate = AppliedGate::default();
+        let applied = Mutex::new(Vec::new());
+        let note = |index: u64| applied.lock().unwrap().push(index);
+        gate.apply(1, || note(1));
+        assert!(gate.apply_relayed(2, || note(2)), "the next entry, relayed");
+        assert!(!gate.apply_relayed(4, || note(4)), "not next in line: left to Raft");
+        assert!(!gate.apply_relayed(2, || note(2)), "already applied");
+        gate.apply(2, || note(2));
+        gate.apply(3, || note(3));
+        assert!(gate.apply_relayed(4, || note(4)));
+        gate.apply(4, || note(4));
+        assert_eq!(*applied.lock().unwrap(), vec![1, 2, 3, 4]);
+        // A snapshot through 3 is older than the rooms; one through 9 replaces them.
+        gate.install(3, || panic!("rooms already past the snapshot were replaced"));
+        let mut installed = false;
+        gate.install(9, || installed = true);
+        assert!(installed);
+        assert!(gate.apply_relayed(10, || ()), "relays go on from the snapshot");
+        gate.hold(|through| assert_eq!(through, 10));
+    }
+
+    #[test]
+    fn snapshots_from_before_relays_still_restore() {
+        let old: SnapshotIn = serde_json::from_str("[]").unwrap();
+        assert!(matches!(old, SnapshotIn::RoomsOnly(rooms) if rooms.is_empty()));
+        let out = serde_json::to_string(&SnapshotOut { applied_through: 7, rooms: &[] }).unwrap();
+        let new: SnapshotIn = serde_json::from_str(&out).unwrap();
+        assert!(matches!(new, SnapshotIn::Current { applied_through: 7, .. }));
     }
 }

@@ -140,10 +140,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             data.entries = data.entries.split_off(&(log_id.index + 1));
         }
         let group = self.group;
-        self.durably(|disk, done| {
-            disk.put(group, "purged", &Some(log_id), Done::Nothing);
-            disk.purge(group, log_id.index, done);
-        })
-        .await
+        self.durably(|disk, done| disk.purge(group, log_id, done)).await
     }
 }

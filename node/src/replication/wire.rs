@@ -83,6 +83,13 @@ pub enum ReplicaFrame {
         group: u32,
         members: BTreeMap<u64, BasicNode>,
     },
+    /// Entry `index` of `group` is committed (sent by the group's leader as it applies it):
+    /// apply it now if it is the next one, rather than after this node's own commit.
+    Committed {
+        group: u32,
+        index: u64,
+        commands: Vec<Command>,
+    },
     /// The sender's connections of `user` in `room` went from none to some (`present`) or back.
     Presence {
         room: String,
