@@ -62,6 +62,36 @@ fn env_overrides_file_and_flags_override_env() {
 }
 
 #[test]
+fn check_config_never_prints_inline_secrets() {
+    let file = write_config("[auth]\njwt_secret = \"jwt-secret-of-twenty-bytes\"\n");
+    let out = run(
+        &["--config", file.path().to_str().unwrap(), "check-config"],
+        &[("CHAT_CLUSTER__SECRET", "cluster-secret-of-twenty-bytes")],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(!shown.contains("jwt-secret-of") && !shown.contains("cluster-secret-of"), "{shown}");
+    let effective: toml::Value = toml::from_str(&shown).unwrap();
+    assert_eq!(effective["auth"]["jwt_secret"].as_str(), Some("<redacted>"), "set, and said so");
+    assert_eq!(effective["cluster"]["secret"].as_str(), Some("<redacted>"));
+}
+
+#[tokio::test]
+async fn a_token_minted_from_a_secret_file_verifies_on_the_node() {
+    // Trailing blanks are part of the secret; only the final newline is not (both readers agree).
+    let secret = write_config("0123456789abcdef0123  \n");
+    let config = write_config(&format!("[auth]\njwt_secret_file = \"{}\"\n", secret.path().display()));
+    let out = run(&["--config", config.path().to_str().unwrap(), "token", "--sub", "ann"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let port = free_port();
+    let node_config =
+        format!("listen = \"127.0.0.1:{port}\"\n[auth]\njwt_secret_file = \"{}\"\n", secret.path().display());
+    let node = NodeProcess::start_with_env(&node_config, &[]).await.unwrap();
+    assert_eq!(handshake_status(&node.ws_url(), &[("Authorization", &format!("Bearer {token}"))]).await, 101);
+}
+
+#[test]
 fn schema_and_token_subcommands() {
     let out = run(&["schema"], &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

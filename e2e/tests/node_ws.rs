@@ -702,6 +702,64 @@ async fn max_connections_refuses_with_503() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn one_user_cannot_take_every_connection() -> anyhow::Result<()> {
+    let mut cfg = jwt_config();
+    cfg.limits.max_connections_per_user = 2;
+    let node = start(&cfg).await?;
+    let ann = token("ann", &[]);
+    let (first, _) = with_token(&node, &ann).await?;
+    let (_second, _) = with_token(&node, &ann).await?;
+    let sp = ("Sec-WebSocket-Protocol", SUBPROTOCOL);
+    let bearer = format!("Bearer {ann}");
+    let (status, head) = raw_handshake(node.addr(), "/ws", &[sp, ("Authorization", &bearer)]).await?;
+    assert_eq!(status, 429, "{head}");
+    assert!(head.contains("too_many_connections_for_user"), "{head}");
+    let (_bob, _) = with_token(&node, &token("bob", &[])).await?;
+    // Her slot comes back when one of her connections ends.
+    first.close().await;
+    let url = node.ws_url();
+    wait_for("ann's slot back", T, || {
+        let (url, bearer) = (url.clone(), bearer.clone());
+        async move { handshake_status(&url, &[sp, ("Authorization", &bearer)]).await == 101 }
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_address_cannot_take_every_connection_and_a_trusted_proxy_names_the_client() -> anyhow::Result<()> {
+    let mut cfg = anonymous_config();
+    cfg.limits.max_connections_per_ip = Some(2);
+    let node = start(&cfg).await?;
+    let (_a, _) = anon(&node, "a").await?;
+    let (_b, _) = anon(&node, "b").await?;
+    let sp = ("Sec-WebSocket-Protocol", SUBPROTOCOL);
+    let (status, head) = raw_handshake(node.addr(), "/ws?name=c", &[sp]).await?;
+    assert_eq!(status, 429, "{head}");
+    assert!(head.contains("too_many_connections_from_address"), "{head}");
+    // Not trusted: a forged header changes nothing.
+    let (status, _) = raw_handshake(node.addr(), "/ws?name=c", &[sp, ("X-Forwarded-For", "192.0.2.1")]).await?;
+    assert_eq!(status, 429);
+
+    cfg.limits.trust_forwarded_for = true;
+    cfg.listen = ([127, 0, 0, 1], free_port()).into();
+    let proxied = start(&cfg).await?;
+    let mut held = Vec::new();
+    for client in ["192.0.2.1", "192.0.2.1", "192.0.2.2"] {
+        let stream = TcpStream::connect(proxied.addr()).await?;
+        let url = anon_url(&proxied, "p");
+        let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)?;
+        request.headers_mut().insert("Sec-WebSocket-Protocol", SUBPROTOCOL.parse()?);
+        request.headers_mut().insert("X-Forwarded-For", format!("10.9.9.9, {client}").parse()?);
+        held.push(tokio_tungstenite::client_async(request, stream).await.with_context(|| client.to_owned())?);
+    }
+    let (status, head) =
+        raw_handshake(proxied.addr(), "/ws?name=p", &[sp, ("X-Forwarded-For", "10.9.9.9, 192.0.2.1")]).await?;
+    assert_eq!(status, 429, "192.0.2.1 has two already: {head}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn slow_consumer_is_closed_4001_and_counted() -> anyhow::Result<()> {
     let mut cfg = anonymous_config();
     // Small queues, but several of the flood's messages fit, so a client that reads keeps up.
@@ -758,35 +816,46 @@ async fn silent_client_is_closed_4002() -> anyhow::Result<()> {
     cfg.limits.ping_interval_secs = 1;
     cfg.limits.idle_timeout_secs = 2;
     let node = start(&cfg).await?;
-    let mut tcp = TcpStream::connect(node.addr()).await?;
-    tcp.write_all(upgrade_request(node.addr(), "/ws?name=mute", &[("Sec-WebSocket-Protocol", SUBPROTOCOL)]).as_bytes())
-        .await?;
-    let (status, _head, mut rest) = read_response_head(&mut tcp).await?;
-    assert_eq!(status, 101);
-
+    let (mut tcp, rest) = raw_session(&node, "mute").await?;
     // Stay silent (never answer pings) and read server frames until the close frame.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut opcodes = Vec::new();
-    loop {
-        while let Some((opcode, payload, used)) = parse_frame(&rest) {
-            rest.drain(..used);
-            opcodes.push(opcode);
-            if opcode == 0x8 {
-                ensure!(payload.len() >= 2, "close frame without a code");
-                let code = u16::from_be_bytes([payload[0], payload[1]]);
-                assert_eq!(code, 4002, "idle timeout close code (frames seen: {opcodes:?})");
-                assert!(opcodes.contains(&0x9), "the node pinged before giving up: {opcodes:?}");
-                return Ok(());
-            }
-        }
-        let mut buf = [0u8; 4096];
-        let left = deadline.saturating_duration_since(Instant::now());
-        let n = tokio::time::timeout(left, tcp.read(&mut buf))
-            .await
-            .with_context(|| format!("no close frame in time (frames seen: {opcodes:?})"))??;
-        ensure!(n > 0, "connection closed without a close frame (frames seen: {opcodes:?})");
-        rest.extend_from_slice(&buf[..n]);
-    }
+    let (code, opcodes) = read_until_close(&mut tcp, rest, Duration::from_secs(10)).await?;
+    assert_eq!(code, 4002, "idle timeout close code (frames seen: {opcodes:?})");
+    assert!(opcodes.contains(&0x9), "the node pinged before giving up: {opcodes:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn broken_frames_get_the_rfc_6455_close_codes() -> anyhow::Result<()> {
+    let node = start(&anonymous_config()).await?;
+    // A text frame that is not UTF-8: 1007.
+    let (mut tcp, rest) = raw_session(&node, "utf8").await?;
+    tcp.write_all(&masked_frame(0x81, &[0xff, 0xfe, 0xfd])).await?;
+    let (code, opcodes) = read_until_close(&mut tcp, rest, T).await?;
+    assert_eq!(code, 1007, "invalid UTF-8 (frames seen: {opcodes:?})");
+    // A reserved bit set without an extension that defines it: 1002.
+    let (mut tcp, rest) = raw_session(&node, "rsv").await?;
+    tcp.write_all(&masked_frame(0x80 | 0x40 | 0x1, b"{}")).await?;
+    let (code, opcodes) = read_until_close(&mut tcp, rest, T).await?;
+    assert_eq!(code, 1002, "protocol violation (frames seen: {opcodes:?})");
+    // The node serves others as before.
+    let (mut c, _) = anon(&node, "fine").await?;
+    join(&mut c, "r").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_token_that_never_expires_keeps_its_connection() -> anyhow::Result<()> {
+    let node = start(&jwt_config()).await?;
+    let claims = json!({"sub": "forever", "exp": u64::MAX});
+    let forever = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )?;
+    let (mut c, _) = with_token(&node, &forever).await?;
+    join(&mut c, "r").await?;
+    publish(&mut c, "r", "still here").await?;
+    Ok(())
 }
 
 // ---------- drain ----------
@@ -935,6 +1004,50 @@ async fn raw_handshake(
         }
     }
     Ok((status, format!("{head}\r\n\r\n{}", String::from_utf8_lossy(&rest))))
+}
+
+/// A WebSocket session opened by hand, for frames no client library sends: the socket and
+/// what followed the response head.
+async fn raw_session(node: &NodeProcess, name: &str) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+    let mut tcp = TcpStream::connect(node.addr()).await?;
+    let path = format!("/ws?name={name}");
+    tcp.write_all(upgrade_request(node.addr(), &path, &[("Sec-WebSocket-Protocol", SUBPROTOCOL)]).as_bytes()).await?;
+    let (status, head, rest) = read_response_head(&mut tcp).await?;
+    ensure!(status == 101, "handshake refused: {head}");
+    Ok((tcp, rest))
+}
+
+/// Reads server frames until the close frame: its code and the opcodes of every frame seen.
+async fn read_until_close(tcp: &mut TcpStream, mut rest: Vec<u8>, within: Duration) -> anyhow::Result<(u16, Vec<u8>)> {
+    let deadline = Instant::now() + within;
+    let mut opcodes = Vec::new();
+    loop {
+        while let Some((opcode, payload, used)) = parse_frame(&rest) {
+            rest.drain(..used);
+            opcodes.push(opcode);
+            if opcode == 0x8 {
+                ensure!(payload.len() >= 2, "close frame without a code");
+                return Ok((u16::from_be_bytes([payload[0], payload[1]]), opcodes));
+            }
+        }
+        let mut buf = [0u8; 4096];
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, tcp.read(&mut buf))
+            .await
+            .with_context(|| format!("no close frame in time (frames seen: {opcodes:?})"))??;
+        ensure!(n > 0, "connection closed without a close frame (frames seen: {opcodes:?})");
+        rest.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A client frame (masked, as RFC 6455 requires) with this first byte (FIN, RSV, opcode).
+fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126, "short frames only");
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    let mut frame = vec![first, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
 }
 
 /// One unmasked server frame from the front of `buf`: (opcode, payload, bytes used).

@@ -26,6 +26,8 @@ pub enum AuthError {
     MissingToken,
     #[error("the token has expired")]
     Expired,
+    #[error("the token is not valid yet (nbf is in the future)")]
+    NotYetValid,
     #[error("invalid token: {0}")]
     Invalid(String),
     #[error("the token carries none of the roles allowed to connect: {0}")]
@@ -37,6 +39,7 @@ impl AuthError {
         match self {
             Self::MissingToken => "missing_token",
             Self::Expired => "token_expired",
+            Self::NotYetValid => "token_not_yet_valid",
             Self::Invalid(_) => "invalid_token",
             Self::Forbidden(_) => "forbidden",
         }
@@ -98,6 +101,7 @@ impl Authenticator {
         };
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = config.leeway_secs;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         if let Some(iss) = &config.issuer {
             validation.set_issuer(&[iss]);
@@ -134,6 +138,7 @@ impl Authenticator {
                 let token = token.filter(|t| !t.is_empty()).ok_or(AuthError::MissingToken)?;
                 let data = decode::<Claims>(token, key, &self.validation).map_err(|e| match e.kind() {
                     ErrorKind::ExpiredSignature => AuthError::Expired,
+                    ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                     _ => AuthError::Invalid(e.to_string()),
                 })?;
                 let claims = data.claims;
@@ -144,7 +149,7 @@ impl Authenticator {
                 Identity {
                     user: UserInfo { id: claims.sub, name: truncate(&name, 64) },
                     roles: claims.roles,
-                    expires_at: Some(claims.exp + self.validation.leeway),
+                    expires_at: Some(claims.exp.saturating_add(self.validation.leeway)),
                 }
             }
         };
@@ -229,6 +234,30 @@ mod tests {
         let forged = a.authenticate(Some(&token("another-secret-000000", &[], 60)), None).unwrap_err();
         assert_eq!(forged.code(), "invalid_token");
         assert_eq!(a.authenticate(Some("not.a.jwt"), None).unwrap_err().http_status(), 401);
+    }
+
+    fn signed(claims: serde_json::Value) -> String {
+        encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+    }
+
+    #[test]
+    fn a_token_from_the_future_is_refused_until_its_nbf_within_leeway() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let early = signed(serde_json::json!({"sub": "u1", "exp": now + 7200, "nbf": now + 3600}));
+        let err = auth(vec![], &[]).authenticate(Some(&early), None).unwrap_err();
+        assert_eq!((err.code(), err.http_status()), ("token_not_yet_valid", 401));
+        // Within the configured leeway a slightly early clock is forgiven.
+        let lenient = AuthConfig { jwt_secret: Some(SECRET.into()), leeway_secs: 120, ..AuthConfig::default() };
+        let soon = signed(serde_json::json!({"sub": "u1", "exp": now + 7200, "nbf": now + 60}));
+        assert!(Authenticator::from_config(&lenient).unwrap().authenticate(Some(&soon), None).is_ok());
+    }
+
+    #[test]
+    fn the_largest_exp_does_not_overflow() {
+        let forever = signed(serde_json::json!({"sub": "u1", "exp": u64::MAX}));
+        let lenient = AuthConfig { jwt_secret: Some(SECRET.into()), leeway_secs: 60, ..AuthConfig::default() };
+        let id = Authenticator::from_config(&lenient).unwrap().authenticate(Some(&forever), None).unwrap();
+        assert_eq!(id.expires_at, Some(u64::MAX));
     }
 
     #[test]

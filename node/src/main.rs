@@ -90,7 +90,9 @@ fn main() -> ExitCode {
         config.log.format = LogFormat::Human;
     }
     let result = match cli.command {
-        Some(Command::CheckConfig) => toml::to_string(&config).map(|t| print!("{t}")).context("render config"),
+        Some(Command::CheckConfig) => {
+            toml::to_string(&config.redacted()).map(|t| print!("{t}")).context("render config")
+        }
         Some(Command::Token { sub, name, roles, ttl_secs }) => mint_token(&config, &sub, name, roles, ttl_secs),
         Some(Command::Schema | Command::ConfigReference) | None => run(config, cli.config.clone(), overrides),
     };
@@ -181,11 +183,10 @@ fn mint_token(
     roles: Vec<String>,
     ttl_secs: u64,
 ) -> anyhow::Result<()> {
+    // The same reader as the node's, so a minted token always verifies.
     let secret = match (&config.auth.jwt_secret_file, &config.auth.jwt_secret) {
-        (Some(path), _) => {
-            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?.trim_end().to_owned()
-        }
-        (None, Some(secret)) => secret.clone(),
+        (Some(path), _) => chat_node::auth::read_secret("auth.jwt_secret_file", path)?,
+        (None, Some(secret)) => secret.as_bytes().to_vec(),
         (None, None) => anyhow::bail!("no auth.jwt_secret_file or auth.jwt_secret configured"),
     };
     let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + ttl_secs;
@@ -194,7 +195,7 @@ fn mint_token(
     let token = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        &jsonwebtoken::EncodingKey::from_secret(&secret),
     )?;
     println!("{token}");
     Ok(())

@@ -214,6 +214,10 @@ pub enum ErrorCode {
 /// 4500–4999: do not reconnect without changing something first.
 pub mod close {
     pub const NORMAL: u16 = 1000;
+    /// The client broke the WebSocket protocol (RFC 6455), e.g. reserved bits set.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame that is not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
     /// Message larger than `limits.max_message_bytes`.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     pub const INTERNAL_ERROR: u16 = 1011;

@@ -89,7 +89,27 @@ pub struct LimitsConfig {
     /// Publishes allowed in a burst above the sustained rate.
     #[schemars(range(min = 1))]
     pub publish_burst: u32,
-    /// Consecutive rate-limited publishes after which the connection is closed (code 4003).
+    /// Connections one user (the token's `sub`) may hold on this node (HTTP 429 above it). Each
+    /// anonymous connection is a user of its own: cap those with `max_connections_per_ip`.
+    #[schemars(range(min = 1))]
+    pub max_connections_per_user: usize,
+    /// Connections one client address may hold on this node (HTTP 429 above it); unset: no cap. Behind a proxy or
+    /// load balancer every client has its address unless `trust_forwarded_for` is set.
+    #[schemars(range(min = 1))]
+    pub max_connections_per_ip: Option<usize>,
+    /// Take the client's address from the last entry of `X-Forwarded-For` (the one your proxy
+    /// added) instead of the TCP peer. Only behind a proxy that sets it: clients can forge it.
+    pub trust_forwarded_for: bool,
+    /// Sustained frames per second allowed per connection, of every type (join, leave, history,
+    /// presence, ping, publish, malformed): one connection cannot flood the room's members and
+    /// the peer links with join/leave pairs. Unset: twice `publish_rate_per_sec`, at least 50.
+    #[schemars(range(min = 1))]
+    pub frame_rate_per_sec: Option<u32>,
+    /// Frames allowed in a burst above `frame_rate_per_sec`. Unset: twice `publish_burst`, at
+    /// least 100.
+    #[schemars(range(min = 1))]
+    pub frame_burst: Option<u32>,
+    /// Consecutive rate-limited frames after which the connection is closed (code 4003).
     #[schemars(range(min = 1))]
     pub rate_limit_strikes: u32,
     /// Frames queued for one client before it counts as a slow consumer and is closed (code 4001).
@@ -119,6 +139,16 @@ pub struct LimitsConfig {
     pub ws_write_buffer_bytes: usize,
 }
 
+impl LimitsConfig {
+    /// The frame budget per connection: (sustained per second, burst).
+    pub fn frame_budget(&self) -> (u32, u32) {
+        (
+            self.frame_rate_per_sec.unwrap_or_else(|| self.publish_rate_per_sec.saturating_mul(2).max(50)),
+            self.frame_burst.unwrap_or_else(|| self.publish_burst.saturating_mul(2).max(100)),
+        )
+    }
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
@@ -127,6 +157,11 @@ impl Default for LimitsConfig {
             max_rooms_per_connection: 64,
             publish_rate_per_sec: 20,
             publish_burst: 40,
+            frame_rate_per_sec: None,
+            frame_burst: None,
+            max_connections_per_user: 100,
+            max_connections_per_ip: None,
+            trust_forwarded_for: false,
             rate_limit_strikes: 20,
             outbound_queue_frames: 1024,
             outbound_queue_bytes: 1024 * 1024,
@@ -427,13 +462,28 @@ fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
     ConfigError { field: field.to_owned(), message: message.into() }
 }
 
+/// What `check-config` prints in place of an inline secret.
+pub const REDACTED: &str = "<redacted>";
+
 impl NodeConfig {
+    /// The config with inline secrets replaced by [`REDACTED`], fit to print or log.
+    pub fn redacted(&self) -> NodeConfig {
+        let mut shown = self.clone();
+        for secret in [&mut shown.auth.jwt_secret, &mut shown.cluster.secret] {
+            if secret.is_some() {
+                *secret = Some(REDACTED.to_owned());
+            }
+        }
+        shown
+    }
+
     /// Checks what the types cannot express; the first problem found is returned.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
         let positive = [
             ("limits.max_connections", l.max_connections as u64),
             ("limits.max_rooms_per_connection", l.max_rooms_per_connection as u64),
+            ("limits.max_connections_per_user", l.max_connections_per_user as u64),
             ("limits.publish_rate_per_sec", u64::from(l.publish_rate_per_sec)),
             ("limits.publish_burst", u64::from(l.publish_burst)),
             ("limits.rate_limit_strikes", u64::from(l.rate_limit_strikes)),
@@ -445,6 +495,15 @@ impl NodeConfig {
         ];
         if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(invalid(field, "must be at least 1"));
+        }
+        if l.max_connections_per_ip == Some(0) {
+            return Err(invalid("limits.max_connections_per_ip", "must be at least 1 (leave it unset for no cap)"));
+        }
+        let (frame_rate, frame_burst) = l.frame_budget();
+        if frame_rate < l.publish_rate_per_sec || frame_burst < l.publish_burst {
+            let field =
+                if frame_rate < l.publish_rate_per_sec { "limits.frame_rate_per_sec" } else { "limits.frame_burst" };
+            return Err(invalid(field, "must not be below the publish rate and burst (every publish is a frame)"));
         }
         if !(256..=16 * 1024 * 1024).contains(&l.max_message_bytes) {
             return Err(invalid("limits.max_message_bytes", "must be between 256 and 16777216"));

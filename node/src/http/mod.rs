@@ -99,6 +99,7 @@ pub fn routes(
         .and(warp::header::headers_cloned())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::ext::optional::<hyper::upgrade::OnUpgrade>())
+        .and(warp::ext::optional::<RemoteAddr>())
         .and(with_state.clone())
         .map(upgrade::handshake);
     let static_files = warp::path::tail()

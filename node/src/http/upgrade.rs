@@ -1,6 +1,7 @@
 //! The WebSocket handshake on `/ws`: every refusal is a plain HTTP status with a JSON body,
 //! decided before the upgrade; an accepted socket gets tungstenite with the node's buffer sizes.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use warp::http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 
-use super::AppState;
+use super::{AppState, RemoteAddr};
+use crate::hub::Refusal;
 use crate::protocol::SUBPROTOCOL;
 use crate::transport::websocket::{WsConnection, websocket_config};
 
@@ -23,7 +25,7 @@ pub(crate) fn refuse(status: StatusCode, code: &str, message: &str) -> Response<
     if status == StatusCode::UNAUTHORIZED {
         builder = builder.header(header::WWW_AUTHENTICATE, "Bearer");
     }
-    if status == StatusCode::SERVICE_UNAVAILABLE {
+    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
         builder = builder.header(header::RETRY_AFTER, "5");
     }
     builder.body(Bytes::from(body)).unwrap_or_else(|_| Response::new(Bytes::new()))
@@ -91,6 +93,7 @@ pub(super) fn handshake(
     headers: HeaderMap,
     query: String,
     on_upgrade: Option<OnUpgrade>,
+    remote: Option<RemoteAddr>,
     state: Arc<AppState>,
 ) -> Response<Bytes> {
     let hub = &state.hub;
@@ -107,12 +110,15 @@ pub(super) fn handshake(
             &format!("this server speaks the subprotocol {SUBPROTOCOL}"),
         );
     };
-    let permit = match hub.admit() {
+    let address = client_address(&headers, remote, hub.config().limits.trust_forwarded_for);
+    let refused = |refusal: Refusal| {
+        metrics.reject_handshake(refusal.code());
+        let status = StatusCode::from_u16(refusal.http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        refuse(status, refusal.code(), &refusal.to_string())
+    };
+    let mut permit = match hub.admit(address) {
         Ok(permit) => permit,
-        Err(refusal) => {
-            metrics.reject_handshake(refusal.code());
-            return refuse(StatusCode::SERVICE_UNAVAILABLE, refusal.code(), &refusal.to_string());
-        }
+        Err(refusal) => return refused(refusal),
     };
     let QueryParams { token: query_token, name, session } = query_params(&query);
     let token = bearer(&headers).or(query_token);
@@ -125,6 +131,9 @@ pub(super) fn handshake(
             return refuse(status, err.code(), &err.to_string());
         }
     };
+    if let Err(refusal) = permit.claim_user(&identity.user.id) {
+        return refused(refusal);
+    }
 
     let config = websocket_config(&hub.config().limits);
     let timeout = Duration::from_secs(hub.config().limits.handshake_timeout_secs);
@@ -155,6 +164,18 @@ pub(super) fn handshake(
     });
 
     switching_protocols(&key, subprotocol)
+}
+
+/// Who the connection counts against for `limits.max_connections_per_ip`: the TCP peer, or,
+/// behind a trusted proxy, the last address in `X-Forwarded-For` (the one that proxy added).
+fn client_address(headers: &HeaderMap, remote: Option<RemoteAddr>, trust_forwarded_for: bool) -> Option<IpAddr> {
+    if trust_forwarded_for {
+        let forwarded = headers.get_all("x-forwarded-for").iter().next_back().and_then(|v| v.to_str().ok());
+        if let Some(last) = forwarded.and_then(|list| list.rsplit(',').next()) {
+            return last.trim().parse().ok();
+        }
+    }
+    remote.map(|RemoteAddr(addr)| addr.ip())
 }
 
 /// The `Sec-WebSocket-Key` of a well-formed WebSocket upgrade request (version 13), if it is one.
@@ -190,6 +211,18 @@ mod tests {
         assert_eq!(negotiate_subprotocol(&headers), Ok(Some(SUBPROTOCOL)));
         headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("mqtt"));
         assert_eq!(negotiate_subprotocol(&headers), Err(()));
+    }
+
+    #[test]
+    fn client_address_from_the_peer_or_a_trusted_proxy() {
+        let peer = Some(RemoteAddr("10.0.0.9:5000".parse().unwrap()));
+        let mut headers = HeaderMap::new();
+        headers.append("x-forwarded-for", HeaderValue::from_static("6.6.6.6, 203.0.113.7"));
+        assert_eq!(client_address(&headers, peer, false), Some("10.0.0.9".parse().unwrap()), "not trusted");
+        assert_eq!(client_address(&headers, peer, true), Some("203.0.113.7".parse().unwrap()), "the proxy's entry");
+        headers.append("x-forwarded-for", HeaderValue::from_static("198.51.100.1"));
+        assert_eq!(client_address(&headers, peer, true), Some("198.51.100.1".parse().unwrap()), "the last header");
+        assert_eq!(client_address(&HeaderMap::new(), peer, true), Some("10.0.0.9".parse().unwrap()), "no header");
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub enum Refusal {
     Draining,
     #[error("the node holds its maximum number of connections")]
     Full,
+    #[error("this user holds its maximum of {0} connections on this node")]
+    UserFull(usize),
+    #[error("this client address holds its maximum of {0} connections on this node")]
+    AddressFull(usize),
 }
 
 impl Refusal {
@@ -41,6 +45,42 @@ impl Refusal {
         match self {
             Self::Draining => "draining",
             Self::Full => "too_many_connections",
+            Self::UserFull(_) => "too_many_connections_for_user",
+            Self::AddressFull(_) => "too_many_connections_from_address",
+        }
+    }
+
+    /// The HTTP status of the refused handshake: the node is busy (503) or this client has
+    /// enough connections (429).
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::Draining | Self::Full => 503,
+            Self::UserFull(_) | Self::AddressFull(_) => 429,
+        }
+    }
+}
+
+/// Open connections per user and per client address, for the caps in `limits`.
+#[derive(Default)]
+struct ClientCounts {
+    users: HashMap<String, usize>,
+    addresses: HashMap<std::net::IpAddr, usize>,
+}
+
+fn count_up<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: K, cap: Option<usize>) -> bool {
+    let count = counts.entry(key).or_insert(0);
+    if cap.is_some_and(|cap| *count >= cap) {
+        return false;
+    }
+    *count += 1;
+    true
+}
+
+fn count_down<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: &K) {
+    if let Some(count) = counts.get_mut(key) {
+        *count -= 1;
+        if *count == 0 {
+            counts.remove(key);
         }
     }
 }
@@ -55,6 +95,7 @@ pub struct Hub {
     connections: Mutex<HashMap<u64, Arc<ConnSignal>>>,
     next_conn: AtomicU64,
     open: AtomicUsize,
+    clients: Mutex<ClientCounts>,
     draining: AtomicBool,
     /// Orders and stores the rooms' streams: at once alone, through Raft in a cluster.
     log: Arc<dyn RoomLog>,
@@ -64,15 +105,37 @@ pub struct Hub {
     next_key: AtomicU64,
 }
 
-/// A reserved connection slot; released when dropped.
+/// A reserved connection slot, counted for its client address and, once authenticated, its
+/// user; released when dropped.
 pub struct Permit {
     hub: Arc<Hub>,
+    address: Option<std::net::IpAddr>,
+    user: Option<String>,
+}
+
+impl Permit {
+    /// Counts the connection for `user`, unless that user is at `limits.max_connections_per_user`.
+    pub fn claim_user(&mut self, user: &str) -> Result<(), Refusal> {
+        let cap = self.hub.config.limits.max_connections_per_user;
+        if !count_up(&mut self.hub.client_counts().users, user.to_owned(), Some(cap)) {
+            return Err(Refusal::UserFull(cap));
+        }
+        self.user = Some(user.to_owned());
+        Ok(())
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         self.hub.open.fetch_sub(1, Ordering::AcqRel);
         self.hub.metrics.connections.dec();
+        let mut counts = self.hub.client_counts();
+        if let Some(user) = &self.user {
+            count_down(&mut counts.users, user);
+        }
+        if let Some(address) = &self.address {
+            count_down(&mut counts.addresses, address);
+        }
     }
 }
 
@@ -94,6 +157,7 @@ impl Hub {
             connections: Mutex::default(),
             next_conn: AtomicU64::new(1),
             open: AtomicUsize::new(0),
+            clients: Mutex::default(),
             draining: AtomicBool::new(false),
             log: log.unwrap_or_else(|| Arc::new(LocalLog::default())),
             sessions: Sessions::default(),
@@ -134,7 +198,7 @@ impl Hub {
     }
 
     /// Reserves a slot for a new connection, before any handshake work is done.
-    pub fn admit(self: &Arc<Self>) -> Result<Permit, Refusal> {
+    pub fn admit(self: &Arc<Self>, address: Option<std::net::IpAddr>) -> Result<Permit, Refusal> {
         if self.is_draining() {
             return Err(Refusal::Draining);
         }
@@ -143,8 +207,21 @@ impl Hub {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
             .map_err(|_| Refusal::Full)?;
         self.metrics.connections.inc();
+        // From here on, dropping the permit frees what it holds.
+        let mut permit = Permit { hub: self.clone(), address: None, user: None };
+        if let Some(address) = address {
+            let cap = self.config.limits.max_connections_per_ip;
+            if !count_up(&mut self.client_counts().addresses, address, cap) {
+                return Err(Refusal::AddressFull(cap.unwrap_or_default()));
+            }
+            permit.address = Some(address);
+        }
         self.metrics.connections_accepted.inc();
-        Ok(Permit { hub: self.clone() })
+        Ok(permit)
+    }
+
+    fn client_counts(&self) -> std::sync::MutexGuard<'_, ClientCounts> {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Runs one authenticated client connection until it ends; `resume` is the session token

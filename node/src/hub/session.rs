@@ -47,6 +47,7 @@ pub(super) async fn run<C: Connection>(
         outbox: out,
         rooms: HashMap::new(),
         limiter: None,
+        frames: frame_limiter(&hub.config.limits),
         strikes: 0,
     };
     let code = session.drive(&mut conn, &mut inbox, resumed).await;
@@ -67,7 +68,17 @@ struct Session<'h> {
     rooms: HashMap<String, (Arc<Room>, Option<StreamPosition>)>,
     /// Created on the first publish: most connections only read.
     limiter: Option<Box<DefaultDirectRateLimiter>>,
+    /// Every frame the client sends spends from this budget.
+    frames: Box<DefaultDirectRateLimiter>,
+    /// Rate-limited frames in a row (publishes over their rate, or any frame over the budget).
     strikes: u32,
+}
+
+fn frame_limiter(limits: &crate::config::LimitsConfig) -> Box<DefaultDirectRateLimiter> {
+    let (rate, burst) = limits.frame_budget();
+    let rate = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+    Box::new(RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)))
 }
 
 /// How a session ends: with a close we send, or because the client went away.
@@ -79,6 +90,8 @@ enum End {
 fn close_reason(code: u16) -> &'static str {
     match code {
         close::MESSAGE_TOO_BIG => "message too big",
+        close::PROTOCOL_ERROR => "WebSocket protocol violation",
+        close::INVALID_PAYLOAD => "text frame is not valid UTF-8",
         close::RECONNECT_ELSEWHERE => "node draining: reconnect elsewhere",
         close::SLOW_CONSUMER => "slow consumer: outbound queue overflowed",
         close::IDLE_TIMEOUT => "idle timeout",
@@ -117,9 +130,10 @@ impl Session<'_> {
         let ping_every = Duration::from_secs(limits.ping_interval_secs);
         let idle_timeout = Duration::from_secs(limits.idle_timeout_secs);
         // The heartbeat also checks token expiry, so it fires at `exp` if that comes first.
-        let expiry = self.identity.expires_at.map(|exp| {
+        // An `exp` too far ahead for the clock to represent never ends the connection.
+        let expiry = self.identity.expires_at.and_then(|exp| {
             let left = Duration::from_secs(exp).saturating_sub(Duration::from_millis(unix_millis()));
-            Instant::now() + left
+            Instant::now().checked_add(left)
         });
         let first_tick = (Instant::now() + ping_every).min(expiry.unwrap_or(Instant::now() + ping_every));
         let mut heartbeat = interval_at(first_tick, ping_every);
@@ -143,6 +157,7 @@ impl Session<'_> {
                         Inbound::Activity => None,
                         Inbound::Binary => Some(End::Close(close::UNSUPPORTED_DATA)),
                         Inbound::TooBig => Some(End::Close(close::MESSAGE_TOO_BIG)),
+                        Inbound::Malformed(code) => Some(End::Close(code)),
                         Inbound::Closed => {
                             // Lets the transport finish the close handshake it started.
                             let _ = conn.flush().await;
@@ -194,6 +209,27 @@ impl Session<'_> {
     /// Dispatches one client frame; replies go to `replies`. Returns a close code if the
     /// connection must end.
     fn handle(&mut self, text: &[u8], replies: &mut Vec<Frame>) -> Option<u16> {
+        let strikes = self.strikes;
+        let end = self.dispatch(text, replies);
+        if self.strikes == strikes {
+            // Strikes count rate-limited frames in a row: any other frame clears them.
+            self.strikes = 0;
+        }
+        end
+    }
+
+    fn dispatch(&mut self, text: &[u8], replies: &mut Vec<Frame>) -> Option<u16> {
+        if self.frames.check().is_err() {
+            // Not even parsed: a flood costs the node as little as possible.
+            self.hub.metrics.rate_limited.inc();
+            self.strikes += 1;
+            if self.strikes >= self.hub.config.limits.rate_limit_strikes {
+                return Some(close::TOO_MANY_REQUESTS);
+            }
+            let (rate, _) = self.hub.config.limits.frame_budget();
+            replies.push(error(None, ErrorCode::RateLimited, format!("at most {rate} frames per second")));
+            return None;
+        }
         let frame = match serde_json::from_slice::<ClientFrame>(text) {
             Ok(frame) => frame,
             Err(err) => {
@@ -351,7 +387,6 @@ impl Session<'_> {
             ));
             return None;
         }
-        self.strikes = 0;
         self.hub.metrics.publishes.inc();
         let sender = self.identity.user.clone();
         let key = self.hub.publish_key(&sender, key);

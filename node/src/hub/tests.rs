@@ -33,7 +33,7 @@ pub(crate) fn identity(user: &str, roles: &[&str]) -> Identity {
 
 pub(crate) async fn connect_as(hub: &Arc<Hub>, identity: Identity) -> MemoryClient {
     let (conn, mut client) = pair(64);
-    let permit = hub.admit().unwrap();
+    let permit = hub.admit(None).unwrap();
     tokio::spawn(hub.clone().serve(conn, identity, None, permit));
     let welcome = client.next_json().await.unwrap();
     assert_eq!(welcome["type"], "welcome");
@@ -273,6 +273,50 @@ async fn sustained_rate_abuse_is_closed() {
     assert_eq!(hub.metrics().rate_limited.get(), 3);
 }
 
+#[tokio::test]
+async fn every_frame_type_spends_one_budget() {
+    let mut cfg = config();
+    cfg.limits.frame_rate_per_sec = Some(1);
+    cfg.limits.frame_burst = Some(4);
+    cfg.limits.publish_rate_per_sec = 1;
+    cfg.limits.publish_burst = 1;
+    cfg.limits.rate_limit_strikes = 5;
+    let hub = hub(cfg);
+    let mut watcher = connect(&hub, "watcher").await;
+    join(&mut watcher, "r").await;
+    let mut ann = connect(&hub, "ann").await;
+    // Join/leave pairs, pings and garbage: none of them is a publish, all of them count.
+    for _ in 0..3 {
+        send(&ann, json!({"type": "join", "room": "r"})).await;
+        send(&ann, json!({"type": "leave", "room": "r"})).await;
+    }
+    for _ in 0..2 {
+        send(&ann, json!({"type": "ping"})).await;
+    }
+    ann.inbound.send(Inbound::Text("not json".into())).await.unwrap();
+    let (frames, code) = ann.frames_until_close(Duration::from_secs(5)).await;
+    assert_eq!(code, Some(close::TOO_MANY_REQUESTS), "the fifth frame over the budget in a row closes with 4003");
+    let limited = frames.iter().filter(|f| f["code"] == "rate_limited").count();
+    assert_eq!(limited, 4, "{frames:?}");
+    assert_eq!(frames.iter().filter(|f| f["type"] == "joined").count(), 2, "within the burst: {frames:?}");
+    // The other member heard of one join/leave pair, not of the flood.
+    let mut seen = Vec::new();
+    while let Ok(frame) = tokio::time::timeout(Duration::from_millis(200), next(&mut watcher)).await {
+        seen.push(frame["type"].as_str().unwrap_or_default().to_owned());
+    }
+    assert_eq!(seen.iter().filter(|t| *t == "user_joined").count(), 2, "{seen:?}");
+}
+
+#[test]
+fn the_frame_budget_never_undercuts_publishes() {
+    let mut cfg = config();
+    cfg.limits.publish_rate_per_sec = 1000;
+    assert_eq!(cfg.limits.frame_budget().0, 2000, "unset: twice the publish rate");
+    cfg.limits.frame_rate_per_sec = Some(10);
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(err.contains("limits.frame_rate_per_sec"), "{err}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn silent_clients_time_out() {
     let mut cfg = config();
@@ -290,9 +334,9 @@ async fn drain_refuses_new_work_and_asks_clients_to_reconnect() {
     let hub = hub(cfg);
     let mut ann = connect(&hub, "ann").await;
     let mut bob = connect(&hub, "bob").await;
-    assert_eq!(hub.admit().err(), Some(super::Refusal::Full));
+    assert_eq!(hub.admit(None).err(), Some(super::Refusal::Full));
     hub.start_draining();
-    assert_eq!(hub.admit().err(), Some(super::Refusal::Draining));
+    assert_eq!(hub.admit(None).err(), Some(super::Refusal::Draining));
     send(&bob, json!({"type": "join", "room": "r"})).await;
     assert_eq!(expect(&mut bob, "error").await["code"], "draining");
     hub.disconnect_all(1000).await;

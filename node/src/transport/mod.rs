@@ -25,6 +25,8 @@ pub enum Inbound {
     Activity,
     /// The client sent a message over `limits.max_message_bytes`.
     TooBig,
+    /// The client broke the framing rules; close with this code (1002 or 1007).
+    Malformed(u16),
     /// The client closed the connection or it failed.
     Closed,
 }

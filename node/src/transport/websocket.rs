@@ -4,13 +4,14 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::CapacityError;
+use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use super::{Connection, Frame, Inbound, TransportError};
 use crate::config::LimitsConfig;
+use crate::protocol::close;
 
 /// The tungstenite settings for client connections, from the node's limits. Buffer sizes are
 /// set explicitly: tungstenite's 128 KiB default read buffer is allocated for every connection.
@@ -38,6 +39,16 @@ impl<S> WsConnection<S> {
     }
 }
 
+/// Protocol errors that mean the connection is already over, not a client to answer with 1002.
+fn ends_the_connection(violation: &ProtocolError) -> bool {
+    matches!(
+        violation,
+        ProtocolError::ResetWithoutClosingHandshake
+            | ProtocolError::SendAfterClosing
+            | ProtocolError::ReceivedAfterClosing
+    )
+}
+
 fn lost(err: WsError) -> TransportError {
     TransportError(err.to_string())
 }
@@ -54,6 +65,10 @@ where
             Some(Ok(Message::Close(_))) | None => Inbound::Closed,
             Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. } | CapacityError::TooManyHeaders))) => {
                 Inbound::TooBig
+            }
+            Some(Err(WsError::Utf8(_))) => Inbound::Malformed(close::INVALID_PAYLOAD),
+            Some(Err(WsError::Protocol(violation))) if !ends_the_connection(&violation) => {
+                Inbound::Malformed(close::PROTOCOL_ERROR)
             }
             Some(Err(_)) => Inbound::Closed,
         }
