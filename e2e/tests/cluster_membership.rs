@@ -573,6 +573,65 @@ async fn peer_endpoint_only_on_the_peer_port() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn unauthenticated_peer_sockets_are_small_short_and_few() -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = LoopbackCluster::start(1).await?;
+    let node = &cluster.members[0].node;
+
+    // A frame announcing 1 MiB before authenticating, 100 KiB of it sent: the node cuts the
+    // socket off after a few KiB instead of buffering on until the handshake deadline (5 s).
+    let peer = SocketAddr::new(node.addr().ip(), cluster.ports.peer);
+    let mut raw = tokio::net::TcpStream::connect(peer).await?;
+    let upgrade = format!(
+        "GET /peer HTTP/1.1\r\nHost: {peer}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    raw.write_all(upgrade.as_bytes()).await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+        raw.read_exact(&mut byte).await?;
+        head.push(byte[0]);
+    }
+    ensure!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    let mut frame = vec![0x81, 0x80 | 127];
+    frame.extend_from_slice(&(1u64 << 20).to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]);
+    frame.extend(std::iter::repeat_n(b'x', 100 * 1024));
+    let _ = tokio::time::timeout(Duration::from_secs(2), raw.write_all(&frame)).await;
+    let cut_off = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut sink = [0u8; 4096];
+        while matches!(raw.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    ensure!(cut_off.is_ok(), "still reading a frame of 1 MiB from a peer that never authenticated");
+
+    // Silent sockets take the handshake slots only until the handshake deadline (5 s).
+    let url = format!("ws://{peer}/peer");
+    let mut silent = Vec::new();
+    for _ in 0..16 {
+        silent.push(tokio_tungstenite::connect_async(url.as_str()).await?.0);
+    }
+    assert_eq!(handshake_status(&url, &[]).await, 503, "a 17th unauthenticated socket is refused");
+    let started = Instant::now();
+    let mut status = 0;
+    while status != 101 && started.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        status = handshake_status(&url, &[]).await;
+    }
+    assert_eq!(status, 101, "slots come back once the silent sockets' deadline passed");
+    for mut socket in silent {
+        let closed =
+            tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = socket.next().await {} })
+                .await;
+        ensure!(closed.is_ok(), "a silent socket outlived the handshake deadline");
+    }
+    assert_eq!(http_get(node.addr(), "/healthz").await?.0, 200);
+    Ok(())
+}
+
 // ---------- f. partition ----------
 
 #[tokio::test]

@@ -20,6 +20,77 @@ use super::auth::{nonce, sign, verify};
 use super::wire::{CLOSE_AUTH_FAILED, CLOSE_DIAL_BACK, CLOSE_REPLACED, PeerFrame};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes an accepted peer socket may send before it has authenticated: a hello is well under
+/// 1 KiB, so anything near this is not a peer.
+const PRE_AUTH_BYTES: usize = 16 * 1024;
+
+/// A remote value (a claimed node id, an unexpected frame) as it may appear in a log line or an
+/// error: escaped and at most 64 characters.
+fn shown(remote: &str) -> String {
+    let mut text: String = remote.chars().take(64).flat_map(char::escape_debug).collect();
+    if remote.chars().nth(64).is_some() {
+        text.push('…');
+    }
+    text
+}
+
+/// The byte stream of an accepted peer socket, cut off once it has sent `PRE_AUTH_BYTES`
+/// before its handshake succeeded (`PreAuthLimit::open` lifts the limit).
+pub struct PreAuthLimit<S> {
+    inner: S,
+    read: usize,
+    open: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<S> PreAuthLimit<S> {
+    pub fn new(inner: S) -> (PreAuthLimit<S>, Arc<std::sync::atomic::AtomicBool>) {
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        (PreAuthLimit { inner, read: 0, open: open.clone() }, open)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for PreAuthLimit<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let open = self.open.load(Ordering::Acquire);
+        if !open && self.read >= PRE_AUTH_BYTES {
+            return std::task::Poll::Ready(Err(std::io::Error::other("peer sent too much before authenticating")));
+        }
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if !open {
+            self.read += buf.filled().len() - before;
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for PreAuthLimit<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 /// tungstenite settings for peer links: larger buffers than clients, there are few links.
 pub fn peer_ws_config() -> WebSocketConfig {
@@ -80,7 +151,7 @@ where
     })
     .await
     .map_err(|_| HandshakeError::Timeout)??;
-    serde_json::from_str(&next).map_err(|_| HandshakeError::Unexpected(next.to_string()))
+    serde_json::from_str(&next).map_err(|_| HandshakeError::Unexpected(shown(&next)))
 }
 
 async fn close<S>(ws: &mut WebSocketStream<S>, code: u16, reason: &str)
@@ -142,18 +213,55 @@ pub async fn dial(cluster: Arc<Cluster>, addr: SocketAddr) -> DialOutcome {
     DialOutcome::Ran
 }
 
-/// Runs the acceptor side of the handshake on an upgraded `/peer` socket, then the link.
-pub async fn accept<S>(cluster: Arc<Cluster>, mut ws: WebSocketStream<S>, remote: Option<SocketAddr>)
+/// Runs the acceptor side of the handshake on an upgraded `/peer` socket, then the link. Until
+/// the peer has proved the cluster secret, the socket holds a handshake slot (`slot`), may send
+/// only a few KiB (`PreAuthLimit`, lifted through `unlock`) and has `HANDSHAKE_TIMEOUT` in all.
+pub async fn accept<S>(
+    cluster: Arc<Cluster>,
+    mut ws: WebSocketStream<S>,
+    remote: Option<SocketAddr>,
+    unlock: Arc<std::sync::atomic::AtomicBool>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor_handshake(&cluster, &mut ws, remote)).await;
+    drop(slot);
+    let Ok(Some(dialer)) = handshake else { return };
+    unlock.store(true, Ordering::Release);
+    let me = cluster.node_id().to_owned();
+    // Sent only now, with the limit lifted: the dialer starts replicating once it reads this.
+    let mac = sign(cluster.secret(), "acceptor", &dialer.nonce, &me, &dialer.node_id);
+    if send_frame(&mut ws, &PeerFrame::Accepted { mac }).await.is_err() {
+        return;
+    }
+    run(cluster, dialer.node_id, dialer.peer_addr, ws).await;
+}
+
+/// A dialer that proved the cluster secret.
+struct Dialer {
+    node_id: String,
+    peer_addr: String,
+    nonce: String,
+}
+
+/// The acceptor's half of the handshake: the dialer, once it proved the secret; `None` after
+/// refusing it.
+async fn acceptor_handshake<S>(
+    cluster: &Cluster,
+    ws: &mut WebSocketStream<S>,
+    remote: Option<SocketAddr>,
+) -> Option<Dialer>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let me = cluster.node_id().to_owned();
     let my_nonce = nonce();
     let challenge = PeerFrame::Challenge { node_id: me.clone(), nonce: my_nonce.clone() };
-    if send_frame(&mut ws, &challenge).await.is_err() {
-        return;
+    if send_frame(ws, &challenge).await.is_err() {
+        return None;
     }
-    let (peer_id, peer_addr, dialer_nonce) = match recv_frame(&mut ws).await {
+    let (peer_id, peer_addr, dialer_nonce) = match recv_frame(ws).await {
         Ok(PeerFrame::Hello { node_id, peer_addr, nonce, mac })
             if verify(cluster.secret(), "dialer", &my_nonce, &node_id, &me, &mac) =>
         {
@@ -161,30 +269,31 @@ where
         }
         Ok(PeerFrame::Hello { node_id, .. }) => {
             cluster.metrics().peer_auth_failures.inc();
-            tracing::warn!(?remote, claimed = node_id, "rejected a peer with a bad HMAC proof (wrong cluster secret?)");
-            close(&mut ws, CLOSE_AUTH_FAILED, "authentication failed").await;
-            return;
+            let claimed = shown(&node_id);
+            tracing::warn!(?remote, claimed, "rejected a peer with a bad HMAC proof (wrong cluster secret?)");
+            close(ws, CLOSE_AUTH_FAILED, "authentication failed").await;
+            return None;
         }
         // Anything but a hello (another handshake frame, or a replication frame sent without
         // authenticating) is refused like a bad proof.
         Ok(_) | Err(HandshakeError::Unexpected(_)) => {
             cluster.metrics().peer_auth_failures.inc();
             tracing::warn!(?remote, "refused a peer that sent something other than a hello");
-            close(&mut ws, CLOSE_AUTH_FAILED, "expected hello").await;
-            return;
+            close(ws, CLOSE_AUTH_FAILED, "expected hello").await;
+            return None;
         }
-        // Dialers that find out they should be dialed instead just close: not an error.
-        Err(_) => return,
+        // Dialers that find out they should be dialed instead just close: not an error. A peer
+        // over the pre-authentication limit ends here too (its read failed).
+        Err(err) => {
+            tracing::debug!(?remote, %err, "peer handshake ended");
+            return None;
+        }
     };
     if peer_id >= me {
-        close(&mut ws, CLOSE_DIAL_BACK, "the lower node id dials").await;
-        return;
+        close(ws, CLOSE_DIAL_BACK, "the lower node id dials").await;
+        return None;
     }
-    let accepted = PeerFrame::Accepted { mac: sign(cluster.secret(), "acceptor", &dialer_nonce, &me, &peer_id) };
-    if send_frame(&mut ws, &accepted).await.is_err() {
-        return;
-    }
-    run(cluster, peer_id, peer_addr, ws).await;
+    Some(Dialer { node_id: peer_id, peer_addr, nonce: dialer_nonce })
 }
 
 /// Frames written before one flush: the queue is drained in batches under load.

@@ -90,7 +90,12 @@ pub struct Cluster {
     generation: AtomicU64,
     metrics: Arc<Metrics>,
     handler: OnceLock<Weak<dyn PeerHandler>>,
+    /// Slots for peer sockets that have not authenticated yet (see `link::accept`).
+    handshakes: Arc<tokio::sync::Semaphore>,
 }
+
+/// Peer sockets allowed to be in their handshake at once; more are refused with 503.
+pub const MAX_PENDING_HANDSHAKES: usize = 16;
 
 /// A link as `/cluster` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -143,7 +148,13 @@ impl Cluster {
             generation: AtomicU64::new(0),
             metrics,
             handler: OnceLock::new(),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES)),
         }))
+    }
+
+    /// A slot for one unauthenticated peer socket, held until its handshake ends.
+    pub fn handshake_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.handshakes.clone().try_acquire_owned().ok()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

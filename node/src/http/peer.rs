@@ -16,7 +16,7 @@ use warp::http::{HeaderMap, Response, StatusCode};
 use super::upgrade::{refuse, switching_protocols, websocket_key};
 use super::{RemoteAddr, plain};
 use crate::cluster::Cluster;
-use crate::cluster::link::{accept, peer_ws_config};
+use crate::cluster::link::{PreAuthLimit, accept, peer_ws_config};
 
 pub fn routes(
     cluster: Arc<Cluster>,
@@ -41,11 +41,18 @@ fn upgrade(
     let (Some(key), Some(on_upgrade)) = (websocket_key(headers), on_upgrade) else {
         return refuse(StatusCode::BAD_REQUEST, "bad_handshake", "expected a WebSocket upgrade on /peer");
     };
+    let Some(slot) = cluster.handshake_slot() else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_peer_handshakes",
+            "too many peer sockets are authenticating; retry later",
+        );
+    };
     tokio::spawn(async move {
         if let Ok(upgraded) = on_upgrade.await {
-            let ws =
-                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(peer_ws_config())).await;
-            accept(cluster, ws, remote).await;
+            let (limited, unlock) = PreAuthLimit::new(TokioIo::new(upgraded));
+            let ws = WebSocketStream::from_raw_socket(limited, Role::Server, Some(peer_ws_config())).await;
+            accept(cluster, ws, remote, unlock, slot).await;
         }
     });
     switching_protocols(&key, None)
