@@ -811,6 +811,48 @@ async fn slow_consumer_is_closed_4001_and_counted() -> anyhow::Result<()> {
 // ---------- idle timeout ----------
 
 #[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_within_the_write_timeout() -> anyhow::Result<()> {
+    let mut cfg = anonymous_config();
+    cfg.limits.write_timeout_secs = 1;
+    cfg.limits.max_message_bytes = 64 * 1024;
+    cfg.limits.publish_rate_per_sec = 10_000;
+    cfg.limits.publish_burst = 10_000;
+    // Room enough that the outbox never overflows: only the write deadline can end it.
+    cfg.limits.outbound_queue_bytes = 64 << 20;
+    cfg.limits.outbound_queue_frames = 100_000;
+    let node = start(&cfg).await?;
+    let connections = |node: &NodeProcess| {
+        let addr = node.addr();
+        async move {
+            let metrics = http_get(addr, "/metrics").await.map(|(_, m)| m).unwrap_or_default();
+            let gauge = metrics.lines().find_map(|l| l.strip_prefix("chat_connections "));
+            gauge.and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(-1.0)
+        }
+    };
+    // A subscriber that joins and then never reads again, with a small receive buffer.
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let mut mute = socket.connect(node.addr()).await?;
+    let upgrade = upgrade_request(node.addr(), "/ws?name=mute", &[("Sec-WebSocket-Protocol", SUBPROTOCOL)]);
+    mute.write_all(upgrade.as_bytes()).await?;
+    let (status, head, _) = read_response_head(&mut mute).await?;
+    ensure!(status == 101, "{head}");
+    mute.write_all(&masked_frame(0x81, br#"{"type":"join","room":"r"}"#)).await?;
+    let (mut publisher, _) = anon(&node, "pub").await?;
+    join(&mut publisher, "r").await?;
+    // 9 MB of messages: far more than the socket buffers between the node and the mute client.
+    let body = "x".repeat(60 * 1024);
+    for _ in 0..150 {
+        publish(&mut publisher, "r", &body).await?;
+    }
+    wait_for("the mute client dropped", Duration::from_secs(15), || async { connections(&node).await == 1.0 }).await?;
+    let metrics = get(&node, "/metrics").await?.1;
+    assert_eq!(metric_sum(&metrics, "chat_slow_consumer_disconnects"), 1.0, "counted as a slow consumer");
+    drop(mute);
+    Ok(())
+}
+
+#[tokio::test]
 async fn silent_client_is_closed_4002() -> anyhow::Result<()> {
     let mut cfg = anonymous_config();
     cfg.limits.ping_interval_secs = 1;

@@ -370,7 +370,10 @@ where
             }
             next = queued.recv() => {
                 let Some(first) = next else { break "unregistered" };
-                let result = write_batch(&mut ws, first, &mut queued).await;
+                // A peer that stops reading must not hold this task (and its heartbeat) forever.
+                let Ok(result) = tokio::time::timeout(timeout, write_batch(&mut ws, first, &mut queued)).await else {
+                    break "write timed out";
+                };
                 unsent.fetch_sub(result.written, Ordering::AcqRel);
                 if result.failed {
                     break "write failed";
@@ -384,8 +387,11 @@ where
                 if last_seen.elapsed() > timeout {
                     break "heartbeat timeout";
                 }
-                if ws.send(Message::Ping(stamp(origin))).await.is_err() {
-                    break "write failed";
+                if unsent.load(Ordering::Acquire) >= super::MAX_QUEUED_FRAMES {
+                    break "queue overflow";
+                }
+                if !matches!(tokio::time::timeout(timeout, ws.send(Message::Ping(stamp(origin)))).await, Ok(Ok(()))) {
+                    break "write failed or timed out";
                 }
             }
         }

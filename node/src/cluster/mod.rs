@@ -46,8 +46,16 @@ pub enum AddrState {
     Unreachable,
 }
 
+/// Frames a link may hold unwritten. A peer that falls this far behind is dropped (its task
+/// sees it on the next heartbeat) and catches up on the next link, rather than growing the
+/// queue without bound; meanwhile frames to it are refused as if it were not linked.
+pub const MAX_QUEUED_FRAMES: usize = 65_536;
+
 impl Link {
     fn queue(&self, text: Utf8Bytes) -> bool {
+        if self.queued.load(Ordering::Acquire) >= MAX_QUEUED_FRAMES {
+            return false;
+        }
         let queued = self.outbound.send(text).is_ok();
         self.queued.fetch_add(usize::from(queued), Ordering::AcqRel);
         queued
@@ -301,5 +309,29 @@ impl Cluster {
             state.discovered.iter().map(|(a, s)| (a.to_string(), s.clone())).collect();
         discovered.sort_by(|a, b| a.0.cmp(&b.0));
         ClusterStatus { node_id: self.node_id.clone(), peer_addr: self.advertised.clone(), links: members, discovered }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_link_refuses_frames_once_its_queue_is_full() {
+        let (outbound, mut written) = tokio::sync::mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(MAX_QUEUED_FRAMES - 1));
+        let link = Link {
+            addr: "peer".into(),
+            generation: 1,
+            since: Instant::now(),
+            rtt_us: Arc::default(),
+            outbound,
+            queued,
+        };
+        assert!(link.queue(Utf8Bytes::from_static("last one")));
+        assert!(!link.queue(Utf8Bytes::from_static("one too many")), "refused, as if not linked");
+        assert_eq!(link.queued.load(Ordering::Acquire), MAX_QUEUED_FRAMES);
+        assert_eq!(written.try_recv().ok().as_deref(), Some("last one"));
+        assert!(written.try_recv().is_err());
     }
 }

@@ -127,6 +127,11 @@ pub struct LimitsConfig {
     /// Seconds a client may take to finish the WebSocket handshake.
     #[schemars(range(min = 1))]
     pub handshake_timeout_secs: u64,
+    /// Seconds one write to a client (or its ping or close) may wait for the client to read;
+    /// a client that stops reading is then dropped as a slow consumer, so the idle, token-expiry
+    /// and slow-consumer closes keep working.
+    #[schemars(range(min = 1))]
+    pub write_timeout_secs: u64,
     /// Read buffer per connection in bytes (tungstenite allocates it eagerly; its default is
     /// 128 KiB, which costs ~1 GiB at 10 000 connections). Larger messages still arrive whole:
     /// the buffer grows for them.
@@ -168,6 +173,7 @@ impl Default for LimitsConfig {
             ping_interval_secs: 25,
             idle_timeout_secs: 60,
             handshake_timeout_secs: 10,
+            write_timeout_secs: 10,
             ws_read_buffer_bytes: 2048,
             ws_write_buffer_bytes: 4096,
         }
@@ -489,6 +495,7 @@ impl NodeConfig {
             ("limits.rate_limit_strikes", u64::from(l.rate_limit_strikes)),
             ("limits.ping_interval_secs", l.ping_interval_secs),
             ("limits.handshake_timeout_secs", l.handshake_timeout_secs),
+            ("limits.write_timeout_secs", l.write_timeout_secs),
             ("history.empty_room_ttl_secs", self.history.empty_room_ttl_secs),
             ("drain.rate_per_sec", u64::from(self.drain.rate_per_sec)),
             ("drain.deadline_secs", self.drain.deadline_secs),

@@ -19,7 +19,7 @@ use crate::auth::Identity;
 use crate::protocol::{
     ClientFrame, ErrorCode, MAX_REQUEST_ID, SUBPROTOCOL, ServerFrame, StreamPosition, close, validate_room_name,
 };
-use crate::transport::{Connection, Frame, Inbound};
+use crate::transport::{Connection, Frame, Inbound, TransportError};
 
 /// Frame slots a connection keeps in its write batches between bursts.
 const IDLE_BUFFER_CAPACITY: usize = 8;
@@ -107,6 +107,27 @@ fn error(id: Option<String>, code: ErrorCode, message: impl Into<String>) -> Fra
 }
 
 impl Session<'_> {
+    fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.hub.config.limits.write_timeout_secs)
+    }
+
+    /// Runs a write to the client within `limits.write_timeout_secs`; on failure, the code the
+    /// connection ends with: 1006 when it broke, 4001 when the client stopped reading.
+    async fn bounded(&self, write: impl Future<Output = Result<(), TransportError>>) -> Result<(), u16> {
+        match tokio::time::timeout(self.write_timeout(), write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(1006),
+            Err(_) => {
+                self.hub.metrics.slow_consumer_disconnects.inc();
+                Err(close::SLOW_CONSUMER)
+            }
+        }
+    }
+
+    async fn write<C: Connection>(&self, conn: &mut C, frames: &mut Vec<Frame>) -> Result<(), u16> {
+        self.bounded(write_all(conn, frames)).await
+    }
+
     async fn drive<C: Connection>(&mut self, conn: &mut C, inbox: &mut Inbox, resumed: Option<SessionRecord>) -> u16 {
         let limits = &self.hub.config.limits;
         let welcome = encode(&ServerFrame::Welcome {
@@ -124,8 +145,8 @@ impl Session<'_> {
             let since = since.or_else(|| self.hub.stream_start(&room));
             self.join(None, room, since, &mut replies);
         }
-        if write_all(conn, &mut replies).await.is_err() {
-            return 1006;
+        if let Err(code) = self.write(conn, &mut replies).await {
+            return code;
         }
         let ping_every = Duration::from_secs(limits.ping_interval_secs);
         let idle_timeout = Duration::from_secs(limits.idle_timeout_secs);
@@ -148,10 +169,9 @@ impl Session<'_> {
                         Inbound::Text(text) => {
                             self.hub.metrics.frames_in.inc();
                             let end = self.handle(&text, &mut replies);
-                            if write_all(conn, &mut replies).await.is_err() {
-                                Some(End::Gone(1006))
-                            } else {
-                                end.map(End::Close)
+                            match self.write(conn, &mut replies).await {
+                                Err(code) => Some(End::Gone(code)),
+                                Ok(()) => end.map(End::Close),
                             }
                         }
                         Inbound::Activity => None,
@@ -166,7 +186,7 @@ impl Session<'_> {
                     }
                 }
                 wake = inbox.wait(&mut outgoing, FORWARD_BATCH) => match wake {
-                    Wake::Frames => write_all(conn, &mut outgoing).await.err().map(|_| End::Gone(1006)),
+                    Wake::Frames => self.write(conn, &mut outgoing).await.err().map(End::Gone),
                     Wake::Close(code) => Some(End::Close(code)),
                 },
                 _ = heartbeat.tick() => {
@@ -178,7 +198,7 @@ impl Session<'_> {
                         if let Some(expiry) = expiry.filter(|e| *e < Instant::now() + ping_every) {
                             heartbeat.reset_at(expiry);
                         }
-                        conn.ping().await.err().map(|_| End::Gone(1006))
+                        self.bounded(conn.ping()).await.err().map(End::Gone)
                     }
                 }
             };
@@ -190,8 +210,8 @@ impl Session<'_> {
                     // already, and goes out before the close.
                     let positions = self.leave_all();
                     inbox.take_into(&mut outgoing, usize::MAX);
-                    if write_all(conn, &mut outgoing).await.is_err() {
-                        return 1006;
+                    if let Err(code) = self.write(conn, &mut outgoing).await {
+                        return code;
                     }
                     // Everything up to these positions was written before the close (unless
                     // frames were refused): the session resumes there. Saved before the close,
@@ -199,7 +219,7 @@ impl Session<'_> {
                     if !self.outbox.signal().lost_frames() {
                         self.save(&positions);
                     }
-                    conn.close(code, close_reason(code)).await;
+                    let _ = tokio::time::timeout(self.write_timeout(), conn.close(code, close_reason(code))).await;
                     return code;
                 }
             }
