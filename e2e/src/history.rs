@@ -927,7 +927,8 @@ pub async fn read_histories(target: &NodeTarget, cfg: &HistoryConfig) -> anyhow:
                 history.messages.push((offset, m["epoch"].as_str().unwrap_or_default().to_owned(), body));
                 after = after.max(offset);
             }
-            if messages.len() < PAGE {
+            // A page may also end early to fit the node's write buffer (`more`).
+            if messages.len() < PAGE && frame["more"] != true {
                 break;
             }
         }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use chat_e2e::client::{Client, http_get};
 use chat_e2e::local::{LocalMode, chat_cluster, manifest_yaml};
-use serde_json::json;
+use serde_json::{Value, json};
 
 const NAME: &str = "chat";
 /// Bound for nodes to start, link up and report ready (a loaded 2-core machine included).
@@ -346,14 +346,30 @@ async fn local_mode_chat_spans_nodes_and_a_rolling_restart_loses_no_acked_messag
     for ordinal in 0..3 {
         let mut reader = connect(&lm, ordinal, &format!("reader{ordinal}")).await?;
         join(&mut reader, "roll").await?;
-        reader.send_json(json!({"type": "history", "id": "h", "room": "roll"})).await?;
-        let history = reader.recv_until("history", T).await?;
-        let stored: BTreeMap<String, u64> = history["messages"]
-            .as_array()
-            .context("history messages")?
-            .iter()
-            .filter_map(|m| Some((m["body"].as_str()?.to_owned(), m["offset"].as_u64()?)))
-            .collect();
+        // The whole history, page by page (a reply holds one page).
+        let mut stored: BTreeMap<String, u64> = BTreeMap::new();
+        let mut since: Option<Value> = None;
+        for _ in 0..100 {
+            let mut request = json!({"type": "history", "id": "h", "room": "roll"});
+            if let Some(position) = &since {
+                request["since"] = position.clone();
+            }
+            reader.send_json(request).await?;
+            let page = reader.recv_until("history", T).await?;
+            let messages = page["messages"].as_array().context("history messages")?;
+            stored
+                .extend(messages.iter().filter_map(|m| Some((m["body"].as_str()?.to_owned(), m["offset"].as_u64()?))));
+            if page["more"] != true {
+                if since.is_some() || page["complete"] == true {
+                    break;
+                }
+                // Without `since` a reply is the newest page: read again from the start.
+                since = Some(json!({"epoch": page["epoch"], "offset": 0}));
+                continue;
+            }
+            let last = messages.last().and_then(|m| m["offset"].as_u64()).context("a page with messages")?;
+            since = Some(json!({"epoch": page["epoch"], "offset": last}));
+        }
         let lost: Vec<&Acked> = acked.iter().filter(|a| stored.get(&a.body) != Some(&a.offset)).collect();
         assert!(
             lost.is_empty(),

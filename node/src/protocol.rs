@@ -148,8 +148,12 @@ pub enum ServerFrame {
         room: String,
         epoch: String,
         messages: Vec<ChatMessage>,
-        /// `false` when older messages than the ones asked for were already dropped.
+        /// `false` when older messages than the ones asked for were already dropped (or, for a
+        /// request without `since`, did not fit in one page).
         complete: bool,
+        /// `true` when messages after these were left out to keep the reply to one page: ask
+        /// again with `since` at the last one.
+        more: bool,
     },
     /// A user's first connection joined the room.
     UserJoined {

@@ -182,7 +182,7 @@ async fn sweep_rooms(hub: Arc<Hub>) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        let forgotten = hub.sweep_rooms(std::time::Instant::now());
+        let forgotten = hub.sweep(std::time::Instant::now(), crate::hub::unix_millis());
         if forgotten > 0 {
             tracing::debug!(forgotten, "forgot idle rooms");
         }

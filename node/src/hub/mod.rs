@@ -374,17 +374,39 @@ impl Hub {
         room
     }
 
+    /// The periodic clean-up, alone or in a cluster: rooms idle for `history.empty_room_ttl_secs`
+    /// and session records past their time (`now_ms`, Unix milliseconds). Returns the rooms
+    /// forgotten.
+    pub fn sweep(&self, now: Instant, now_ms: u64) -> usize {
+        self.sessions.expire(now_ms);
+        self.sweep_rooms(now)
+    }
+
     /// Forgets rooms that have had no subscribers for `history.empty_room_ttl_secs`.
     pub fn sweep_rooms(&self, now: Instant) -> usize {
         let ttl = Duration::from_secs(self.config.history.empty_room_ttl_secs);
         let Some(cutoff) = now.checked_sub(ttl) else { return 0 };
         // A replicated room's stream is state every node must agree on: only the log may drop it.
         let streams_too = !self.log.keeps_streams();
+        // Candidates are found under the shared lock, so joins and lookups go on meanwhile; the
+        // exclusive lock is taken only to retire them, each checked again under its own lock.
+        let idle: Vec<String> = {
+            let rooms = self.rooms.read().unwrap_or_else(|p| p.into_inner());
+            rooms.iter().filter(|(_, room)| room.is_idle_since(cutoff, streams_too)).map(|(n, _)| n.clone()).collect()
+        };
+        if idle.is_empty() {
+            return 0;
+        }
         let mut rooms = self.rooms.write().unwrap_or_else(|p| p.into_inner());
-        let before = rooms.len();
-        rooms.retain(|_, room| !room.retire_if_idle_since(cutoff, streams_too));
+        let mut forgotten = 0;
+        for name in idle {
+            if rooms.get(&name).is_some_and(|room| room.retire_if_idle_since(cutoff, streams_too)) {
+                rooms.remove(&name);
+                forgotten += 1;
+            }
+        }
         self.metrics.rooms.set(rooms.len() as i64);
-        before - rooms.len()
+        forgotten
     }
 
     fn register(&self, signal: Arc<ConnSignal>) -> u64 {

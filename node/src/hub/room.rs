@@ -263,21 +263,30 @@ impl Room {
     /// since before `cutoff`; a room with a stream only when `streams_too`.
     pub fn retire_if_idle_since(&self, cutoff: Instant, streams_too: bool) -> bool {
         let mut st = self.lock();
-        let idle = (streams_too || st.epoch.is_none())
-            && st.subscribers.is_empty()
-            && st.waiters.is_empty()
-            && st.presence.is_empty()
-            && st.empty_since.is_some_and(|t| t <= cutoff);
+        let idle = st.idle_since(cutoff, streams_too);
         if idle {
             st.removed = true;
         }
         idle
+    }
+
+    /// Whether `retire_if_idle_since` would retire the room now (it may change before).
+    pub fn is_idle_since(&self, cutoff: Instant, streams_too: bool) -> bool {
+        self.lock().idle_since(cutoff, streams_too)
     }
 }
 
 impl RoomState {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    fn idle_since(&self, cutoff: Instant, streams_too: bool) -> bool {
+        (streams_too || self.epoch.is_none())
+            && self.subscribers.is_empty()
+            && self.waiters.is_empty()
+            && self.presence.is_empty()
+            && self.empty_since.is_some_and(|t| t <= cutoff)
     }
 
     /// Whether every message after `offset` is still in history.

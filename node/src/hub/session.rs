@@ -17,7 +17,8 @@ use super::sessions::SessionRecord;
 use super::{Hub, Permit, unix_millis};
 use crate::auth::Identity;
 use crate::protocol::{
-    ClientFrame, ErrorCode, MAX_REQUEST_ID, SUBPROTOCOL, ServerFrame, StreamPosition, close, validate_room_name,
+    ChatMessage, ClientFrame, ErrorCode, MAX_REQUEST_ID, SUBPROTOCOL, ServerFrame, StreamPosition, close,
+    validate_room_name,
 };
 use crate::transport::{Connection, Frame, Inbound, TransportError};
 
@@ -269,7 +270,9 @@ impl Session<'_> {
             ClientFrame::History { room, since, limit, .. } => match self.rooms.get(&room) {
                 Some((joined, _)) => {
                     let (epoch, messages, complete) = joined.history(since.as_ref(), limit);
-                    replies.push(encode(&ServerFrame::History { id, room, epoch, messages, complete }));
+                    let page_bytes = self.hub.config.limits.outbound_queue_bytes / 4;
+                    let (messages, complete, more) = history_page(messages, complete, since.is_some(), page_bytes);
+                    replies.push(encode(&ServerFrame::History { id, room, epoch, messages, complete, more }));
                 }
                 None => replies.push(not_joined(id, &room)),
             },
@@ -457,6 +460,40 @@ fn parse_error(text: &[u8], err: &serde_json::Error) -> Frame {
 }
 
 /// Writes the frames (draining the buffer for reuse) and flushes once.
+/// Messages one `history` reply carries at most.
+const HISTORY_PAGE_MESSAGES: usize = 500;
+/// What a message adds to a reply besides its body (ids, names, offsets, JSON).
+const MESSAGE_OVERHEAD_BYTES: usize = 160;
+
+/// Cuts a history reply to one page (`HISTORY_PAGE_MESSAGES`, about `page_bytes`, at least one
+/// message), so it always fits the connection's write buffer. Paging forward from `since`
+/// keeps the oldest messages and says there are `more`; the latest messages (no `since`) keep
+/// the newest and are then not `complete`. Returns (messages, complete, more).
+fn history_page(
+    mut messages: Vec<ChatMessage>,
+    complete: bool,
+    forward: bool,
+    page_bytes: usize,
+) -> (Vec<ChatMessage>, bool, bool) {
+    let fits = |picked: &mut usize, bytes: &mut usize, m: &ChatMessage| {
+        *bytes += m.body.len() + MESSAGE_OVERHEAD_BYTES;
+        *picked += 1;
+        *picked == 1 || (*picked <= HISTORY_PAGE_MESSAGES && *bytes <= page_bytes)
+    };
+    let (mut picked, mut bytes) = (0, 0);
+    if forward {
+        let keep = messages.iter().take_while(|m| fits(&mut picked, &mut bytes, m)).count();
+        let more = keep < messages.len();
+        messages.truncate(keep);
+        (messages, complete, more)
+    } else {
+        let keep = messages.iter().rev().take_while(|m| fits(&mut picked, &mut bytes, m)).count();
+        let cut = messages.len() - keep;
+        messages.drain(..cut);
+        (messages, complete && cut == 0, false)
+    }
+}
+
 async fn write_all<C: Connection>(
     conn: &mut C,
     replies: &mut Vec<Frame>,

@@ -175,6 +175,50 @@ async fn history_is_a_bounded_ring() {
 }
 
 #[tokio::test]
+async fn history_comes_in_pages_that_fit_the_write_buffer() {
+    let mut cfg = config();
+    cfg.history.size = 100;
+    cfg.limits.outbound_queue_bytes = 64 * 1024; // pages of about 16 KiB
+    cfg.limits.publish_rate_per_sec = 1000;
+    cfg.limits.publish_burst = 1000;
+    let hub = hub(cfg);
+    let mut ann = connect(&hub, "ann").await;
+    let epoch = join(&mut ann, "r").await["epoch"].clone();
+    let body = "x".repeat(1024);
+    for _ in 0..50 {
+        send(&ann, json!({"type": "publish", "room": "r", "body": body})).await;
+        expect(&mut ann, "ack").await;
+        expect(&mut ann, "message").await;
+    }
+    let offsets = |page: &Value| -> Vec<u64> {
+        page["messages"].as_array().unwrap().iter().map(|m| m["offset"].as_u64().unwrap()).collect()
+    };
+    // Forward from the start, page by page: every message once, in order.
+    let (mut seen, mut since, mut pages) = (Vec::new(), 0, 0);
+    loop {
+        let request = json!({"type": "history", "room": "r", "since": {"epoch": epoch, "offset": since}});
+        send(&ann, request).await;
+        let page = expect(&mut ann, "history").await;
+        let got = offsets(&page);
+        assert!(got.len() < 50 && !got.is_empty(), "a page, not everything: {}", got.len());
+        since = *got.last().unwrap();
+        seen.extend(got);
+        pages += 1;
+        if page["more"] == false {
+            break;
+        }
+        assert!(pages < 10, "paging ends");
+    }
+    assert_eq!(seen, (1..=50).collect::<Vec<_>>());
+    assert!(pages >= 3, "{pages} pages");
+    // The latest messages: the newest page, and not complete.
+    send(&ann, json!({"type": "history", "room": "r"})).await;
+    let latest = expect(&mut ann, "history").await;
+    assert_eq!(offsets(&latest).last(), Some(&50));
+    assert_eq!((latest["complete"].as_bool(), latest["more"].as_bool()), (Some(false), Some(false)));
+}
+
+#[tokio::test]
 async fn presence_counts_users_not_connections() {
     let hub = hub(config());
     let mut watcher = connect(&hub, "watcher").await;
@@ -349,6 +393,22 @@ async fn drain_refuses_new_work_and_asks_clients_to_reconnect() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(hub.open_connections(), 0);
+}
+
+#[tokio::test]
+async fn a_node_on_its_own_forgets_expired_sessions() {
+    let hub = hub(config());
+    let mut ann = connect(&hub, "ann").await;
+    join(&mut ann, "r").await;
+    send(&ann, json!({"type": "leave", "room": "r"})).await;
+    expect(&mut ann, "left").await;
+    let session = hub.sessions().all().first().map(|r| r.id.clone()).expect("the session was recorded");
+    let now = std::time::Instant::now();
+    let now_ms = super::unix_millis();
+    hub.sweep(now, now_ms);
+    assert!(hub.sessions().get(&session, "ann").is_some(), "still fresh");
+    hub.sweep(now, now_ms + super::sessions::SESSION_TTL_MS + 1);
+    assert!(hub.sessions().get(&session, "ann").is_none(), "expired without a cluster tick");
 }
 
 #[tokio::test]

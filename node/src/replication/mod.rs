@@ -284,12 +284,11 @@ impl ReplicatedLog {
         steward::tend(self);
         self.retry_waiting();
         self.metrics.peer_queued_frames.set(self.cluster.queued_frames() as i64);
-        if let Some(hub) = self.hub() {
-            hub.sessions().expire(crate::hub::unix_millis());
-            if self.ticks.fetch_add(1, Ordering::Relaxed).is_multiple_of(10) {
-                for room in hub.rooms_awaiting_stream() {
-                    self.open(&room);
-                }
+        if let Some(hub) = self.hub()
+            && self.ticks.fetch_add(1, Ordering::Relaxed).is_multiple_of(10)
+        {
+            for room in hub.rooms_awaiting_stream() {
+                self.open(&room);
             }
         }
     }
