@@ -99,7 +99,12 @@ impl Server {
         let hub = state.hub.clone();
         let header_timeout = Duration::from_secs(hub.config().limits.handshake_timeout_secs);
         let mut tasks = vec![
-            tokio::spawn(accept_loop(listener, routes(state.clone()), header_timeout)),
+            tokio::spawn(accept_loop(
+                listener,
+                routes(state.clone()),
+                header_timeout,
+                Duration::from_secs(hub.config().limits.write_timeout_secs),
+            )),
             tokio::spawn(sweep_rooms(hub.clone())),
         ];
         if let (Some(cluster), Some(peer_listener)) = (&state.cluster, peer_listener) {
@@ -107,6 +112,7 @@ impl Server {
                 peer_listener,
                 crate::http::peer::routes(cluster.clone()),
                 header_timeout,
+                Duration::from_millis(cluster.config().peer_timeout_ms),
             )));
             tasks.push(tokio::spawn(discovery::run(cluster.clone())));
         }
@@ -137,7 +143,8 @@ impl Server {
 }
 
 /// Serves HTTP/1.1 (with upgrades) on every accepted connection, with `RemoteAddr` on each request.
-async fn accept_loop<F>(listener: TcpListener, routes: F, header_timeout: Duration)
+/// `dead_after` bounds how long a silent socket with unacknowledged data lives (`transport::tcp`).
+async fn accept_loop<F>(listener: TcpListener, routes: F, header_timeout: Duration, dead_after: Duration)
 where
     F: warp::Filter<Extract = (warp::http::Response<bytes::Bytes>,), Error = std::convert::Infallible>
         + Clone
@@ -157,8 +164,9 @@ where
                 continue;
             }
         };
-        // Chat frames are small and latency matters more than packet count.
-        let _ = tcp.set_nodelay(true);
+        if let Err(err) = crate::transport::tcp::tune(&tcp, dead_after) {
+            tracing::debug!(%err, "setting TCP options failed");
+        }
         let service = service.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
             request.extensions_mut().insert(RemoteAddr(remote));

@@ -170,6 +170,12 @@ pub async fn dial(cluster: Arc<Cluster>, addr: SocketAddr) -> DialOutcome {
         Ok(Err(err)) => return DialOutcome::Failed(err.to_string()),
         Err(_) => return DialOutcome::Failed("connect timed out".into()),
     };
+    if let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = ws.get_ref() {
+        let dead_after = Duration::from_millis(cluster.config().peer_timeout_ms);
+        if let Err(err) = crate::transport::tcp::tune(tcp, dead_after) {
+            tracing::debug!(%err, "setting TCP options on a peer link failed");
+        }
+    }
     let (peer_id, acceptor_nonce) = match recv_frame(&mut ws).await {
         Ok(PeerFrame::Challenge { node_id, nonce }) => (node_id, nonce),
         Ok(other) => return DialOutcome::Failed(format!("expected a challenge, got {other:?}")),

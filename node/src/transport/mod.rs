@@ -3,6 +3,7 @@
 //! `memory` drives the hub in fast in-process tests.
 
 pub mod memory;
+pub mod tcp;
 pub mod websocket;
 
 use std::future::Future;
