@@ -103,7 +103,9 @@ impl Server {
                 listener,
                 routes(state.clone()),
                 header_timeout,
-                Duration::from_secs(hub.config().limits.write_timeout_secs),
+                // Twice the write deadline: the node's own deadline ends a stuck client first (and
+                // counts it); the kernel's is the backstop.
+                Duration::from_secs(hub.config().limits.write_timeout_secs) * 2,
             )),
             tokio::spawn(sweep_rooms(hub.clone())),
         ];
@@ -112,7 +114,7 @@ impl Server {
                 peer_listener,
                 crate::http::peer::routes(cluster.clone()),
                 header_timeout,
-                Duration::from_millis(cluster.config().peer_timeout_ms),
+                Duration::from_millis(cluster.config().peer_timeout_ms) * 2,
             )));
             tasks.push(tokio::spawn(discovery::run(cluster.clone())));
         }

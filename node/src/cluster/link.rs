@@ -171,7 +171,8 @@ pub async fn dial(cluster: Arc<Cluster>, addr: SocketAddr) -> DialOutcome {
         Err(_) => return DialOutcome::Failed("connect timed out".into()),
     };
     if let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = ws.get_ref() {
-        let dead_after = Duration::from_millis(cluster.config().peer_timeout_ms);
+        // Twice the link's own write deadline, which should fire first.
+        let dead_after = Duration::from_millis(cluster.config().peer_timeout_ms) * 2;
         if let Err(err) = crate::transport::tcp::tune(tcp, dead_after) {
             tracing::debug!(%err, "setting TCP options on a peer link failed");
         }
