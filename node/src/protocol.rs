@@ -63,6 +63,9 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<String>,
         room: String,
+        /// Skips this many users of the list (the `next` of the previous page).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        offset: Option<usize>,
     },
     Ping {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -170,6 +173,9 @@ pub enum ServerFrame {
         id: Option<String>,
         room: String,
         users: Vec<UserInfo>,
+        /// Where the next page starts, when this one did not hold every user.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<usize>,
     },
     Pong {
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -17,7 +17,7 @@ use super::sessions::SessionRecord;
 use super::{Hub, Permit, unix_millis};
 use crate::auth::Identity;
 use crate::protocol::{
-    ChatMessage, ClientFrame, ErrorCode, MAX_REQUEST_ID, SUBPROTOCOL, ServerFrame, StreamPosition, close,
+    ChatMessage, ClientFrame, ErrorCode, MAX_REQUEST_ID, SUBPROTOCOL, ServerFrame, StreamPosition, UserInfo, close,
     validate_room_name,
 };
 use crate::transport::{Connection, Frame, Inbound, TransportError};
@@ -276,9 +276,11 @@ impl Session<'_> {
                 }
                 None => replies.push(not_joined(id, &room)),
             },
-            ClientFrame::Presence { room, .. } => match self.rooms.get(&room) {
+            ClientFrame::Presence { room, offset, .. } => match self.rooms.get(&room) {
                 Some((joined, _)) => {
-                    replies.push(encode(&ServerFrame::Presence { id, users: joined.presence(), room }))
+                    let page_bytes = self.hub.config.limits.outbound_queue_bytes / 4;
+                    let (users, next) = presence_page(joined.presence(), offset.unwrap_or(0), page_bytes);
+                    replies.push(encode(&ServerFrame::Presence { id, room, users, next }))
                 }
                 None => replies.push(not_joined(id, &room)),
             },
@@ -492,6 +494,30 @@ fn history_page(
         messages.drain(..cut);
         (messages, complete && cut == 0, false)
     }
+}
+
+/// Users one `presence` reply carries at most.
+const PRESENCE_PAGE_USERS: usize = 1000;
+/// What a user adds to a reply besides its id and name (JSON).
+const USER_OVERHEAD_BYTES: usize = 24;
+
+/// The page of a room's users starting at `offset` that fits about `page_bytes` (at least one
+/// user), and where the next page starts if there is one.
+fn presence_page(users: Vec<UserInfo>, offset: usize, page_bytes: usize) -> (Vec<UserInfo>, Option<usize>) {
+    let total = users.len();
+    let mut bytes = 0;
+    let page: Vec<UserInfo> = users
+        .into_iter()
+        .skip(offset)
+        .enumerate()
+        .take_while(|(i, user)| {
+            bytes += user.id.len() + user.name.len() + USER_OVERHEAD_BYTES;
+            *i == 0 || (*i < PRESENCE_PAGE_USERS && bytes <= page_bytes)
+        })
+        .map(|(_, user)| user)
+        .collect();
+    let end = offset + page.len();
+    (page, (end < total).then_some(end))
 }
 
 async fn write_all<C: Connection>(

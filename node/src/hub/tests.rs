@@ -219,6 +219,45 @@ async fn history_comes_in_pages_that_fit_the_write_buffer() {
 }
 
 #[tokio::test]
+async fn presence_comes_in_pages_that_fit_the_write_buffer() {
+    let mut cfg = config();
+    cfg.limits.outbound_queue_bytes = 4096; // pages of about 1 KiB: four of these users each
+    let hub = hub(cfg);
+    let name = |i: usize| format!("{i:02}-{}", "m".repeat(100));
+    let mut members = Vec::new();
+    for i in 0..12 {
+        let mut member = connect(&hub, &name(i)).await;
+        join(&mut member, "r").await;
+        members.push(member);
+    }
+    // The last to join has no user_joined events waiting.
+    let watcher = members.last_mut().unwrap();
+    let (mut seen, mut offset, mut pages) = (Vec::new(), None::<u64>, 0);
+    loop {
+        let mut request = json!({"type": "presence", "room": "r"});
+        if let Some(offset) = offset {
+            request["offset"] = json!(offset);
+        }
+        send(watcher, request).await;
+        let page = expect(watcher, "presence").await;
+        let users = page["users"].as_array().unwrap();
+        assert!(!users.is_empty() && users.len() < 12, "a page, not everyone: {}", users.len());
+        seen.extend(users.iter().map(|u| u["id"].as_str().unwrap().to_owned()));
+        pages += 1;
+        match page["next"].as_u64() {
+            Some(next) => offset = Some(next),
+            None => break,
+        }
+        assert!(pages < 12, "paging ends");
+    }
+    let mut expected: Vec<String> = (0..12).map(name).collect();
+    expected.sort();
+    seen.sort();
+    assert_eq!(seen, expected, "every user once");
+    assert!(pages >= 3, "{pages} pages");
+}
+
+#[tokio::test]
 async fn presence_counts_users_not_connections() {
     let hub = hub(config());
     let mut watcher = connect(&hub, "watcher").await;
