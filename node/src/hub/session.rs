@@ -77,6 +77,11 @@ struct Session<'h> {
 
 fn frame_limiter(limits: &crate::config::LimitsConfig) -> Box<DefaultDirectRateLimiter> {
     let (rate, burst) = limits.frame_budget();
+    limiter(rate, burst)
+}
+
+/// `rate` per second with bursts of `burst` (zero counts as one; the config refuses zero).
+fn limiter(rate: u32, burst: u32) -> Box<DefaultDirectRateLimiter> {
     let rate = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
     let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
     Box::new(RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)))
@@ -394,11 +399,7 @@ impl Session<'_> {
             return None;
         }
         let limits = &self.hub.config.limits;
-        let limiter = self.limiter.get_or_insert_with(|| {
-            let rate = NonZeroU32::new(limits.publish_rate_per_sec).unwrap_or(NonZeroU32::MIN);
-            let burst = NonZeroU32::new(limits.publish_burst).unwrap_or(NonZeroU32::MIN);
-            Box::new(RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)))
-        });
+        let limiter = self.limiter.get_or_insert_with(|| limiter(limits.publish_rate_per_sec, limits.publish_burst));
         if limiter.check().is_err() {
             self.hub.metrics.rate_limited.inc();
             self.strikes += 1;
