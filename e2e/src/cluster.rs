@@ -35,11 +35,12 @@ pub fn loopback(last: u8) -> IpAddr {
 pub struct Ports {
     pub client: u16,
     pub peer: u16,
+    pub admin: u16,
 }
 
 impl Ports {
     pub fn free() -> Ports {
-        Ports { client: free_port(), peer: free_port() }
+        Ports { client: free_port(), peer: free_port(), admin: free_port() }
     }
 }
 
@@ -47,6 +48,7 @@ impl Ports {
 pub fn node_config(id: &str, ip: IpAddr, ports: Ports, dns: SocketAddr, secret: &str) -> NodeConfig {
     let mut cfg =
         NodeConfig { listen: SocketAddr::new(ip, ports.client), node_id: Some(id.into()), ..NodeConfig::default() };
+    cfg.admin.listen = SocketAddr::new(ip, ports.admin);
     cfg.auth.mode = AuthMode::Anonymous;
     cfg.drain.deadline_secs = 2;
     cfg.drain.lb_grace_secs = 0;
@@ -86,7 +88,7 @@ pub struct Member {
 }
 
 pub async fn cluster_status(node: &NodeProcess) -> anyhow::Result<Value> {
-    let (status, body) = node.http_get("/cluster").await?;
+    let (status, body) = node.admin_get("/cluster").await?;
     ensure!(status == 200, "/cluster answered {status}: {body}");
     serde_json::from_str(&body).with_context(|| format!("/cluster is not JSON: {body}"))
 }
@@ -113,7 +115,7 @@ pub fn metric(body: &str, name: &str) -> Option<f64> {
 }
 
 pub async fn metric_of(node: &NodeProcess, name: &str) -> anyhow::Result<f64> {
-    let (status, body) = node.http_get("/metrics").await?;
+    let (status, body) = node.admin_get("/metrics").await?;
     ensure!(status == 200, "/metrics answered {status}");
     metric(&body, name).with_context(|| format!("no {name} in /metrics:\n{body}"))
 }
@@ -269,7 +271,7 @@ fn last_octet(node: &NodeProcess) -> anyhow::Result<u8> {
 }
 
 /// Ports of the nodes of a [`NetnsCluster`]: the same in every namespace.
-pub const NETNS_PORTS: Ports = Ports { client: 18080, peer: 18081 };
+pub const NETNS_PORTS: Ports = Ports { client: 18080, peer: 18081, admin: 18082 };
 
 /// Hosts in network namespaces on one bridge (so links can be cut), a DNS server listing them
 /// and a node on each, listening on every address of its namespace (reached at 127.0.0.1 in

@@ -101,11 +101,14 @@ impl LocalMode {
         Ok(LocalMode { child, pid, name: name.to_owned(), first, port, manifest, state, output })
     }
 
-    /// A free client port whose successor (the peer port) is free too, on `first`.
+    /// A free client port whose two successors (the peer and admin ports) are free too.
     pub fn free_base_port() -> u16 {
         for _ in 0..50 {
             let port = free_port();
-            if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            let free = |next: u16| {
+                port.checked_add(next).is_some_and(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+            };
+            if free(1) && free(2) {
                 return port;
             }
         }
@@ -122,6 +125,11 @@ impl LocalMode {
 
     pub fn addr(&self, ordinal: u32) -> SocketAddr {
         SocketAddr::from((Ipv4Addr::from(u32::from(self.first) + ordinal), self.port))
+    }
+
+    /// Node `ordinal`'s admin port (`/metrics`, `/cluster`): two after the client port.
+    pub fn admin_addr(&self, ordinal: u32) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::from(u32::from(self.first) + ordinal), self.port + 2))
     }
 
     pub fn node_name(&self, ordinal: u32) -> String {
@@ -227,7 +235,7 @@ impl LocalMode {
         }
         for ordinal in 0..n {
             if linked {
-                let (code, body) = http_get(self.addr(ordinal), "/cluster").await?;
+                let (code, body) = http_get(self.admin_addr(ordinal), "/cluster").await?;
                 ensure!(code == 200, "{} /cluster answered {code}", self.node_name(ordinal));
                 let cluster: Value = serde_json::from_str(&body)?;
                 let links = cluster["links"].as_array().map_or(0, Vec::len);

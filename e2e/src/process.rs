@@ -44,10 +44,29 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("bound socket has an address").port()
 }
 
+/// The config with an admin port of its own, on the client port's address, unless it names one:
+/// the default (0.0.0.0:9090) would collide between the nodes of a test and between tests.
+fn with_admin_port(toml: &str) -> anyhow::Result<String> {
+    let mut table: toml::Table = toml::from_str(toml).context("test config")?;
+    let default = chat_node::config::AdminConfig::default().listen.to_string();
+    let admin = table.get("admin").and_then(|a| a.get("listen")).and_then(|l| l.as_str());
+    if admin.is_some_and(|listen| listen != default) {
+        return Ok(toml.to_owned());
+    }
+    let listen: chat_node::config::NodeConfig = toml::from_str(toml).context("test config")?;
+    let ip = listen.listen.ip();
+    let mut admin = toml::Table::new();
+    admin.insert("listen".into(), SocketAddr::new(ip, free_port()).to_string().into());
+    table.insert("admin".into(), admin.into());
+    Ok(toml::to_string(&table)?)
+}
+
 /// A running `chat-node`; killed when dropped.
 pub struct NodeProcess {
     child: Child,
     addr: SocketAddr,
+    /// The admin port (`/metrics`, `/cluster`).
+    admin: SocketAddr,
     /// The network namespace it runs in (`None`: the test's own).
     netns: Option<String>,
     log: Arc<Mutex<String>>,
@@ -85,11 +104,15 @@ impl NodeProcess {
     }
 
     fn spawn(toml: &str, netns: Option<&str>, env: &[(&str, &str)]) -> anyhow::Result<NodeProcess> {
+        let toml = &with_admin_port(toml)?;
         let parsed: chat_node::config::NodeConfig = toml::from_str(toml).context("test config")?;
-        let mut addr = parsed.listen;
-        if netns.is_some() && addr.ip().is_unspecified() {
-            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
+        let reachable = |mut addr: SocketAddr| {
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            addr
+        };
+        let (addr, admin) = (reachable(parsed.listen), reachable(parsed.admin.listen));
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("node.toml");
         std::fs::write(&path, toml)?;
@@ -119,14 +142,18 @@ impl NodeProcess {
         if let Some(err) = child.stderr.take() {
             collect(err, log.clone(), "node");
         }
-        Ok(NodeProcess { child, addr, netns: netns.map(str::to_owned), log, _dir: dir })
+        Ok(NodeProcess { child, addr, admin, netns: netns.map(str::to_owned), log, _dir: dir })
     }
 
     /// Replaces the node's config file; a running node re-reads `cluster.size` from it.
     pub fn rewrite_config(&self, toml: &str) -> anyhow::Result<()> {
         let path = self._dir.path().join("node.toml");
         let temp = self._dir.path().join("node.toml.new");
-        std::fs::write(&temp, toml)?;
+        let mut table: toml::Table = toml::from_str(toml).context("test config")?;
+        let mut admin = toml::Table::new();
+        admin.insert("listen".into(), self.admin.to_string().into());
+        table.insert("admin".into(), admin.into());
+        std::fs::write(&temp, toml::to_string(&table)?)?;
         std::fs::rename(&temp, &path)?;
         Ok(())
     }
@@ -162,6 +189,18 @@ impl NodeProcess {
             None => crate::client::http_get(self.addr, path).await,
             Some(ns) => crate::netns::http_get_in(ns, self.addr, path).await,
         }
+    }
+
+    /// A bare `GET path` on the admin port (`/metrics`, `/cluster`): status and body.
+    pub async fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        match &self.netns {
+            None => crate::client::http_get(self.admin, path).await,
+            Some(ns) => crate::netns::http_get_in(ns, self.admin, path).await,
+        }
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
     }
 
     /// Whether the process has exited (without waiting).

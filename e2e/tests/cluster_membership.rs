@@ -544,7 +544,7 @@ async fn dns_servfail_does_not_matter_for_membership() -> anyhow::Result<()> {
 // ---------- e. port isolation ----------
 
 #[tokio::test]
-async fn peer_endpoint_only_on_the_peer_port() -> anyhow::Result<()> {
+async fn each_port_serves_only_its_own_endpoints() -> anyhow::Result<()> {
     let cluster = LoopbackCluster::start(1).await?;
     let node = &cluster.members[0].node;
     let client = node.addr();
@@ -555,9 +555,24 @@ async fn peer_endpoint_only_on_the_peer_port() -> anyhow::Result<()> {
     assert!(status == 404 || status == 400, "GET /peer on the client port: {status}");
     let status = handshake_status(&format!("ws://{client}/peer"), &[]).await;
     assert!(status == 404 || status == 400, "WebSocket /peer on the client port: {status}");
-    // …while it serves the client endpoints.
+    // …while it serves the client endpoints, and nothing that tells rooms, peers or metrics.
     assert_eq!(http_get(client, "/healthz").await?.0, 200);
-    assert_eq!(http_get(client, "/cluster").await?.0, 200);
+    assert_eq!(http_get(client, "/readyz").await?.0, 200);
+    for path in ["/cluster", "/metrics"] {
+        let (status, body) = http_get(client, path).await?;
+        assert_eq!(status, 404, "GET {path} on the client port: {status} {body}");
+    }
+
+    // The admin port serves /metrics, /cluster and the probes, and no chat.
+    let admin = node.admin_addr();
+    for path in ["/cluster", "/metrics", "/healthz", "/readyz"] {
+        assert_eq!(http_get(admin, path).await?.0, 200, "GET {path} on the admin port");
+    }
+    for path in ["/", "/ws", "/index.html", "/peer"] {
+        assert_eq!(http_get(admin, path).await?.0, 404, "GET {path} on the admin port");
+    }
+    let status = handshake_status(&format!("ws://{admin}/ws"), &[("sec-websocket-protocol", "chat.v1")]).await;
+    assert_eq!(status, 404, "client WebSocket on the admin port");
 
     // The peer port serves /peer (a WebSocket for peers only) and nothing else.
     for path in ["/", "/ws", "/healthz", "/readyz", "/metrics", "/cluster", "/index.html", "/peer/x", "/peers"] {

@@ -1254,16 +1254,25 @@ async fn forge_dial(peer: SocketAddr, hello: Option<&str>, frames: &[String]) ->
         Some(text) => serde_json::from_str::<PeerFrame>(&text)?,
         None => bail!("no challenge from {peer}"),
     };
-    let PeerFrame::Challenge { node_id: acceptor, nonce } = challenge else {
+    let PeerFrame::Challenge { node_id: acceptor, nonce, key: acceptor_key } = challenge else {
         bail!("expected a challenge: {challenge:?}")
     };
     if let Some(claimed) = hello {
-        let mac =
-            chat_node::cluster::auth::sign(b"not-the-cluster-secret-000000", "dialer", &nonce, claimed, &acceptor);
+        let key = chat_node::cluster::seal::Exchange::new().public_hex();
+        let proof = chat_node::cluster::auth::Proof {
+            role: "dialer",
+            nonce: &nonce,
+            signer: claimed,
+            verifier: &acceptor,
+            dialer_key: &key,
+            acceptor_key: &acceptor_key,
+        };
+        let mac = chat_node::cluster::auth::sign(b"not-the-cluster-secret-000000", proof);
         let hello = PeerFrame::Hello {
             node_id: claimed.to_owned(),
             peer_addr: "127.0.0.6:1".to_owned(),
             nonce: chat_node::cluster::auth::nonce(),
+            key,
             mac,
         };
         ws.send(Message::text(serde_json::to_string(&hello)?)).await?;
@@ -1308,8 +1317,11 @@ fn forge_acceptor(listener: tokio::net::TcpListener, frames: Arc<Vec<String>>) -
                 else {
                     return;
                 };
-                let challenge =
-                    PeerFrame::Challenge { node_id: "node-9".into(), nonce: chat_node::cluster::auth::nonce() };
+                let challenge = PeerFrame::Challenge {
+                    node_id: "node-9".into(),
+                    nonce: chat_node::cluster::auth::nonce(),
+                    key: chat_node::cluster::seal::Exchange::new().public_hex(),
+                };
                 let Ok(text) = serde_json::to_string(&challenge) else { return };
                 if ws.send(Message::text(text)).await.is_err() {
                     return;
@@ -1481,4 +1493,146 @@ async fn a_node_with_the_wrong_secret_cannot_inject_messages() -> anyhow::Result
     }
     cluster.members.push(intruder);
     Ok(())
+}
+
+/// A TCP relay between two addresses that records every byte it carries and, when asked, flips
+/// the last byte of one chunk going `from` → `to` (the end of a frame: a sealed frame's tag).
+struct Tap {
+    seen: Arc<Mutex<Vec<u8>>>,
+    flip: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl Tap {
+    async fn start(listen: SocketAddr, to: SocketAddr) -> anyhow::Result<Tap> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let (seen, flip) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
+        let (record, tamper) = (seen.clone(), flip.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(to).await else { continue };
+                let (mut in_read, mut in_write) = inbound.into_split();
+                let (mut out_read, mut out_write) = outbound.into_split();
+                let (record_up, record_down, tamper) = (record.clone(), record.clone(), tamper.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n @ 1..) = in_read.read(&mut buf).await {
+                        lock(&record_up).extend_from_slice(&buf[..n]);
+                        // Only data frames: pings and handshake lines are shorter.
+                        if n > 64 && tamper.swap(false, Ordering::AcqRel) {
+                            buf[n - 1] ^= 0x01;
+                        }
+                        if out_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n @ 1..) = out_read.read(&mut buf).await {
+                        lock(&record_down).extend_from_slice(&buf[..n]);
+                        if in_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Tap { seen, flip, task })
+    }
+
+    fn saw(&self, needle: &[u8]) -> bool {
+        lock(&self.seen).windows(needle.len()).any(|w| w == needle)
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Two nodes whose only link runs through a tap: the handshake is readable, nothing after it
+/// is (chat bodies, room names and Raft traffic are sealed), and a frame altered on the way
+/// ends the link, which comes back, and no altered message is ever delivered.
+#[tokio::test]
+async fn peer_frames_are_sealed_on_the_wire_and_an_altered_one_ends_the_link() -> anyhow::Result<()> {
+    let dns = chat_e2e::dns::DnsServer::start(loopback(1), NAME).await?;
+    let ports = Ports::free();
+    let (dialer_ip, acceptor_ip, tap_ip) = (loopback(40), loopback(41), loopback(49));
+    // The lower id dials: node-40 reaches node-41 only through the tap's address.
+    dns.set_records(vec![dialer_ip, tap_ip]);
+    let tap = Tap::start(SocketAddr::new(tap_ip, ports.peer), SocketAddr::new(acceptor_ip, ports.peer)).await?;
+    let mut members = Vec::new();
+    for (ordinal, (id, ip)) in [("node-40", dialer_ip), ("node-41", acceptor_ip)].into_iter().enumerate() {
+        let mut cfg = node_config(id, ip, ports, dns.addr(), SECRET);
+        cfg.cluster.size = 2;
+        cfg.cluster.ordinal = Some(ordinal as u32);
+        members.push(Member { id: id.to_owned(), node: start_unready_config(&cfg)? });
+    }
+    for m in &mut members {
+        m.node.wait_ready(CONVERGE).await?;
+    }
+    let all: Vec<&Member> = members.iter().collect();
+    wait_converged(&all, 2).await?;
+    ensure!(tap.saw(b"\"challenge\""), "the tap carried the handshake (it sees the link)");
+
+    const ROOM: &str = "sealed-room-name";
+    // The writer on the acceptor: whichever node leads the room's group, the body then crosses
+    // the link from the acceptor, whose WebSocket frames are not masked, so the tap would see
+    // clear text. The reader on the dialer publishes the filler the tampering lands on.
+    let mut writer = Chatter::connect(&members[1].node, "writer").await?;
+    let mut reader = Chatter::connect(&members[0].node, "reader").await?;
+    writer.join(ROOM, None).await?;
+    reader.join(ROOM, None).await?;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+    let secret_body = format!("a confidential message {nanos}");
+    writer.publish(ROOM, "s1", &secret_body).await?;
+    reader.pump_until("the message through the tap", |c| c.messages.values().any(|b| *b == secret_body)).await?;
+    ensure!(!tap.saw(secret_body.as_bytes()), "a chat body crossed the peer link in clear text");
+    ensure!(!tap.saw(ROOM.as_bytes()), "a room name crossed the peer link in clear text");
+
+    // Alter frames on the way until one fails to open; each time the link ends and comes back.
+    let acceptor = &members[1];
+    let rejected = || metric_of(&acceptor.node, "chat_peer_frames_rejected_total");
+    let established = metric_of(&acceptor.node, "chat_peer_links_established_total").await?;
+    let mut sent = 1;
+    for _ in 0..20 {
+        if rejected().await? >= 1.0 {
+            break;
+        }
+        tap.flip.store(true, Ordering::Release);
+        // Traffic the flip can land on.
+        for _ in 0..5 {
+            sent += 1;
+            reader.publish(ROOM, &format!("s{sent}"), &format!("filler {sent} {}", "x".repeat(200))).await?;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    ensure!(rejected().await? >= 1.0, "no altered frame was rejected");
+    wait_converged(&all, 2).await?;
+    ensure!(
+        metric_of(&acceptor.node, "chat_peer_links_established_total").await? > established,
+        "the link was not re-established after the altered frame"
+    );
+    // The cluster goes on: a new message arrives, and everything delivered is what was sent.
+    writer.publish(ROOM, "after", "after the tampering").await?;
+    reader
+        .pump_until("a message after the tampering", |c| c.messages.values().any(|b| b == "after the tampering"))
+        .await?;
+    for body in reader.messages.values() {
+        ensure!(
+            *body == secret_body || body.starts_with("filler ") || body == "after the tampering",
+            "an altered message was delivered: {body:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Starts a node from a test config without waiting for `/readyz` (a 2-node cluster is ready
+/// only once both run).
+fn start_unready_config(cfg: &chat_node::config::NodeConfig) -> anyhow::Result<NodeProcess> {
+    cfg.validate().context("the test's own config is invalid")?;
+    NodeProcess::start_unready(&toml::to_string(cfg)?)
 }

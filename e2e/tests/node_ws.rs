@@ -793,7 +793,7 @@ async fn slow_consumer_is_closed_4001_and_counted() -> anyhow::Result<()> {
                 ensure!(f["type"] != "error", "publish failed: {f}");
             }
         }
-        let (_, metrics) = get(&node, "/metrics").await?;
+        let (_, metrics) = node.admin_get("/metrics").await?;
         slow_count = metric_sum(&metrics, "slow_consumer");
         if slow_count >= 1.0 {
             break;
@@ -821,13 +821,10 @@ async fn a_client_that_stops_reading_is_dropped_within_the_write_timeout() -> an
     cfg.limits.outbound_queue_bytes = 64 << 20;
     cfg.limits.outbound_queue_frames = 100_000;
     let node = start(&cfg).await?;
-    let connections = |node: &NodeProcess| {
-        let addr = node.addr();
-        async move {
-            let metrics = http_get(addr, "/metrics").await.map(|(_, m)| m).unwrap_or_default();
-            let gauge = metrics.lines().find_map(|l| l.strip_prefix("chat_connections "));
-            gauge.and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(-1.0)
-        }
+    let connections = |admin: std::net::SocketAddr| async move {
+        let metrics = http_get(admin, "/metrics").await.map(|(_, m)| m).unwrap_or_default();
+        let gauge = metrics.lines().find_map(|l| l.strip_prefix("chat_connections "));
+        gauge.and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(-1.0)
     };
     // A subscriber that joins and then never reads again, with a small receive buffer.
     let socket = tokio::net::TcpSocket::new_v4()?;
@@ -845,8 +842,11 @@ async fn a_client_that_stops_reading_is_dropped_within_the_write_timeout() -> an
     for _ in 0..150 {
         publish(&mut publisher, "r", &body).await?;
     }
-    wait_for("the mute client dropped", Duration::from_secs(15), || async { connections(&node).await == 1.0 }).await?;
-    let metrics = get(&node, "/metrics").await?.1;
+    wait_for("the mute client dropped", Duration::from_secs(15), || async {
+        connections(node.admin_addr()).await == 1.0
+    })
+    .await?;
+    let metrics = node.admin_get("/metrics").await?.1;
     assert_eq!(metric_sum(&metrics, "chat_slow_consumer_disconnects"), 1.0, "counted as a slow consumer");
     drop(mute);
     Ok(())
@@ -953,7 +953,7 @@ async fn health_metrics_and_web_assets() -> anyhow::Result<()> {
 
     assert_eq!(get(&node, "/healthz").await?.0, 200);
     assert_eq!(get(&node, "/readyz").await?.0, 200);
-    let (status, metrics) = get(&node, "/metrics").await?;
+    let (status, metrics) = node.admin_get("/metrics").await?;
     assert_eq!(status, 200);
     assert!(metrics.contains("# TYPE"), "Prometheus text format: {metrics}");
 

@@ -26,3 +26,6 @@ pub mod server;
 pub mod telemetry;
 #[cfg(feature = "server")]
 pub mod transport;
+
+#[cfg(all(test, feature = "server"))]
+mod fuzz;

@@ -24,6 +24,9 @@ struct Cli {
     /// Client port address, e.g. 127.0.0.1:8080.
     #[arg(long)]
     listen: Option<String>,
+    /// Admin port address (`/metrics`, `/cluster`, probes), e.g. 127.0.0.1:9090.
+    #[arg(long)]
+    admin_listen: Option<String>,
     #[arg(long)]
     node_id: Option<String>,
     /// Directory of static assets that override the built-in web page.
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let overrides = Overrides {
         listen: cli.listen.clone(),
+        admin_listen: cli.admin_listen.clone(),
         node_id: cli.node_id.clone(),
         assets_dir: cli.assets_dir.clone(),
         anonymous: cli.anonymous,
@@ -128,12 +132,13 @@ fn run(config: chat_node::config::NodeConfig, path: Option<PathBuf>, overrides: 
     runtime.block_on(async move {
         let server = Server::bind(config).await?;
         let addr = server.local_addr();
+        let admin = server.admin_addr();
         let page = if addr.ip().is_unspecified() {
             format!("http://127.0.0.1:{}/", addr.port())
         } else {
             format!("http://{addr}/")
         };
-        tracing::info!(node_id = server.hub().node_id(), "listening on http://{addr}");
+        tracing::info!(node_id = server.hub().node_id(), "listening on http://{addr}, admin port http://{admin}");
         println!("chat-node {} listening on http://{addr} — web chat: {page}", server.hub().node_id());
         if let Some(log) = server.room_log() {
             tokio::spawn(follow_cluster_size(log, path, overrides));

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub cluster_members: Gauge,
     pub peer_links_established: Counter,
     pub peer_auth_failures: Counter,
+    pub peer_frames_rejected: Counter,
     pub messages_committed: Counter,
     pub publishes_unavailable: Counter,
     pub raft_groups_led: Gauge,
@@ -63,6 +64,7 @@ impl Metrics {
             cluster_members: Gauge::default(),
             peer_links_established: Counter::default(),
             peer_auth_failures: Counter::default(),
+            peer_frames_rejected: Counter::default(),
             messages_committed: Counter::default(),
             publishes_unavailable: Counter::default(),
             raft_groups_led: Gauge::default(),
@@ -106,6 +108,11 @@ impl Metrics {
             "peer_auth_failures",
             "Peer links refused for a bad HMAC proof",
             m.peer_auth_failures.clone(),
+        );
+        registry.register(
+            "peer_frames_rejected",
+            "Peer links ended by a frame that failed to open or was not sealed (altered, injected or replayed)",
+            m.peer_frames_rejected.clone(),
         );
         registry.register(
             "messages_committed",

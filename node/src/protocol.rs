@@ -205,6 +205,8 @@ pub enum ErrorCode {
     Forbidden,
     /// Publishing faster than the configured rate.
     RateLimited,
+    /// `limits.max_rooms_per_connection` joined already, or the room would be new and the
+    /// node holds `limits.max_rooms`.
     TooManyRooms,
     /// `join` for a room this connection is already in.
     AlreadyJoined,

@@ -1,4 +1,4 @@
-//! Wires a node together: binds the client port, serves HTTP/WebSocket connections, sweeps idle
+//! Wires a node together: binds the client and admin ports, serves HTTP/WebSocket connections, sweeps idle
 //! rooms, and drains on shutdown (not ready → grace → rate-limited disconnects → exit by deadline).
 
 use std::future::Future;
@@ -37,6 +37,7 @@ pub enum ServerError {
 /// A bound, not yet running node.
 pub struct Server {
     listener: TcpListener,
+    admin_listener: TcpListener,
     peer_listener: Option<TcpListener>,
     state: Arc<AppState>,
 }
@@ -60,6 +61,7 @@ pub fn node_id(config: &NodeConfig) -> String {
 impl Server {
     pub async fn bind(config: NodeConfig) -> Result<Server, ServerError> {
         let listener = bind(config.listen).await?;
+        let admin_listener = bind(config.admin.listen).await?;
         let assets = Assets::new(config.assets_dir.clone());
         let metrics = Arc::new(Metrics::new());
         let id = node_id(&config);
@@ -76,11 +78,15 @@ impl Server {
             log.start().await?;
         }
         let state = Arc::new(AppState { hub, assets, cluster, room_log, started: AtomicBool::new(false) });
-        Ok(Server { listener, peer_listener, state })
+        Ok(Server { listener, admin_listener, peer_listener, state })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().unwrap_or_else(|_| self.state.hub.config().listen)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener.local_addr().unwrap_or_else(|_| self.state.hub.config().admin.listen)
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
@@ -95,7 +101,7 @@ impl Server {
     /// Serves until `shutdown` resolves, then drains and returns; also drains, and returns the
     /// error, when a room-log group stopped for good.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let Server { listener, peer_listener, state } = self;
+        let Server { listener, admin_listener, peer_listener, state } = self;
         let hub = state.hub.clone();
         let header_timeout = Duration::from_secs(hub.config().limits.handshake_timeout_secs);
         let mut tasks = vec![
@@ -105,6 +111,12 @@ impl Server {
                 header_timeout,
                 // Twice the write deadline: the node's own deadline ends a stuck client first (and
                 // counts it); the kernel's is the backstop.
+                Duration::from_secs(hub.config().limits.write_timeout_secs) * 2,
+            )),
+            tokio::spawn(accept_loop(
+                admin_listener,
+                crate::http::admin::routes(state.clone()),
+                header_timeout,
                 Duration::from_secs(hub.config().limits.write_timeout_secs) * 2,
             )),
             tokio::spawn(sweep_rooms(hub.clone())),

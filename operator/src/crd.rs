@@ -67,7 +67,7 @@ pub struct ChatClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// The node's own configuration (see the node's config reference). The operator owns
-    /// `listen`, `assets_dir`, `auth.jwt_secret_file`, `drain`, `cluster.size` and
+    /// `listen`, `admin.listen`, `assets_dir`, `auth.jwt_secret_file`, `drain`, `cluster.size` and
     /// `cluster.data_dir`; set those through `spec.auth`, `spec.drain`, `spec.replicas` and
     /// `spec.storage` instead.
     #[serde(default)]

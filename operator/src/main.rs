@@ -62,11 +62,13 @@ struct LocalArgs {
     /// as with --single-ip where other loopback addresses are not usable].
     #[arg(long, value_name = "IPV4")]
     first_ip: Option<std::net::Ipv4Addr>,
-    /// Client port of every node; the peer port is the next one.
+    /// Client port of every node; the peer port is the next one, the admin port (`/metrics`,
+    /// `/cluster`) the one after.
     #[arg(long, default_value_t = chat_operator::local::DEFAULT_BASE_PORT)]
     base_port: u16,
-    /// Put every node on 127.0.0.1 with ports base + 2i (client) and base + 2i + 1 (peer), with
-    /// static peer lists instead of DNS (the fallback where other loopback addresses do not work).
+    /// Put every node on 127.0.0.1 with ports base + 3i (client), base + 3i + 1 (peer) and
+    /// base + 3i + 2 (admin), with static peer lists instead of DNS (the fallback where other
+    /// loopback addresses do not work).
     #[arg(long)]
     single_ip: bool,
     /// Milliseconds between checks of the manifest for changes.

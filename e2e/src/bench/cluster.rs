@@ -148,7 +148,8 @@ impl Layout {
              [drain]\nlb_grace_secs = 0\ndeadline_secs = 8\n\n\
              [cluster]\npeer_listen = \"{ip}:{peer_port}\"\nstatic_peers = [{peers}]\nsecret = \"{secret}\"\n\
              size = {SIZE}\nordinal = {ordinal}\npartitions = {PARTITIONS}\n{storage}{extra}\n\
-             [log]\nfilter = \"{filter}\"\n",
+             [admin]\nlisten = \"{admin}\"\n\n[log]\nfilter = \"{filter}\"\n",
+            admin = admin_addr(self.addr(ordinal)),
             name = Self::name(ordinal),
             port = self.port,
             jwt = self.jwt,
@@ -186,9 +187,15 @@ impl Layout {
     }
 }
 
-/// `/cluster` of the node at `addr`, parsed.
+/// The admin port of the bench node whose client port is `client`: each node has an address of
+/// its own (127.0.0.2-4), so one fixed port serves them all.
+pub fn admin_addr(client: SocketAddr) -> SocketAddr {
+    SocketAddr::new(client.ip(), 9090)
+}
+
+/// `/cluster` of the node whose client port is `addr`, parsed.
 pub async fn cluster_status(addr: SocketAddr) -> anyhow::Result<serde_json::Value> {
-    let body = procs::http_get_body(addr, "/cluster").await?;
+    let body = procs::http_get_body(admin_addr(addr), "/cluster").await?;
     serde_json::from_str(&body).with_context(|| format!("/cluster of {addr} is not JSON: {body}"))
 }
 

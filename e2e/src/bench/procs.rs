@@ -48,7 +48,7 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-pub fn node_config(port: u16, secret: &str, tuning: &NodeTuning) -> String {
+pub fn node_config(port: u16, admin_port: u16, secret: &str, tuning: &NodeTuning) -> String {
     let queues =
         if tuning.big_queues { "outbound_queue_frames = 65536\noutbound_queue_bytes = 67108864\n" } else { "" };
     let extra = if tuning.extra_limits.is_empty() { String::new() } else { format!("{}\n", tuning.extra_limits) };
@@ -56,7 +56,7 @@ pub fn node_config(port: u16, secret: &str, tuning: &NodeTuning) -> String {
         "node_id = \"bench\"\nlisten = \"127.0.0.1:{port}\"\n\n[limits]\nmax_connections = 20000\n\
          publish_rate_per_sec = 1000000\npublish_burst = 1000000\nrate_limit_strikes = 1000000\n\
          ping_interval_secs = 3600\nidle_timeout_secs = 7200\n{queues}{extra}\n[auth]\nmode = \"jwt\"\n\
-         jwt_secret = \"{secret}\"\n\n[log]\nfilter = \"warn\"\n"
+         jwt_secret = \"{secret}\"\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n[log]\nfilter = \"warn\"\n"
     )
 }
 
@@ -65,7 +65,7 @@ impl Server {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let cfg = dir.path().join("node.toml");
-        std::fs::write(&cfg, node_config(port, secret, tuning))?;
+        std::fs::write(&cfg, node_config(port, free_port()?, secret, tuning))?;
         let mut cmd = Command::new(bin);
         cmd.arg("--config").arg(&cfg);
         Self::start(Kind::Node, cmd, dir, SocketAddr::from(([127, 0, 0, 1], port))).await
@@ -205,6 +205,14 @@ pub fn vm_rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
     let kib = line.split_whitespace().nth(1).context("bad VmRSS line")?;
+    Ok(kib.parse()?)
+}
+
+/// The most RSS the process ever had (`VmHWM`).
+pub fn vm_hwm_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM")?;
+    let kib = line.split_whitespace().nth(1).context("bad VmHWM line")?;
     Ok(kib.parse()?)
 }
 

@@ -5,6 +5,8 @@
 //! Everything it starts listens on 127.0.0.1 (the cluster benchmarks: 127.0.0.2–4) and is
 //! killed when the run ends; every loop is bounded in count and time.
 
+#[path = "../bench/abuse.rs"]
+mod abuse;
 #[path = "../bench/client.rs"]
 mod client;
 #[path = "../bench/cluster.rs"]
@@ -52,6 +54,9 @@ enum Cmd {
     /// Three nodes: publish unavailability when the leader of a room's Raft group is killed
     /// (kill -9) or drained (SIGTERM).
     Failover(failover::Opts),
+    /// One node: other clients' latency, the node's memory and each abuser's close code while
+    /// hostile clients do one thing after another (slowloris, floods, oversize frames, …).
+    Abuse(abuse::Opts),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -202,6 +207,7 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<()> {
         Cmd::All(o) => (o, [true, true, true]),
         Cmd::Cluster(o) => return cluster::run(o).await,
         Cmd::Failover(o) => return failover::run(o).await,
+        Cmd::Abuse(o) => return abuse::run(o).await,
     };
     if opts.publishers == 0 || opts.publishers > opts.members {
         bail!("--publishers must be between 1 and --members");

@@ -1,6 +1,6 @@
-//! One WebSocket link to a peer: the authenticated handshake (both directions), then a loop that
-//! sends queued frames, answers and measures heartbeats, and declares the link dead when the
-//! peer goes quiet.
+//! One WebSocket link to a peer: the authenticated handshake (both directions, with a key
+//! exchange), then a loop that seals and sends queued frames, opens received ones, answers and
+//! measures heartbeats, and declares the link dead when the peer goes quiet.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +16,8 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::Cluster;
-use super::auth::{nonce, sign, verify};
+use super::auth::{Proof, nonce, sign, verify};
+use super::seal::{Exchange, Link, Opener, Sealer, Transcript};
 use super::wire::{CLOSE_AUTH_FAILED, CLOSE_DIAL_BACK, CLOSE_REPLACED, PeerFrame};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -177,8 +178,8 @@ pub async fn dial(cluster: Arc<Cluster>, addr: SocketAddr) -> DialOutcome {
             tracing::debug!(%err, "setting TCP options on a peer link failed");
         }
     }
-    let (peer_id, acceptor_nonce) = match recv_frame(&mut ws).await {
-        Ok(PeerFrame::Challenge { node_id, nonce }) => (node_id, nonce),
+    let (peer_id, acceptor_nonce, acceptor_key) = match recv_frame(&mut ws).await {
+        Ok(PeerFrame::Challenge { node_id, nonce, key }) => (node_id, nonce, key),
         Ok(other) => return DialOutcome::Failed(format!("expected a challenge, got {other:?}")),
         Err(err) => return DialOutcome::Failed(err.to_string()),
     };
@@ -192,17 +193,29 @@ pub async fn dial(cluster: Arc<Cluster>, addr: SocketAddr) -> DialOutcome {
         return DialOutcome::DialBack(peer_id);
     }
     let my_nonce = nonce();
+    let exchange = Exchange::new();
+    let my_key = exchange.public_hex();
+    let proof = |role, nonce, signer, verifier| Proof {
+        role,
+        nonce,
+        signer,
+        verifier,
+        dialer_key: &my_key,
+        acceptor_key: &acceptor_key,
+    };
     let hello = PeerFrame::Hello {
         node_id: me.clone(),
         peer_addr: cluster.advertised().to_owned(),
         nonce: my_nonce.clone(),
-        mac: sign(cluster.secret(), "dialer", &acceptor_nonce, &me, &peer_id),
+        key: my_key.clone(),
+        mac: sign(cluster.secret(), proof("dialer", &acceptor_nonce, &me, &peer_id)),
     };
     if let Err(err) = send_frame(&mut ws, &hello).await {
         return DialOutcome::Failed(err.to_string());
     }
     match recv_frame(&mut ws).await {
-        Ok(PeerFrame::Accepted { mac }) if verify(cluster.secret(), "acceptor", &my_nonce, &peer_id, &me, &mac) => {}
+        Ok(PeerFrame::Accepted { mac })
+            if verify(cluster.secret(), proof("acceptor", &my_nonce, &peer_id, &me), &mac) => {}
         Ok(_) => {
             cluster.metrics().peer_auth_failures.inc();
             tracing::warn!(%addr, peer = peer_id, "peer failed authentication (wrong cluster secret?)");
@@ -216,7 +229,16 @@ pub async fn dial(cluster: Arc<Cluster>, addr: SocketAddr) -> DialOutcome {
         }
         Err(err) => return DialOutcome::Failed(err.to_string()),
     }
-    run(cluster, peer_id, addr.to_string(), ws).await;
+    let transcript =
+        Transcript { dialer_id: &me, acceptor_id: &peer_id, dialer_nonce: &my_nonce, acceptor_nonce: &acceptor_nonce };
+    let link = match exchange.finish(&acceptor_key, cluster.secret(), &transcript, true) {
+        Ok(link) => link,
+        Err(err) => {
+            close(&mut ws, CLOSE_AUTH_FAILED, "key exchange failed").await;
+            return DialOutcome::Failed(err.to_string());
+        }
+    };
+    run(cluster, peer_id, addr.to_string(), ws, link).await;
     DialOutcome::Ran
 }
 
@@ -236,20 +258,19 @@ pub async fn accept<S>(
     drop(slot);
     let Ok(Some(dialer)) = handshake else { return };
     unlock.store(true, Ordering::Release);
-    let me = cluster.node_id().to_owned();
     // Sent only now, with the limit lifted: the dialer starts replicating once it reads this.
-    let mac = sign(cluster.secret(), "acceptor", &dialer.nonce, &me, &dialer.node_id);
-    if send_frame(&mut ws, &PeerFrame::Accepted { mac }).await.is_err() {
+    if send_frame(&mut ws, &PeerFrame::Accepted { mac: dialer.proof }).await.is_err() {
         return;
     }
-    run(cluster, dialer.node_id, dialer.peer_addr, ws).await;
+    run(cluster, dialer.node_id, dialer.peer_addr, ws, dialer.link).await;
 }
 
-/// A dialer that proved the cluster secret.
+/// A dialer that proved the cluster secret, the link's keys and this node's proof for it.
 struct Dialer {
     node_id: String,
     peer_addr: String,
-    nonce: String,
+    link: Link,
+    proof: String,
 }
 
 /// The acceptor's half of the handshake: the dialer, once it proved the secret; `None` after
@@ -264,15 +285,26 @@ where
 {
     let me = cluster.node_id().to_owned();
     let my_nonce = nonce();
-    let challenge = PeerFrame::Challenge { node_id: me.clone(), nonce: my_nonce.clone() };
+    let exchange = Exchange::new();
+    let my_key = exchange.public_hex();
+    let challenge = PeerFrame::Challenge { node_id: me.clone(), nonce: my_nonce.clone(), key: my_key.clone() };
     if send_frame(ws, &challenge).await.is_err() {
         return None;
     }
-    let (peer_id, peer_addr, dialer_nonce) = match recv_frame(ws).await {
-        Ok(PeerFrame::Hello { node_id, peer_addr, nonce, mac })
-            if verify(cluster.secret(), "dialer", &my_nonce, &node_id, &me, &mac) =>
-        {
-            (node_id, peer_addr, nonce)
+    let dialers_proof = |node_id: &str, key: &str, mac: &str| {
+        let proof = Proof {
+            role: "dialer",
+            nonce: &my_nonce,
+            signer: node_id,
+            verifier: &me,
+            dialer_key: key,
+            acceptor_key: &my_key,
+        };
+        verify(cluster.secret(), proof, mac)
+    };
+    let (peer_id, peer_addr, dialer_nonce, dialer_key) = match recv_frame(ws).await {
+        Ok(PeerFrame::Hello { node_id, peer_addr, nonce, key, mac }) if dialers_proof(&node_id, &key, &mac) => {
+            (node_id, peer_addr, nonce, key)
         }
         Ok(PeerFrame::Hello { node_id, .. }) => {
             cluster.metrics().peer_auth_failures.inc();
@@ -300,7 +332,27 @@ where
         close(ws, CLOSE_DIAL_BACK, "the lower node id dials").await;
         return None;
     }
-    Some(Dialer { node_id: peer_id, peer_addr, nonce: dialer_nonce })
+    let transcript =
+        Transcript { dialer_id: &peer_id, acceptor_id: &me, dialer_nonce: &dialer_nonce, acceptor_nonce: &my_nonce };
+    let link = match exchange.finish(&dialer_key, cluster.secret(), &transcript, false) {
+        Ok(link) => link,
+        Err(err) => {
+            cluster.metrics().peer_auth_failures.inc();
+            tracing::warn!(?remote, %err, "refused a peer's key exchange");
+            close(ws, CLOSE_AUTH_FAILED, "key exchange failed").await;
+            return None;
+        }
+    };
+    let proof = Proof {
+        role: "acceptor",
+        nonce: &dialer_nonce,
+        signer: &me,
+        verifier: &peer_id,
+        dialer_key: &dialer_key,
+        acceptor_key: &my_key,
+    };
+    let proof = sign(cluster.secret(), proof);
+    Some(Dialer { node_id: peer_id, peer_addr, link, proof })
 }
 
 /// Frames written before one flush: the queue is drained in batches under load.
@@ -312,8 +364,23 @@ struct Written {
     failed: bool,
 }
 
+/// Seals one frame and feeds it to the socket; false when either fails.
+async fn feed_sealed<S>(ws: &mut WebSocketStream<S>, sealer: &mut Sealer, text: &Utf8Bytes) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match sealer.seal(text.as_bytes()) {
+        Ok(sealed) => ws.feed(Message::Binary(sealed.into())).await.is_ok(),
+        Err(err) => {
+            tracing::warn!(%err, "sealing a peer frame failed");
+            false
+        }
+    }
+}
+
 async fn write_batch<S>(
     ws: &mut WebSocketStream<S>,
+    sealer: &mut Sealer,
     first: Utf8Bytes,
     queued: &mut tokio::sync::mpsc::UnboundedReceiver<Utf8Bytes>,
 ) -> Written
@@ -321,12 +388,12 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut written = 1;
-    let mut failed = ws.feed(Message::Text(first)).await.is_err();
+    let mut failed = !feed_sealed(ws, sealer, &first).await;
     while !failed && written < WRITE_BATCH {
         match queued.try_recv() {
             Ok(text) => {
                 written += 1;
-                failed = ws.feed(Message::Text(text)).await.is_err();
+                failed = !feed_sealed(ws, sealer, &text).await;
             }
             Err(_) => break,
         }
@@ -335,15 +402,21 @@ where
     Written { written, failed }
 }
 
+/// A received frame's text, if it opens as the next frame and is UTF-8.
+fn open(opener: &mut Opener, sealed: &[u8]) -> Option<String> {
+    opener.open(sealed).ok().and_then(|plain| String::from_utf8(plain).ok())
+}
+
 /// Microseconds since `origin`, carried in pings to measure round trips.
 fn stamp(origin: Instant) -> Bytes {
     Bytes::copy_from_slice(&(origin.elapsed().as_micros() as u64).to_be_bytes())
 }
 
-async fn run<S>(cluster: Arc<Cluster>, peer_id: String, peer_addr: String, mut ws: WebSocketStream<S>)
+async fn run<S>(cluster: Arc<Cluster>, peer_id: String, peer_addr: String, mut ws: WebSocketStream<S>, link: Link)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let Link { send: mut sealer, receive: mut opener } = link;
     let rtt_us = Arc::new(AtomicU64::new(0));
     let (outbound, mut queued) = tokio::sync::mpsc::unbounded_channel();
     let unsent = Arc::new(AtomicUsize::new(0));
@@ -365,10 +438,26 @@ where
                             rtt_us.store(now.saturating_sub(u64::from_be_bytes(sent)), Ordering::Relaxed);
                         }
                     }
-                    Some(Ok(Message::Text(text))) => {
-                        if let Some(handler) = &handler {
-                            handler.on_frame(&peer_id, &text);
+                    Some(Ok(Message::Binary(sealed))) => match open(&mut opener, &sealed) {
+                        Some(text) => {
+                            if let Some(handler) = &handler {
+                                handler.on_frame(&peer_id, &text);
+                            }
                         }
+                        None => {
+                            cluster.metrics().peer_frames_rejected.inc();
+                            tracing::warn!(peer = peer_id, "a peer frame failed to open: ending the link");
+                            close(&mut ws, CLOSE_AUTH_FAILED, "frame failed to open").await;
+                            break "frame failed to open";
+                        }
+                    },
+                    // Everything after the handshake is sealed: a text frame was injected (or
+                    // comes from a build without sealing).
+                    Some(Ok(Message::Text(_))) => {
+                        cluster.metrics().peer_frames_rejected.inc();
+                        tracing::warn!(peer = peer_id, "an unsealed peer frame: ending the link");
+                        close(&mut ws, CLOSE_AUTH_FAILED, "unsealed frame").await;
+                        break "unsealed frame";
                     }
                     Some(Ok(Message::Close(_))) | None => break "closed by peer",
                     Some(Ok(_)) => {}
@@ -378,7 +467,7 @@ where
             next = queued.recv() => {
                 let Some(first) = next else { break "unregistered" };
                 // A peer that stops reading must not hold this task (and its heartbeat) forever.
-                let Ok(result) = tokio::time::timeout(timeout, write_batch(&mut ws, first, &mut queued)).await else {
+                let Ok(result) = tokio::time::timeout(timeout, write_batch(&mut ws, &mut sealer, first, &mut queued)).await else {
                     break "write timed out";
                 };
                 unsent.fetch_sub(result.written, Ordering::AcqRel);

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod discovery;
 pub mod link;
+pub mod seal;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};

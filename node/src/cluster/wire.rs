@@ -1,6 +1,6 @@
 //! The peer-link handshake: JSON text frames, tagged by `t`. Kept apart from the client
 //! protocol: clients can never send or receive these. After the handshake a link carries the
-//! replication layer's frames (`replication::wire`).
+//! replication layer's frames (`replication::wire`), each sealed (`seal`) in a binary frame.
 
 use serde::{Deserialize, Serialize};
 
@@ -14,10 +14,12 @@ pub const CLOSE_REPLACED: u16 = 4102;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum PeerFrame {
-    /// Acceptor → dialer, first frame: who I am and the nonce to sign.
-    Challenge { node_id: String, nonce: String },
-    /// Dialer → acceptor: who I am, where my peer port is, my nonce, and my proof.
-    Hello { node_id: String, peer_addr: String, nonce: String, mac: String },
+    /// Acceptor → dialer, first frame: who I am, the nonce to sign and my key exchange value
+    /// (X25519 public key, hex; see `seal`).
+    Challenge { node_id: String, nonce: String, key: String },
+    /// Dialer → acceptor: who I am, where my peer port is, my nonce, my key exchange value and
+    /// my proof.
+    Hello { node_id: String, peer_addr: String, nonce: String, key: String, mac: String },
     /// Acceptor → dialer: the acceptor's proof over the dialer's nonce.
     Accepted { mac: String },
 }

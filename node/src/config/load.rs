@@ -20,6 +20,7 @@ pub enum LoadError {
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub listen: Option<String>,
+    pub admin_listen: Option<String>,
     pub node_id: Option<String>,
     pub assets_dir: Option<String>,
     pub anonymous: bool,
@@ -47,7 +48,12 @@ pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<NodeConfig, Lo
         fields.iter().any(|f| f.eq_ignore_ascii_case(first))
     }));
     let o = overrides;
-    for (key, value) in [("listen", &o.listen), ("node_id", &o.node_id), ("assets_dir", &o.assets_dir)] {
+    for (key, value) in [
+        ("listen", &o.listen),
+        ("admin.listen", &o.admin_listen),
+        ("node_id", &o.node_id),
+        ("assets_dir", &o.assets_dir),
+    ] {
         if let Some(value) = value {
             figment = figment.merge((key, value));
         }

@@ -20,7 +20,7 @@ pub struct NodeConfig {
     /// host name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
-    /// Address of the client port (WebSocket `/ws`, health, metrics and the web page).
+    /// Address of the client port: WebSocket `/ws`, `/healthz`, `/readyz` and the web page only.
     #[schemars(with = "String")]
     pub listen: SocketAddr,
     /// Directory of static assets served at `/`. Files here override the built-in web page
@@ -33,6 +33,7 @@ pub struct NodeConfig {
     pub auth: AuthConfig,
     pub drain: DrainConfig,
     pub cluster: ClusterConfig,
+    pub admin: AdminConfig,
     pub log: LogConfig,
 }
 
@@ -47,8 +48,27 @@ impl Default for NodeConfig {
             auth: AuthConfig::default(),
             drain: DrainConfig::default(),
             cluster: ClusterConfig::default(),
+            admin: AdminConfig::default(),
             log: LogConfig::default(),
         }
+    }
+}
+
+/// The admin port, for operators and Prometheus rather than chat clients: it tells room names,
+/// peer addresses and node ids, so keep it off the public network (the client Service does not
+/// expose it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin port: `/metrics` (Prometheus text), `/cluster` (links, Raft groups,
+    /// readiness), `/healthz` and `/readyz` (the pod's probes).
+    #[schemars(with = "String")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([0, 0, 0, 0], 9090)) }
     }
 }
 
@@ -83,6 +103,11 @@ pub struct LimitsConfig {
     /// Rooms one connection may be joined to at once.
     #[schemars(range(min = 1))]
     pub max_rooms_per_connection: usize,
+    /// Rooms this node holds at once: a `join` that would create one more is refused with
+    /// `too_many_rooms` (rooms already there can still be joined; idle ones are forgotten after
+    /// `history.empty_room_ttl_secs`). Bounds the memory clients can make the node spend.
+    #[schemars(range(min = 1))]
+    pub max_rooms: usize,
     /// Sustained publishes per second allowed per connection.
     #[schemars(range(min = 1))]
     pub publish_rate_per_sec: u32,
@@ -160,6 +185,7 @@ impl Default for LimitsConfig {
             max_connections: 10_000,
             max_message_bytes: 16 * 1024,
             max_rooms_per_connection: 64,
+            max_rooms: 100_000,
             publish_rate_per_sec: 20,
             publish_burst: 40,
             frame_rate_per_sec: None,
@@ -489,6 +515,7 @@ impl NodeConfig {
         let positive = [
             ("limits.max_connections", l.max_connections as u64),
             ("limits.max_rooms_per_connection", l.max_rooms_per_connection as u64),
+            ("limits.max_rooms", l.max_rooms as u64),
             ("limits.max_connections_per_user", l.max_connections_per_user as u64),
             ("limits.publish_rate_per_sec", u64::from(l.publish_rate_per_sec)),
             ("limits.publish_burst", u64::from(l.publish_burst)),
@@ -544,9 +571,23 @@ impl NodeConfig {
         {
             return Err(invalid("node_id", "must be 1 to 253 characters"));
         }
+        let mut ports = vec![("listen", self.listen), ("admin.listen", self.admin.listen)];
+        if self.cluster.enabled() {
+            ports.push(("cluster.peer_listen", self.cluster.peer_listen));
+        }
+        for (i, (field, addr)) in ports.iter().enumerate() {
+            if let Some((other, _)) = ports[..i].iter().find(|(_, earlier)| same_socket(*earlier, *addr)) {
+                return Err(invalid(field, format!("must not be the same port as {other} ({addr})")));
+            }
+        }
         self.auth.validate()?;
         self.cluster.validate()
     }
+}
+
+/// Whether binding both would collide: the same port on the same address or a wildcard.
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// A secret is given either as a file or inline (then at least 16 bytes), never both.
@@ -610,6 +651,21 @@ mod tests {
         let mut cfg = anonymous();
         cfg.limits.idle_timeout_secs = cfg.limits.ping_interval_secs;
         assert_eq!(cfg.validate().unwrap_err().field, "limits.idle_timeout_secs");
+    }
+
+    #[test]
+    fn the_ports_must_not_collide() {
+        let mut cfg = anonymous();
+        cfg.admin.listen = "127.0.0.1:8080".parse().unwrap();
+        let err = cfg.validate().unwrap_err();
+        assert_eq!(err.field, "admin.listen", "the wildcard client port takes 8080 on every address: {err}");
+        cfg.listen = "127.0.0.2:8080".parse().unwrap();
+        assert!(cfg.validate().is_ok(), "the same port on two addresses is fine");
+        cfg.cluster.static_peers = vec!["127.0.0.3:8081".into()];
+        cfg.cluster.secret = Some("0123456789abcdef".into());
+        cfg.cluster.peer_listen = "0.0.0.0:9090".parse().unwrap();
+        cfg.admin.listen = "0.0.0.0:9090".parse().unwrap();
+        assert_eq!(cfg.validate().unwrap_err().field, "cluster.peer_listen");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The client port on warp: `/ws` (handshake checks, then the WebSocket is handed to the hub),
-//! `/healthz`, `/readyz`, `/metrics` and the static assets.
+//! `/healthz`, `/readyz` and the static assets. `/metrics` and `/cluster` are on the admin port.
 
+pub mod admin;
 pub mod assets;
 pub mod peer;
 mod upgrade;
@@ -46,23 +47,17 @@ pub(crate) fn plain(status: StatusCode, body: &'static str) -> Response<Bytes> {
         .unwrap_or_else(|_| Response::new(Bytes::new()))
 }
 
-/// Every route of the client port.
-/// `/cluster`: the peer links, and the room log's members, groups and readiness.
-#[derive(serde::Serialize)]
-struct ClusterView {
-    #[serde(flatten)]
-    links: crate::cluster::ClusterStatus,
-    #[serde(flatten)]
-    log: crate::replication::ReplicationStatus,
-}
-
-pub fn routes(
-    state: Arc<AppState>,
-) -> impl Filter<Extract = (Response<Bytes>,), Error = Infallible> + Clone + Send + Sync + 'static {
-    let with_state = warp::any().map(move || state.clone());
-
+/// `/healthz` (the process answers) and `/readyz` (started, ready, not draining), served on both
+/// ports: the pod's probes use the admin port, load balancers in front of the client port may
+/// probe it too.
+fn probes(
+    with_state: impl Filter<Extract = (Arc<AppState>,), Error = Infallible> + Clone + Send + Sync + 'static,
+) -> (
+    impl Filter<Extract = (Response<Bytes>,), Error = warp::Rejection> + Clone + Send + Sync + 'static,
+    impl Filter<Extract = (Response<Bytes>,), Error = warp::Rejection> + Clone + Send + Sync + 'static,
+) {
     let healthz = warp::path!("healthz").map(|| plain(StatusCode::OK, "ok\n"));
-    let readyz = warp::path!("readyz").and(with_state.clone()).map(|state: Arc<AppState>| {
+    let readyz = warp::path!("readyz").and(with_state).map(|state: Arc<AppState>| {
         if state.is_ready() {
             plain(StatusCode::OK, "ready\n")
         } else if state.hub.is_draining() {
@@ -71,30 +66,16 @@ pub fn routes(
             plain(StatusCode::SERVICE_UNAVAILABLE, "starting\n")
         }
     });
-    let metrics = warp::path!("metrics").and(with_state.clone()).map(|state: Arc<AppState>| {
-        let metrics = state.hub.metrics();
-        metrics.rooms.set(state.hub.room_count() as i64);
-        Response::builder()
-            .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
-            .body(Bytes::from(metrics.render()))
-            .unwrap_or_else(|_| Response::new(Bytes::new()))
-    });
-    let cluster = warp::path!("cluster").and(with_state.clone()).map(|state: Arc<AppState>| {
-        let body = match (&state.cluster, &state.room_log) {
-            (Some(cluster), Some(log)) => {
-                serde_json::to_vec_pretty(&ClusterView { links: cluster.status(), log: log.status() })
-            }
-            _ => serde_json::to_vec_pretty(&serde_json::json!({
-                "node_id": state.hub.node_id(),
-                "members": [],
-                "clustered": false,
-            })),
-        };
-        Response::builder()
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Bytes::from(body.unwrap_or_default()))
-            .unwrap_or_else(|_| Response::new(Bytes::new()))
-    });
+    (healthz, readyz)
+}
+
+/// Every route of the client port.
+pub fn routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Response<Bytes>,), Error = Infallible> + Clone + Send + Sync + 'static {
+    let with_state = warp::any().map(move || state.clone());
+
+    let (healthz, readyz) = probes(with_state.clone());
     let ws = warp::path!("ws")
         .and(warp::header::headers_cloned())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
@@ -106,8 +87,6 @@ pub fn routes(
         .and(with_state)
         .then(|tail: warp::path::Tail, state: Arc<AppState>| async move { state.assets.response(tail.as_str()).await });
 
-    let get_routes = warp::get().and(
-        ws.or(healthz).unify().or(readyz).unify().or(metrics).unify().or(cluster).unify().or(static_files).unify(),
-    );
+    let get_routes = warp::get().and(ws.or(healthz).unify().or(readyz).unify().or(static_files).unify());
     get_routes.or(warp::any().map(|| plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"))).unify()
 }

@@ -203,6 +203,48 @@ pub(crate) fn switching_protocols(key: &HeaderValue, subprotocol: Option<&str>) 
 mod tests {
     use super::*;
 
+    /// The handshake's parsers on a header block and query string from the input (`name: value`
+    /// lines, then a `?query` line): upgrade check, subprotocol, query, bearer token, forwarded
+    /// address, and the token through the JWT authenticator. Seeds in `node/fuzz/handshake/`.
+    #[test]
+    fn fuzz_handshake() {
+        let jwt = crate::config::AuthConfig {
+            mode: crate::config::AuthMode::Jwt,
+            jwt_secret: Some("fuzz-secret-0123456789".into()),
+            ..crate::config::AuthConfig::default()
+        };
+        let jwt = crate::auth::Authenticator::from_config(&jwt).unwrap();
+        let anonymous = crate::config::AuthConfig { mode: crate::config::AuthMode::Anonymous, ..Default::default() };
+        let anonymous = crate::auth::Authenticator::from_config(&anonymous).unwrap();
+        let peer = Some(RemoteAddr("10.0.0.9:5000".parse().unwrap()));
+        crate::fuzz::run("handshake", |input: &[u8]| {
+            let text = String::from_utf8_lossy(input);
+            let mut headers = HeaderMap::new();
+            let mut query = "";
+            for line in text.lines() {
+                if let Some(q) = line.strip_prefix('?') {
+                    query = q;
+                } else if let Some((name, value)) = line.split_once(':')
+                    && let (Ok(name), Ok(value)) =
+                        (header::HeaderName::from_bytes(name.trim().as_bytes()), HeaderValue::from_str(value.trim()))
+                {
+                    // What hyper would hand over: only valid names and values get this far.
+                    headers.append(name, value);
+                }
+            }
+            let _ = websocket_key(&headers);
+            let _ = negotiate_subprotocol(&headers);
+            let _ = client_address(&headers, peer, true);
+            let params = query_params(query);
+            let token = bearer(&headers).or(params.token);
+            if let Err(err) = jwt.authenticate(token.as_deref(), params.name.as_deref()) {
+                assert!((400..500).contains(&err.http_status()), "{err}: {}", err.http_status());
+            }
+            let identity = anonymous.authenticate(None, params.name.as_deref()).expect("anonymous always connects");
+            assert!(identity.user.name.chars().count() <= 64, "names are cut to 64 characters");
+        });
+    }
+
     #[test]
     fn subprotocol_negotiation() {
         let mut headers = HeaderMap::new();

@@ -180,7 +180,7 @@ impl Session<'_> {
                                 Ok(()) => end.map(End::Close),
                             }
                         }
-                        Inbound::Activity => None,
+                        Inbound::Activity => self.control_frame().map(End::Close),
                         Inbound::Binary => Some(End::Close(close::UNSUPPORTED_DATA)),
                         Inbound::TooBig => Some(End::Close(close::MESSAGE_TOO_BIG)),
                         Inbound::Malformed(code) => Some(End::Close(code)),
@@ -244,13 +244,34 @@ impl Session<'_> {
         end
     }
 
+    /// Takes one frame from the connection's budget. `Err` when it is spent: a strike, with
+    /// the close code once the strikes reach `limits.rate_limit_strikes`.
+    fn spend_frame(&mut self) -> Result<(), Option<u16>> {
+        if self.frames.check().is_ok() {
+            return Ok(());
+        }
+        self.hub.metrics.rate_limited.inc();
+        self.strikes += 1;
+        Err((self.strikes >= self.hub.config.limits.rate_limit_strikes).then_some(close::TOO_MANY_REQUESTS))
+    }
+
+    /// A ping or pong from the client. They spend the budget too (each ping costs the node a
+    /// pong), but are never answered with an error frame: a flood of them only collects strikes.
+    fn control_frame(&mut self) -> Option<u16> {
+        match self.spend_frame() {
+            Ok(()) => {
+                self.strikes = 0;
+                None
+            }
+            Err(close) => close,
+        }
+    }
+
     fn dispatch(&mut self, text: &[u8], replies: &mut Vec<Frame>) -> Option<u16> {
-        if self.frames.check().is_err() {
+        if let Err(close) = self.spend_frame() {
             // Not even parsed: a flood costs the node as little as possible.
-            self.hub.metrics.rate_limited.inc();
-            self.strikes += 1;
-            if self.strikes >= self.hub.config.limits.rate_limit_strikes {
-                return Some(close::TOO_MANY_REQUESTS);
+            if close.is_some() {
+                return close;
             }
             let (rate, _) = self.hub.config.limits.frame_budget();
             replies.push(error(None, ErrorCode::RateLimited, format!("at most {rate} frames per second")));
@@ -305,6 +326,12 @@ impl Session<'_> {
             Some((ErrorCode::TooManyRooms, format!("at most {} rooms per connection", self.rooms.len())))
         } else if !self.hub.auth.may_join(&self.identity, &room) {
             Some((ErrorCode::Forbidden, format!("your roles may not join {room}")))
+        } else if self.hub.existing_room(&room).is_none() && self.hub.room_count() >= self.hub.config.limits.max_rooms {
+            let most = self.hub.config.limits.max_rooms;
+            Some((
+                ErrorCode::TooManyRooms,
+                format!("this node holds its maximum of {most} rooms: join an existing one"),
+            ))
         } else {
             None
         };

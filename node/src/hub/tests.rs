@@ -356,15 +356,21 @@ async fn sustained_rate_abuse_is_closed() {
     assert_eq!(hub.metrics().rate_limited.get(), 3);
 }
 
-#[tokio::test]
-async fn every_frame_type_spends_one_budget() {
+/// A hub whose connections may send 4 frames at once, 1 a second after that, and are closed
+/// after 5 frames over that in a row.
+fn tight_frame_budget() -> Arc<Hub> {
     let mut cfg = config();
     cfg.limits.frame_rate_per_sec = Some(1);
     cfg.limits.frame_burst = Some(4);
     cfg.limits.publish_rate_per_sec = 1;
     cfg.limits.publish_burst = 1;
     cfg.limits.rate_limit_strikes = 5;
-    let hub = hub(cfg);
+    hub(cfg)
+}
+
+#[tokio::test]
+async fn every_frame_type_spends_one_budget() {
+    let hub = tight_frame_budget();
     let mut watcher = connect(&hub, "watcher").await;
     join(&mut watcher, "r").await;
     let mut ann = connect(&hub, "ann").await;
@@ -461,4 +467,36 @@ async fn idle_rooms_are_forgotten_with_a_new_epoch() {
     assert_eq!(hub.sweep_rooms(later), 1);
     assert_eq!(hub.room_count(), 0);
     assert_ne!(join(&mut ann, "r").await["epoch"], first);
+}
+
+#[tokio::test]
+async fn a_node_holds_at_most_max_rooms_but_existing_ones_stay_open() {
+    let mut config = config();
+    config.limits.max_rooms = 2;
+    let hub = hub(config);
+    let (mut ann, mut bob) = (connect(&hub, "ann").await, connect(&hub, "bob").await);
+    join(&mut ann, "a").await;
+    join(&mut ann, "b").await;
+    send(&ann, json!({"type": "join", "id": "third", "room": "c"})).await;
+    let refused = expect(&mut ann, "error").await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["id"].as_str()),
+        (Some("too_many_rooms"), Some("third")),
+        "{refused}"
+    );
+    assert_eq!(hub.room_count(), 2, "the refused room was not created");
+    join(&mut bob, "a").await;
+}
+
+#[tokio::test]
+async fn a_flood_of_websocket_pings_spends_the_budget_and_closes_4003() {
+    let hub = tight_frame_budget();
+    let mut ann = connect(&hub, "ann").await;
+    for _ in 0..9 {
+        ann.inbound.send(Inbound::Activity).await.unwrap();
+    }
+    let (frames, code) = ann.frames_until_close(Duration::from_secs(5)).await;
+    assert_eq!(code, Some(close::TOO_MANY_REQUESTS), "four in the burst, then five strikes: {frames:?}");
+    assert!(frames.is_empty(), "pings over the budget get no error frames: {frames:?}");
+    assert_eq!(hub.metrics().rate_limited.get(), 5);
 }

@@ -151,7 +151,7 @@ pub async fn run(
     };
     for ordinal in 0..desired.replicas {
         let addr = addressing.node(ordinal).ok_or(Error::NoAddress { ordinal })?;
-        for socket in [addr.client, addr.peer] {
+        for socket in [addr.client, addr.peer, addr.admin] {
             std::net::TcpListener::bind(socket).map_err(|source| Error::AddressInUse { addr: socket, source })?;
         }
     }
@@ -228,13 +228,14 @@ fn node_binary(given: Option<&Path>) -> Result<PathBuf, Error> {
 /// to `lo`; macOS only has 127.0.0.1 unless aliases are added).
 fn addressing(options: &Options) -> Result<Addressing, Error> {
     let peer_port = options.base_port.checked_add(1).ok_or(Error::NoAddress { ordinal: 0 })?;
+    let admin_port = options.base_port.checked_add(2).ok_or(Error::NoAddress { ordinal: 0 })?;
     let shared = Addressing::SharedIp { ip: Ipv4Addr::LOCALHOST, base_port: options.base_port };
     if options.single_ip {
         return Ok(shared);
     }
     let first = options.first_ip.unwrap_or(DEFAULT_FIRST_IP);
     match std::net::TcpListener::bind((first, 0)) {
-        Ok(_) => Ok(Addressing::PerNodeIp { first, client_port: options.base_port, peer_port }),
+        Ok(_) => Ok(Addressing::PerNodeIp { first, client_port: options.base_port, peer_port, admin_port }),
         Err(source) if options.first_ip.is_some() => Err(Error::Unassignable { ip: first, source }),
         Err(err) => {
             tracing::warn!(%first, %err, "cannot use other loopback addresses here; all nodes share 127.0.0.1");
@@ -274,7 +275,7 @@ struct Supervisor {
     /// the next one goes.
     last_rolled: Option<u32>,
     /// The URL table printed last.
-    printed: Vec<(String, String)>,
+    printed: Vec<(String, String, String)>,
     /// The status file as written last.
     status: String,
     /// The revision for which "OnDelete: not rolling" was logged.
@@ -640,11 +641,11 @@ impl Supervisor {
         if let Err(err) = self.write_status() {
             tracing::warn!(%err, "could not write the status file");
         }
-        let ready: Vec<(String, String)> = self
+        let ready: Vec<(String, String, String)> = self
             .slots
             .values()
             .filter_map(|s| match s {
-                Slot::Running(n) if n.is_ready() => Some((n.name.clone(), n.url())),
+                Slot::Running(n) if n.is_ready() => Some((n.name.clone(), n.url(), n.admin_url())),
                 _ => None,
             })
             .collect();
@@ -658,8 +659,8 @@ impl Supervisor {
             ready.len(),
             if ready.len() == 1 { "" } else { "s" }
         );
-        for (name, url) in &ready {
-            out.push_str(&format!("  {name}  web chat {url}  membership {url}cluster\n"));
+        for (name, url, admin) in &ready {
+            out.push_str(&format!("  {name}  web chat {url}  membership {admin}cluster\n"));
         }
         print!("{out}");
         self.printed = ready;

@@ -94,7 +94,8 @@ impl Node {
         let child = command.spawn()?;
         let pid = child.id().unwrap_or_default();
         let (ready_tx, ready) = watch::channel(None);
-        let probe = tokio::spawn(probe(addr.client, name.clone(), ready_tx, changed));
+        // On the admin port, as the pod's probes.
+        let probe = tokio::spawn(probe(addr.admin, name.clone(), ready_tx, changed));
         let size = config.cluster.size;
         Ok(Node { name, addr, pid, revision, config, size, started: Instant::now(), child, ready, probe })
     }
@@ -114,6 +115,11 @@ impl Node {
 
     pub fn url(&self) -> String {
         format!("http://{}/", self.addr.client)
+    }
+
+    /// The admin port: `/metrics`, `/cluster`.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}/", self.addr.admin)
     }
 
     fn signal(&self, signal: libc::c_int) {

@@ -120,12 +120,12 @@ impl Desired {
 /// Where each node listens on this machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Addressing {
-    /// Node `i` on `first + i`, every node on the same two ports: the pod network's shape, so
+    /// Node `i` on `first + i`, every node on the same three ports: the pod network's shape, so
     /// the nodes find each other through DNS A records as in Kubernetes.
-    PerNodeIp { first: Ipv4Addr, client_port: u16, peer_port: u16 },
+    PerNodeIp { first: Ipv4Addr, client_port: u16, peer_port: u16, admin_port: u16 },
     /// Every node on one address (hosts where only 127.0.0.1 is assignable, e.g. macOS), with
-    /// ports `base + 2i` (client) and `base + 2i + 1` (peer). DNS answers carry no ports, so the
-    /// nodes get a static peer list instead.
+    /// ports `base + 3i` (client), `base + 3i + 1` (peer) and `base + 3i + 2` (admin). DNS
+    /// answers carry no ports, so the nodes get a static peer list instead.
     SharedIp { ip: Ipv4Addr, base_port: u16 },
 }
 
@@ -135,21 +135,25 @@ pub struct NodeAddr {
     pub ip: IpAddr,
     pub client: SocketAddr,
     pub peer: SocketAddr,
+    /// `/metrics`, `/cluster` and the probes.
+    pub admin: SocketAddr,
 }
 
 impl Addressing {
     /// `None` when the ordinal runs past the address or port space.
     pub fn node(&self, ordinal: u32) -> Option<NodeAddr> {
         match *self {
-            Addressing::PerNodeIp { first, client_port, peer_port } => {
+            Addressing::PerNodeIp { first, client_port, peer_port, admin_port } => {
                 let ip = IpAddr::V4(Ipv4Addr::from(u32::from(first).checked_add(ordinal)?));
-                Some(NodeAddr { ip, client: SocketAddr::new(ip, client_port), peer: SocketAddr::new(ip, peer_port) })
+                let at = |port| SocketAddr::new(ip, port);
+                Some(NodeAddr { ip, client: at(client_port), peer: at(peer_port), admin: at(admin_port) })
             }
             Addressing::SharedIp { ip, base_port } => {
-                let client = u16::try_from(u32::from(base_port).checked_add(ordinal.checked_mul(2)?)?).ok()?;
-                let peer = client.checked_add(1)?;
+                let client = u16::try_from(u32::from(base_port).checked_add(ordinal.checked_mul(3)?)?).ok()?;
+                let (peer, admin) = (client.checked_add(1)?, client.checked_add(2)?);
                 let ip = IpAddr::V4(ip);
-                Some(NodeAddr { ip, client: SocketAddr::new(ip, client), peer: SocketAddr::new(ip, peer) })
+                let at = |port| SocketAddr::new(ip, port);
+                Some(NodeAddr { ip, client: at(client), peer: at(peer), admin: at(admin) })
             }
         }
     }
@@ -228,6 +232,7 @@ pub fn node_config(desired: &Desired, ordinal: u32, addr: &NodeAddr, peers: &Pee
         cfg.cluster.data_dir = Some(layout.node_data(&desired.node_name(ordinal)));
     }
     cfg.listen = addr.client;
+    cfg.admin.listen = addr.admin;
     cfg.cluster.peer_listen = addr.peer;
     cfg.cluster.advertise_ip = Some(addr.ip);
     cfg.assets_dir = cfg.assets_dir.as_deref().map(|p| layout.host_path(p));
@@ -339,10 +344,15 @@ mod tests {
     fn node_config_maps_mounts_and_addresses() {
         let d = desired(&minimal(), &[b'a'; 64], None).unwrap();
         let layout = Layout { root: PathBuf::from("/state") };
-        let addressing =
-            Addressing::PerNodeIp { first: Ipv4Addr::new(127, 0, 0, 10), client_port: 8080, peer_port: 8081 };
+        let addressing = Addressing::PerNodeIp {
+            first: Ipv4Addr::new(127, 0, 0, 10),
+            client_port: 8080,
+            peer_port: 8081,
+            admin_port: 8082,
+        };
         let addr = addressing.node(2).unwrap();
         assert_eq!(addr.client.to_string(), "127.0.0.12:8080");
+        assert_eq!(addr.admin.to_string(), "127.0.0.12:8082");
         let dns: SocketAddr = "127.0.0.1:5353".parse().unwrap();
         let cfg = node_config(&d, 2, &addr, &Peers::Dns(dns), &layout);
         cfg.validate().unwrap();
@@ -354,7 +364,7 @@ mod tests {
 
         let shared = Addressing::SharedIp { ip: Ipv4Addr::LOCALHOST, base_port: 8080 };
         let addr = shared.node(1).unwrap();
-        assert_eq!((addr.client.port(), addr.peer.port()), (8082, 8083));
+        assert_eq!((addr.client.port(), addr.peer.port(), addr.admin.port()), (8083, 8084, 8085));
         let cfg = node_config(&d, 1, &addr, &Peers::Static(vec!["127.0.0.1:8081".into()]), &layout);
         cfg.validate().unwrap();
         assert_eq!(cfg.cluster.dns_name, None);

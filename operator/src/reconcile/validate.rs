@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 use super::{scale, storage};
 use crate::crd::{ChatCluster, MAX_NAME_LEN, ServiceType};
-use crate::resources::{ASSETS_DIR, AUTH_DIR, HTTP_PORT, Owner, PEER_DIR, PEER_KEY, PEER_PORT};
+use crate::resources::{ADMIN_PORT, ASSETS_DIR, AUTH_DIR, HTTP_PORT, Owner, PEER_DIR, PEER_KEY, PEER_PORT};
 
 /// Shortest JWT key accepted (the node's own minimum for inline keys).
 const MIN_JWT_KEY_BYTES: usize = 16;
@@ -187,6 +187,7 @@ pub fn render_config(cluster: &ChatCluster, peer_dns: &str) -> Result<NodeConfig
         ));
     }
     cfg.listen = SocketAddr::from(([0, 0, 0, 0], HTTP_PORT as u16));
+    cfg.admin.listen = SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT as u16));
     cfg.cluster.peer_listen = SocketAddr::from(([0, 0, 0, 0], PEER_PORT as u16));
     cfg.cluster.dns_name = Some(peer_dns.to_owned());
     cfg.cluster.secret_file = Some(PathBuf::from(PEER_DIR).join(PEER_KEY));

@@ -31,6 +31,8 @@ pub const MANAGED_BY_SELECTOR: &str = "app.kubernetes.io/managed-by=chat-operato
 pub const CONFIG_HASH_ANNOTATION: &str = "chatcluster.dev/config-hash";
 pub const HTTP_PORT: i32 = 8080;
 pub const PEER_PORT: i32 = 8081;
+/// `/metrics`, `/cluster` and the probes; not behind the client Service.
+pub const ADMIN_PORT: i32 = 9090;
 /// Where the node finds its files; the rendered config points into these.
 pub const MOUNT_ROOT: &str = "/etc/chatcluster";
 /// In a directory of its own, mounted without `subPath`: kubelet's `..data` swap then reaches

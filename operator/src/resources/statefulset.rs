@@ -19,8 +19,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    ASSETS_DIR, AUTH_DIR, CONFIG_DIR, CONFIG_HASH_ANNOTATION, CONFIG_PATH, DATA_DIR, DATA_VOLUME, HTTP_PORT, Owner,
-    PEER_DIR, PEER_PORT, non_empty, non_empty_vec,
+    ADMIN_PORT, ASSETS_DIR, AUTH_DIR, CONFIG_DIR, CONFIG_HASH_ANNOTATION, CONFIG_PATH, DATA_DIR, DATA_VOLUME,
+    HTTP_PORT, Owner, PEER_DIR, PEER_PORT, non_empty, non_empty_vec,
 };
 use crate::crd::{ChatCluster, RolloutStrategy, StorageSpec};
 use crate::reconcile::validate::Plan;
@@ -165,7 +165,7 @@ fn container(cluster: &ChatCluster, plan: &Plan) -> Container {
         image: Some(cluster.spec.image.clone()),
         image_pull_policy: cluster.spec.image_pull_policy.map(|p| p.as_str().to_owned()),
         args: Some(vec!["--config".to_owned(), CONFIG_PATH.to_owned()]),
-        ports: Some(vec![port("http", HTTP_PORT), port("peer", PEER_PORT)]),
+        ports: Some(vec![port("http", HTTP_PORT), port("peer", PEER_PORT), port("admin", ADMIN_PORT)]),
         env: Some(vec![
             field_env("POD_NAME", "metadata.name"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
@@ -287,7 +287,7 @@ fn probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_owned()),
-            port: IntOrString::String("http".to_owned()),
+            port: IntOrString::String("admin".to_owned()),
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period),
