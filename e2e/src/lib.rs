@@ -7,7 +7,7 @@ pub mod history;
 pub mod local;
 mod process;
 
-pub use process::{NodeProcess, free_port, node_binary, operator_binary};
+pub use process::{NodeProcess, bench_binary, free_port, node_binary, operator_binary};
 
 use jsonwebtoken::{EncodingKey, Header, encode};
 use serde::Serialize;

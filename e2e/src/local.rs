@@ -247,7 +247,7 @@ impl LocalMode {
                     cluster["ready"]
                 );
             }
-            let code = http_get(self.addr(ordinal), "/readyz").await.map(|r| r.0).unwrap_or(0);
+            let code = http_get(self.admin_addr(ordinal), "/readyz").await.map(|r| r.0).unwrap_or(0);
             ensure!(code == 200, "{} /readyz answered {code}", self.node_name(ordinal));
         }
         Ok(())

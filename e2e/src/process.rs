@@ -16,6 +16,11 @@ pub fn node_binary() -> PathBuf {
     workspace_binary("chat-node", "CHAT_NODE_BIN")
 }
 
+/// The `chat-bench` binary next to the running test, or `$CHAT_BENCH_BIN`.
+pub fn bench_binary() -> PathBuf {
+    workspace_binary("chat-bench", "CHAT_BENCH_BIN")
+}
+
 /// The `chat-operator` binary next to the running test, or `$CHAT_OPERATOR_BIN`.
 pub fn operator_binary() -> PathBuf {
     workspace_binary("chat-operator", "CHAT_OPERATOR_BIN")
@@ -158,14 +163,15 @@ impl NodeProcess {
         Ok(())
     }
 
-    /// Waits until `/readyz` answers 200 (fails early if the node exits).
+    /// Waits until `/readyz` on the admin port answers 200 (fails early if the node exits).
     pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {
                 bail!("chat-node exited with {status} before it was ready:\n{}", self.output());
             }
-            if self.http_get("/readyz").await.ok().map(|r| r.0) == Some(200) {
+            // On the admin port, as a pod's probes: it never speaks TLS.
+            if self.admin_get("/readyz").await.ok().map(|r| r.0) == Some(200) {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(25)).await;

@@ -1258,7 +1258,7 @@ async fn forge_dial(peer: SocketAddr, hello: Option<&str>, frames: &[String]) ->
         bail!("expected a challenge: {challenge:?}")
     };
     if let Some(claimed) = hello {
-        let key = chat_node::cluster::seal::Exchange::new().public_hex();
+        let key = chat_node::cluster::seal::Exchange::new()?.public_hex();
         let proof = chat_node::cluster::auth::Proof {
             role: "dialer",
             nonce: &nonce,
@@ -1317,10 +1317,11 @@ fn forge_acceptor(listener: tokio::net::TcpListener, frames: Arc<Vec<String>>) -
                 else {
                     return;
                 };
+                let Ok(exchange) = chat_node::cluster::seal::Exchange::new() else { return };
                 let challenge = PeerFrame::Challenge {
                     node_id: "node-9".into(),
                     nonce: chat_node::cluster::auth::nonce(),
-                    key: chat_node::cluster::seal::Exchange::new().public_hex(),
+                    key: exchange.public_hex(),
                 };
                 let Ok(text) = serde_json::to_string(&challenge) else { return };
                 if ws.send(Message::text(text)).await.is_err() {

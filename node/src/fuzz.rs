@@ -276,7 +276,7 @@ mod targets {
     /// authenticated peer sends.
     #[test]
     fn peer_frames() {
-        let (dialer, acceptor) = (Exchange::new(), Exchange::new());
+        let (dialer, acceptor) = (Exchange::new().unwrap(), Exchange::new().unwrap());
         let transcript = Transcript { dialer_id: "a", acceptor_id: "b", dialer_nonce: "1", acceptor_nonce: "2" };
         let acceptor_public = acceptor.public_hex();
         let link =

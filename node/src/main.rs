@@ -133,13 +133,14 @@ fn run(config: chat_node::config::NodeConfig, path: Option<PathBuf>, overrides: 
         let server = Server::bind(config).await?;
         let addr = server.local_addr();
         let admin = server.admin_addr();
+        let scheme = if server.is_tls() { "https" } else { "http" };
         let page = if addr.ip().is_unspecified() {
-            format!("http://127.0.0.1:{}/", addr.port())
+            format!("{scheme}://127.0.0.1:{}/", addr.port())
         } else {
-            format!("http://{addr}/")
+            format!("{scheme}://{addr}/")
         };
-        tracing::info!(node_id = server.hub().node_id(), "listening on http://{addr}, admin port http://{admin}");
-        println!("chat-node {} listening on http://{addr} — web chat: {page}", server.hub().node_id());
+        tracing::info!(node_id = server.hub().node_id(), "listening on {scheme}://{addr}, admin port http://{admin}");
+        println!("chat-node {} listening on {scheme}://{addr} — web chat: {page}", server.hub().node_id());
         if let Some(log) = server.room_log() {
             tokio::spawn(follow_cluster_size(log, path, overrides));
         }

@@ -27,6 +27,8 @@ pub enum ServerError {
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
+    Tls(#[from] crate::transport::tls::TlsError),
+    #[error(transparent)]
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Replication(#[from] ReplicationError),
@@ -37,6 +39,8 @@ pub enum ServerError {
 /// A bound, not yet running node.
 pub struct Server {
     listener: TcpListener,
+    /// TLS on the client port (`tls.*`).
+    tls: Option<tokio_rustls::TlsAcceptor>,
     admin_listener: TcpListener,
     peer_listener: Option<TcpListener>,
     state: Arc<AppState>,
@@ -60,6 +64,10 @@ pub fn node_id(config: &NodeConfig) -> String {
 
 impl Server {
     pub async fn bind(config: NodeConfig) -> Result<Server, ServerError> {
+        let tls = match (&config.tls.cert_file, &config.tls.key_file) {
+            (Some(cert), Some(key)) => Some(crate::transport::tls::CertFiles::open(cert, key)?.acceptor()?),
+            _ => None,
+        };
         let listener = bind(config.listen).await?;
         let admin_listener = bind(config.admin.listen).await?;
         let assets = Assets::new(config.assets_dir.clone());
@@ -78,7 +86,12 @@ impl Server {
             log.start().await?;
         }
         let state = Arc::new(AppState { hub, assets, cluster, room_log, started: AtomicBool::new(false) });
-        Ok(Server { listener, admin_listener, peer_listener, state })
+        Ok(Server { listener, tls, admin_listener, peer_listener, state })
+    }
+
+    /// Whether the client port speaks TLS (`wss://`).
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -101,12 +114,13 @@ impl Server {
     /// Serves until `shutdown` resolves, then drains and returns; also drains, and returns the
     /// error, when a room-log group stopped for good.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let Server { listener, admin_listener, peer_listener, state } = self;
+        let Server { listener, tls, admin_listener, peer_listener, state } = self;
         let hub = state.hub.clone();
         let header_timeout = Duration::from_secs(hub.config().limits.handshake_timeout_secs);
         let mut tasks = vec![
             tokio::spawn(accept_loop(
                 listener,
+                tls,
                 routes(state.clone()),
                 header_timeout,
                 // Twice the write deadline: the node's own deadline ends a stuck client first (and
@@ -115,6 +129,7 @@ impl Server {
             )),
             tokio::spawn(accept_loop(
                 admin_listener,
+                None,
                 crate::http::admin::routes(state.clone()),
                 header_timeout,
                 Duration::from_secs(hub.config().limits.write_timeout_secs) * 2,
@@ -124,6 +139,7 @@ impl Server {
         if let (Some(cluster), Some(peer_listener)) = (&state.cluster, peer_listener) {
             tasks.push(tokio::spawn(accept_loop(
                 peer_listener,
+                None,
                 crate::http::peer::routes(cluster.clone()),
                 header_timeout,
                 Duration::from_millis(cluster.config().peer_timeout_ms) * 2,
@@ -156,10 +172,16 @@ impl Server {
     }
 }
 
-/// Serves HTTP/1.1 (with upgrades) on every accepted connection, with `RemoteAddr` on each request.
-/// `dead_after` bounds how long a silent socket with unacknowledged data lives (`transport::tcp`).
-async fn accept_loop<F>(listener: TcpListener, routes: F, header_timeout: Duration, dead_after: Duration)
-where
+/// Serves HTTP/1.1 (with upgrades) on every accepted connection, over TLS when `tls` is set,
+/// with `RemoteAddr` on each request. `dead_after` bounds how long a silent socket with
+/// unacknowledged data lives (`transport::tcp`).
+async fn accept_loop<F>(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    routes: F,
+    header_timeout: Duration,
+    dead_after: Duration,
+) where
     F: warp::Filter<Extract = (warp::http::Response<bytes::Bytes>,), Error = std::convert::Infallible>
         + Clone
         + Send
@@ -186,17 +208,39 @@ where
             request.extensions_mut().insert(RemoteAddr(remote));
             tower_service::Service::call(&mut service.clone(), request)
         });
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(tcp), service)
-                .with_upgrades();
-            if let Err(err) = conn.await {
+            let result = match tls {
+                None => serve_http(TokioIo::new(tcp), service, header_timeout).await,
+                // The TLS handshake shares the deadline of the request head.
+                Some(tls) => match tokio::time::timeout(header_timeout, tls.accept(tcp)).await {
+                    Ok(Ok(stream)) => serve_http(TokioIo::new(stream), service, header_timeout).await,
+                    Ok(Err(err)) => return tracing::debug!(%err, %remote, "TLS handshake failed"),
+                    Err(_) => return tracing::debug!(%remote, "TLS handshake timed out"),
+                },
+            };
+            if let Err(err) = result {
                 tracing::debug!(%err, "HTTP connection ended with an error");
             }
         });
     }
+}
+
+/// One HTTP/1.1 connection with upgrades, its request heads read within `header_timeout`.
+async fn serve_http<I, S>(io: I, service: S, header_timeout: Duration) -> Result<(), hyper::Error>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(io, service)
+        .with_upgrades()
+        .await
 }
 
 async fn sweep_rooms(hub: Arc<Hub>) {

@@ -67,7 +67,7 @@ pub struct ChatClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// The node's own configuration (see the node's config reference). The operator owns
-    /// `listen`, `admin.listen`, `assets_dir`, `auth.jwt_secret_file`, `drain`, `cluster.size` and
+    /// `listen`, `admin.listen`, `tls`, `assets_dir`, `auth.jwt_secret_file`, `drain`, `cluster.size` and
     /// `cluster.data_dir`; set those through `spec.auth`, `spec.drain`, `spec.replicas` and
     /// `spec.storage` instead.
     #[serde(default)]
@@ -90,6 +90,19 @@ pub struct ChatClusterSpec {
     /// live in memory. Cannot be added, changed or removed once the cluster exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<StorageSpec>,
+    /// TLS on the client port (`wss://`): a `kubernetes.io/tls` Secret, e.g. cert-manager's.
+    /// A renewed certificate reaches running pods without a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+}
+
+/// Where the client port's certificate lives.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// Secret (same namespace) with `tls.crt` (PEM chain, leaf first) and `tls.key`.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
 }
 
 impl Default for ChatClusterSpec {
@@ -109,6 +122,7 @@ impl Default for ChatClusterSpec {
             drain: DrainSpec::default(),
             rollout: RolloutSpec::default(),
             storage: None,
+            tls: None,
         }
     }
 }

@@ -80,6 +80,20 @@ pub fn jwt_secret(name: &str, key: &str) -> Secret {
     }
 }
 
+/// A `kubernetes.io/tls` Secret; the content is not a real certificate (the operator only
+/// checks that both keys are there).
+pub fn tls_secret(name: &str) -> Secret {
+    Secret {
+        metadata: meta(name),
+        type_: Some("kubernetes.io/tls".to_owned()),
+        data: Some(BTreeMap::from([
+            ("tls.crt".to_owned(), ByteString(b"-----BEGIN CERTIFICATE-----".to_vec())),
+            ("tls.key".to_owned(), ByteString(b"-----BEGIN PRIVATE KEY-----".to_vec())),
+        ])),
+        ..Secret::default()
+    }
+}
+
 pub fn theme_config_map(name: &str) -> ConfigMap {
     ConfigMap {
         metadata: meta(name),

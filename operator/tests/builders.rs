@@ -5,13 +5,14 @@
 
 use chat_node::config::StorageMode;
 use chat_operator::crd::ChatCluster;
-use chat_operator::fixtures::{full, jwt_secret, minimal, theme_config_map};
+use chat_operator::fixtures::{full, jwt_secret, minimal, theme_config_map, tls_secret};
 use chat_operator::reconcile::validate::{Plan, Refs, validate};
 use chat_operator::resources::{CONFIG_DIR, CONFIG_KEY, CONFIG_PATH, Children, DATA_DIR, Owner, build};
 
 fn refs() -> Refs {
     Refs {
         auth_secret: Some(jwt_secret("chat-jwt", "key")),
+        tls_secret: Some(tls_secret("chat-tls")),
         assets_config_map: Some(theme_config_map("chat-theme")),
         peer_secret: None,
         fresh_peer_key: vec![7; 32],
@@ -289,4 +290,37 @@ fn the_crd_carries_the_same_name_rule_for_admission() {
     let rule = rules[0]["rule"].as_str().unwrap_or_default();
     assert!(rule.contains(&format!("size() <= {}", chat_operator::crd::MAX_NAME_LEN)), "{rule}");
     assert!(rule.contains(chat_operator::crd::NAME_PATTERN), "{rule}");
+}
+
+#[test]
+fn tls_mounts_the_secret_whole_and_points_the_node_at_it() {
+    let mut cluster = minimal("secure");
+    cluster.spec.tls = Some(chat_operator::crd::TlsSpec { secret_name: "chat-tls".into() });
+    let plan = plan(&cluster);
+    assert_eq!(
+        (plan.config.tls.cert_file.as_deref(), plan.config.tls.key_file.as_deref()),
+        (
+            Some(std::path::Path::new("/etc/chatcluster/tls/tls.crt")),
+            Some(std::path::Path::new("/etc/chatcluster/tls/tls.key"))
+        )
+    );
+    let pod = build(&cluster, &plan).statefulset.spec.template.spec.unwrap();
+    let volume = pod.volumes.unwrap().into_iter().find(|v| v.name == "tls").expect("a tls volume");
+    let secret = volume.secret.unwrap();
+    assert_eq!(secret.secret_name.as_deref(), Some("chat-tls"));
+    assert!(secret.items.is_none(), "the whole Secret, so that a renewal reaches the pod");
+    let mounts = pod.containers[0].volume_mounts.clone().unwrap();
+    let mount = mounts.iter().find(|m| m.name == "tls").expect("mounted");
+    assert_eq!(
+        (mount.mount_path.as_str(), mount.sub_path.as_deref(), mount.read_only),
+        ("/etc/chatcluster/tls", None, Some(true))
+    );
+
+    assert_eq!(reason(&cluster, &Refs { tls_secret: None, ..refs() }), "SecretNotFound");
+    let mut half = tls_secret("chat-tls");
+    half.data.as_mut().unwrap().remove("tls.key");
+    assert_eq!(reason(&cluster, &Refs { tls_secret: Some(half), ..refs() }), "SecretKeyNotFound");
+    let mut own = minimal("own");
+    own.spec.config.tls.cert_file = Some("/mine.pem".into());
+    assert_eq!(reason(&own, &refs()), "OperatorOwnedField");
 }

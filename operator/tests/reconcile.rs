@@ -44,6 +44,17 @@ fn setup(cluster: ChatCluster) -> (FakeApi, Arc<Context>) {
 }
 
 #[tokio::test]
+async fn a_tls_cluster_reports_a_wss_endpoint() {
+    let mut cluster = minimal("secure");
+    cluster.spec.tls = Some(chat_operator::crd::TlsSpec { secret_name: "secure-tls".into() });
+    let (fake, ctx) = setup(cluster);
+    fake.put(&chat_operator::fixtures::tls_secret("secure-tls"));
+    run(&fake, &ctx, "secure").await.unwrap();
+    let status = stored(&fake, "secure").status.unwrap();
+    assert_eq!(status.endpoint.as_deref(), Some("wss://secure.chat.svc:80/ws"));
+}
+
+#[tokio::test]
 async fn create_applies_every_child_and_writes_status() {
     let (fake, ctx) = setup(minimal("demo"));
     run(&fake, &ctx, "demo").await.unwrap();

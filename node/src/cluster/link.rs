@@ -193,7 +193,10 @@ pub async fn dial(cluster: Arc<Cluster>, addr: SocketAddr) -> DialOutcome {
         return DialOutcome::DialBack(peer_id);
     }
     let my_nonce = nonce();
-    let exchange = Exchange::new();
+    let exchange = match Exchange::new() {
+        Ok(exchange) => exchange,
+        Err(err) => return DialOutcome::Failed(err.to_string()),
+    };
     let my_key = exchange.public_hex();
     let proof = |role, nonce, signer, verifier| Proof {
         role,
@@ -285,7 +288,7 @@ where
 {
     let me = cluster.node_id().to_owned();
     let my_nonce = nonce();
-    let exchange = Exchange::new();
+    let Ok(exchange) = Exchange::new() else { return None };
     let my_key = exchange.public_hex();
     let challenge = PeerFrame::Challenge { node_id: me.clone(), nonce: my_nonce.clone(), key: my_key.clone() };
     if send_frame(ws, &challenge).await.is_err() {

@@ -34,6 +34,7 @@ pub struct NodeConfig {
     pub drain: DrainConfig,
     pub cluster: ClusterConfig,
     pub admin: AdminConfig,
+    pub tls: TlsConfig,
     pub log: LogConfig,
 }
 
@@ -49,6 +50,7 @@ impl Default for NodeConfig {
             drain: DrainConfig::default(),
             cluster: ClusterConfig::default(),
             admin: AdminConfig::default(),
+            tls: TlsConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -64,6 +66,26 @@ pub struct AdminConfig {
     /// readiness), `/healthz` and `/readyz` (the pod's probes).
     #[schemars(with = "String")]
     pub listen: SocketAddr,
+}
+
+/// TLS on the client port: `wss://` and `https://` instead of `ws://` and `http://`. Both files
+/// or neither. They are read again when they change (a renewed certificate reaches new
+/// connections without a restart); the admin and peer ports stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first (e.g. `tls.crt` of a `kubernetes.io/tls` Secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of the certificate (PKCS#8, PKCS#1 or SEC1; e.g. `tls.key`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
 }
 
 impl Default for AdminConfig {
@@ -579,6 +601,11 @@ impl NodeConfig {
             if let Some((other, _)) = ports[..i].iter().find(|(_, earlier)| same_socket(*earlier, *addr)) {
                 return Err(invalid(field, format!("must not be the same port as {other} ({addr})")));
             }
+        }
+        match (&self.tls.cert_file, &self.tls.key_file) {
+            (Some(_), None) => return Err(invalid("tls.key_file", "required with tls.cert_file")),
+            (None, Some(_)) => return Err(invalid("tls.cert_file", "required with tls.key_file")),
+            _ => {}
         }
         self.auth.validate()?;
         self.cluster.validate()

@@ -4,6 +4,7 @@
 
 pub mod memory;
 pub mod tcp;
+pub mod tls;
 pub mod websocket;
 
 use std::future::Future;

@@ -392,9 +392,9 @@ impl Supervisor {
         }
     }
 
-    /// The files of the pod's mounts that all nodes share: peer key, JWT key, assets. Assets
-    /// change in place (the running nodes serve them at once); keys are read at start, so a new
-    /// key only reaches nodes as the rollout restarts them.
+    /// The files of the pod's mounts that all nodes share: peer key, JWT key, TLS certificate,
+    /// assets. Assets and the certificate change in place (the running nodes use them at once);
+    /// keys are read at start, so a new key only reaches nodes as the rollout restarts them.
     fn write_shared_files(&self, old: Option<&Desired>) -> Result<(), Error> {
         let desired = &self.desired;
         if old.is_none() {
@@ -404,6 +404,17 @@ impl Supervisor {
             && old.is_none_or(|old| old.auth_key.as_ref() != desired.auth_key.as_ref())
         {
             write_private(&self.layout.auth_key_file(key), value)?;
+        }
+        // The nodes read a renewed certificate at their next handshake: no restart.
+        if let Some(files) = &desired.tls_files
+            && old.is_none_or(|old| old.tls_files.as_ref() != Some(files))
+        {
+            for (name, content) in files {
+                write_private(&self.layout.tls_file(name), content)?;
+            }
+            if old.is_some() {
+                tracing::info!("TLS certificate updated in place (no restart)");
+            }
         }
         let dir = self.layout.assets_dir();
         let changed = atomic::write(&dir, &desired.assets).map_err(io_error("writing assets to", &dir))?;
@@ -787,14 +798,18 @@ fn write_private(path: &Path, content: &[u8]) -> Result<(), Error> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io_error("creating", dir))?;
     }
+    // Written aside and renamed over: a node re-reading the file (a renewed TLS certificate)
+    // never sees half of it.
+    let temp = path.with_extension("new");
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(path)
-        .map_err(io_error("writing", path))?;
-    file.write_all(content).map_err(io_error("writing", path))
+        .open(&temp)
+        .map_err(io_error("writing", &temp))?;
+    file.write_all(content).map_err(io_error("writing", &temp))?;
+    std::fs::rename(&temp, path).map_err(io_error("writing", path))
 }
 
 /// A line in the node's log between its runs, so restarts are easy to find.

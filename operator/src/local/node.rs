@@ -114,7 +114,8 @@ impl Node {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}/", self.addr.client)
+        let scheme = if self.config.tls.enabled() { "https" } else { "http" };
+        format!("{scheme}://{}/", self.addr.client)
     }
 
     /// The admin port: `/metrics`, `/cluster`.

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Container, EnvVar};
 
 use super::manifest::Manifest;
 use crate::crd::RolloutStrategy;
-use crate::reconcile::validate::{Invalid, Refs, validate};
+use crate::reconcile::validate::{Invalid, Refs, TLS_CERT_KEY, TLS_KEY_KEY, validate};
 use crate::resources::{
     self, AUTH_DIR, CONFIG_HASH_ANNOTATION, CONFIG_KEY, CONFIG_PATH, MOUNT_ROOT, Owner, PEER_DIR, PEER_KEY,
 };
@@ -33,6 +33,8 @@ pub struct Desired {
     pub peer_key: Vec<u8>,
     /// The JWT Secret's key and the file name the pod would see it under.
     pub auth_key: Option<(String, Vec<u8>)>,
+    /// The `spec.tls` Secret's `tls.crt` and `tls.key`, by file name.
+    pub tls_files: Option<Vec<(String, Vec<u8>)>>,
     /// The pod template's config hash: a change means the StatefulSet would replace the pods.
     pub revision: String,
     pub rolling: bool,
@@ -60,6 +62,7 @@ pub fn desired(manifest: &Manifest, peer_key: &[u8], running: Option<&StatefulSe
     let spec = &cluster.spec;
     let refs = Refs {
         auth_secret: spec.auth.jwt_secret_ref.as_ref().and_then(|r| manifest.secrets.get(&r.name)).cloned(),
+        tls_secret: spec.tls.as_ref().and_then(|t| manifest.secrets.get(&t.secret_name)).cloned(),
         assets_config_map: spec.assets.config_map_ref.as_ref().and_then(|r| manifest.config_maps.get(&r.name)).cloned(),
         peer_secret: None,
         fresh_peer_key: peer_key.to_vec(),
@@ -78,6 +81,12 @@ pub fn desired(manifest: &Manifest, peer_key: &[u8], running: Option<&StatefulSe
     let auth_key = spec.auth.jwt_secret_ref.as_ref().and_then(|r| {
         let secret = refs.auth_secret.as_ref()?;
         Some((r.key.clone(), secret.data.as_ref()?.get(&r.key)?.0.clone()))
+    });
+    let tls_files = refs.tls_secret.as_ref().and_then(|secret| secret.data.as_ref()).map(|data| {
+        [TLS_CERT_KEY, TLS_KEY_KEY]
+            .into_iter()
+            .filter_map(|key| data.get(key).map(|value| (key.to_owned(), value.0.clone())))
+            .collect()
     });
     let statefulset = children.statefulset;
     let sts = statefulset.spec.clone();
@@ -100,6 +109,7 @@ pub fn desired(manifest: &Manifest, peer_key: &[u8], running: Option<&StatefulSe
         assets: children.assets.data.unwrap_or_default(),
         peer_key,
         auth_key,
+        tls_files,
         revision,
         rolling: spec.rollout.strategy == RolloutStrategy::RollingUpdate,
         min_ready: Duration::from_secs(u64::try_from(sts.min_ready_seconds.unwrap_or(0)).unwrap_or(0)),
@@ -190,6 +200,11 @@ impl Layout {
         self.host_path(&Path::new(AUTH_DIR).join(key))
     }
 
+    /// Where a node finds file `name` of the `spec.tls` Secret.
+    pub fn tls_file(&self, name: &str) -> PathBuf {
+        self.host_path(&Path::new(resources::TLS_DIR).join(name))
+    }
+
     pub fn node_dir(&self, node: &str) -> PathBuf {
         self.root.join("nodes").join(node)
     }
@@ -237,6 +252,8 @@ pub fn node_config(desired: &Desired, ordinal: u32, addr: &NodeAddr, peers: &Pee
     cfg.cluster.advertise_ip = Some(addr.ip);
     cfg.assets_dir = cfg.assets_dir.as_deref().map(|p| layout.host_path(p));
     cfg.auth.jwt_secret_file = cfg.auth.jwt_secret_file.as_deref().map(|p| layout.host_path(p));
+    cfg.tls.cert_file = cfg.tls.cert_file.as_deref().map(|p| layout.host_path(p));
+    cfg.tls.key_file = cfg.tls.key_file.as_deref().map(|p| layout.host_path(p));
     cfg.cluster.secret_file = cfg.cluster.secret_file.as_deref().map(|p| layout.host_path(p));
     match peers {
         Peers::Dns(server) => cfg.cluster.dns_server = Some(*server),

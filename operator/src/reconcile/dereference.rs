@@ -21,6 +21,10 @@ pub async fn fetch(ctx: &Context, cluster: &ChatCluster, owner: &Owner) -> Resul
         Some(r) => get(ctx, &secrets, &r.name).await?,
         None => None,
     };
+    let tls_secret = match &cluster.spec.tls {
+        Some(tls) => get(ctx, &secrets, &tls.secret_name).await?,
+        None => None,
+    };
     let assets_config_map = match &cluster.spec.assets.config_map_ref {
         Some(r) => get(ctx, &config_maps, &r.name).await?,
         None => None,
@@ -40,7 +44,7 @@ pub async fn fetch(ctx: &Context, cluster: &ChatCluster, owner: &Owner) -> Resul
     let mut random = [0u8; PEER_KEY_BYTES];
     rand::rng().fill_bytes(&mut random);
     let fresh_peer_key = random.iter().map(|b| format!("{b:02x}")).collect::<String>().into_bytes();
-    Ok(Refs { auth_secret, assets_config_map, peer_secret, fresh_peer_key, statefulset, existing })
+    Ok(Refs { auth_secret, tls_secret, assets_config_map, peer_secret, fresh_peer_key, statefulset, existing })
 }
 
 async fn get<K>(ctx: &Context, api: &Api<K>, name: &str) -> Result<Option<K>, Error>

@@ -130,9 +130,10 @@ fn endpoint(owner: &Owner, cluster: &ChatCluster, service: &Service) -> String {
         .and_then(|lb| lb.ingress.as_ref())
         .and_then(|ingress| ingress.first())
         .and_then(|i| i.hostname.clone().or_else(|| i.ip.clone()));
+    let scheme = if cluster.spec.tls.is_some() { "wss" } else { "ws" };
     match external {
-        Some(host) => format!("ws://{host}:{port}/ws"),
-        None => format!("ws://{}.{}.svc:{port}/ws", owner.name, owner.namespace),
+        Some(host) => format!("{scheme}://{host}:{port}/ws"),
+        None => format!("{scheme}://{}.{}.svc:{port}/ws", owner.name, owner.namespace),
     }
 }
 

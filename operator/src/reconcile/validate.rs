@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 use super::{scale, storage};
 use crate::crd::{ChatCluster, MAX_NAME_LEN, ServiceType};
-use crate::resources::{ADMIN_PORT, ASSETS_DIR, AUTH_DIR, HTTP_PORT, Owner, PEER_DIR, PEER_KEY, PEER_PORT};
+use crate::resources::{ADMIN_PORT, ASSETS_DIR, AUTH_DIR, HTTP_PORT, Owner, PEER_DIR, PEER_KEY, PEER_PORT, TLS_DIR};
 
 /// Shortest JWT key accepted (the node's own minimum for inline keys).
 const MIN_JWT_KEY_BYTES: usize = 16;
@@ -28,6 +28,8 @@ const MAX_ASSET_BYTES: usize = 900 * 1024;
 #[derive(Clone, Debug, Default)]
 pub struct Refs {
     pub auth_secret: Option<Secret>,
+    /// The `spec.tls` Secret.
+    pub tls_secret: Option<Secret>,
     pub assets_config_map: Option<ConfigMap>,
     pub peer_secret: Option<Secret>,
     /// Random key used only when no usable peer key exists yet.
@@ -79,6 +81,7 @@ pub fn validate(cluster: &ChatCluster, owner: Owner, refs: &Refs) -> Result<Plan
     check_name(&owner.name)?;
     check_ownership(cluster, &owner, refs)?;
     let auth_key = auth_key(cluster, &owner, refs)?;
+    check_tls_secret(cluster, &owner, refs)?;
     let config = render_config(cluster, &owner.peer_dns())?;
     storage::check_unchanged(cluster.spec.storage.as_ref(), refs.statefulset.as_ref(), &owner.name)?;
     let termination_grace_seconds = termination_grace(cluster)?;
@@ -188,6 +191,13 @@ pub fn render_config(cluster: &ChatCluster, peer_dns: &str) -> Result<NodeConfig
     }
     cfg.listen = SocketAddr::from(([0, 0, 0, 0], HTTP_PORT as u16));
     cfg.admin.listen = SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT as u16));
+    if cfg.tls != Default::default() {
+        return Err(invalid("OperatorOwnedField", "spec.config.tls is set by the operator: use spec.tls.secretName"));
+    }
+    if spec.tls.is_some() {
+        cfg.tls.cert_file = Some(PathBuf::from(TLS_DIR).join(TLS_CERT_KEY));
+        cfg.tls.key_file = Some(PathBuf::from(TLS_DIR).join(TLS_KEY_KEY));
+    }
     cfg.cluster.peer_listen = SocketAddr::from(([0, 0, 0, 0], PEER_PORT as u16));
     cfg.cluster.dns_name = Some(peer_dns.to_owned());
     cfg.cluster.secret_file = Some(PathBuf::from(PEER_DIR).join(PEER_KEY));
@@ -239,6 +249,30 @@ fn termination_grace(cluster: &ChatCluster) -> Result<i64, Invalid> {
         ));
     }
     Ok(grace)
+}
+
+/// The keys of a `kubernetes.io/tls` Secret.
+pub const TLS_CERT_KEY: &str = "tls.crt";
+pub const TLS_KEY_KEY: &str = "tls.key";
+
+/// The `spec.tls` Secret exists and has both keys. Its content is not checked here: the node
+/// refuses a certificate it cannot use, and keeps serving the last good one after a renewal.
+fn check_tls_secret(cluster: &ChatCluster, owner: &Owner, refs: &Refs) -> Result<(), Invalid> {
+    let Some(tls) = &cluster.spec.tls else { return Ok(()) };
+    let Some(secret) = &refs.tls_secret else {
+        return Err(invalid(
+            "SecretNotFound",
+            format!("Secret {}/{} (spec.tls.secretName) does not exist", owner.namespace, tls.secret_name),
+        ));
+    };
+    let data = secret.data.as_ref();
+    if let Some(missing) = [TLS_CERT_KEY, TLS_KEY_KEY].into_iter().find(|k| data.is_none_or(|d| !d.contains_key(*k))) {
+        return Err(invalid(
+            "SecretKeyNotFound",
+            format!("Secret {}/{} has no key {missing:?} (spec.tls.secretName)", owner.namespace, tls.secret_name),
+        ));
+    }
+    Ok(())
 }
 
 fn auth_key(cluster: &ChatCluster, owner: &Owner, refs: &Refs) -> Result<Option<Vec<u8>>, Invalid> {

@@ -41,6 +41,8 @@ pub const CONFIG_DIR: &str = "/etc/chatcluster/config";
 pub const CONFIG_PATH: &str = "/etc/chatcluster/config/node.toml";
 pub const ASSETS_DIR: &str = "/etc/chatcluster/assets";
 pub const AUTH_DIR: &str = "/etc/chatcluster/auth";
+/// The `spec.tls` Secret, mounted whole (no `subPath`) so that a renewal reaches the pod.
+pub const TLS_DIR: &str = "/etc/chatcluster/tls";
 pub const PEER_DIR: &str = "/etc/chatcluster/peer";
 /// Where each node's volume (`spec.storage`) is mounted: the node's `cluster.data_dir`.
 pub const DATA_DIR: &str = "/var/lib/chatcluster";

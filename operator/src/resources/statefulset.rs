@@ -20,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
     ADMIN_PORT, ASSETS_DIR, AUTH_DIR, CONFIG_DIR, CONFIG_HASH_ANNOTATION, CONFIG_PATH, DATA_DIR, DATA_VOLUME,
-    HTTP_PORT, Owner, PEER_DIR, PEER_PORT, non_empty, non_empty_vec,
+    HTTP_PORT, Owner, PEER_DIR, PEER_PORT, TLS_DIR, non_empty, non_empty_vec,
 };
 use crate::crd::{ChatCluster, RolloutStrategy, StorageSpec};
 use crate::reconcile::validate::Plan;
@@ -154,6 +154,9 @@ fn container(cluster: &ChatCluster, plan: &Plan) -> Container {
         mount("peer", PEER_DIR, true),
         mount("tmp", "/tmp", false),
     ];
+    if cluster.spec.tls.is_some() {
+        mounts.push(mount("tls", TLS_DIR, true));
+    }
     if cluster.spec.auth.jwt_secret_ref.is_some() {
         mounts.push(mount("auth", AUTH_DIR, true));
     }
@@ -212,6 +215,9 @@ fn volumes(cluster: &ChatCluster, plan: &Plan) -> Vec<Volume> {
     ];
     if let Some(auth) = &cluster.spec.auth.jwt_secret_ref {
         volumes.push(secret_volume("auth", auth.name.clone(), Some(&auth.key)));
+    }
+    if let Some(tls) = &cluster.spec.tls {
+        volumes.push(secret_volume("tls", tls.secret_name.clone(), None));
     }
     volumes
 }
