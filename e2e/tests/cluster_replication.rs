@@ -398,6 +398,33 @@ async fn resume_on_another_node_gets_exactly_what_was_missed() -> anyhow::Result
     Ok(())
 }
 
+/// A user flapping in and out of a room on one node: the other nodes get its presence changes
+/// coalesced per tick (the last state of each), so their members see a few events, not one per
+/// flap, and the final state.
+#[tokio::test]
+async fn presence_flapping_reaches_other_nodes_coalesced() -> anyhow::Result<()> {
+    let cluster = LoopbackCluster::start_jwt(2).await?;
+    wait_converged(&cluster.all(), 2).await?;
+    let mut watcher = Chatter::connect_as(&cluster.members[1].node, "watcher").await?;
+    watcher.join("flap", None).await?;
+    let mut flapper = Chatter::connect_as(&cluster.members[0].node, "flapper").await?;
+    const FLAPS: usize = 40;
+    for _ in 0..FLAPS {
+        flapper.client.send_json(json!({"type": "join", "room": "flap"})).await?;
+        flapper.client.send_json(json!({"type": "leave", "room": "flap"})).await?;
+    }
+    // Then a real join, which must arrive.
+    flapper.join("flap", None).await?;
+    // Collect everything the watcher gets for a second (several ticks).
+    let _ = tokio::time::timeout(Duration::from_secs(1), watcher.pump_until("nothing", |_| false)).await;
+    let events: Vec<&(String, String)> = watcher.presence_events.iter().filter(|(_, who)| who == "flapper").collect();
+    ensure!(events.len() <= 10, "{} presence events for {FLAPS} join/leave pairs: {events:?}", events.len());
+    ensure!(events.last().is_some_and(|(kind, _)| kind == "user_joined"), "the final state arrives: {events:?}");
+    let names = watcher.presence_names("flap").await?;
+    ensure!(names == ["flapper", "watcher"], "the final state: {names:?}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn presence_is_cluster_wide_and_a_killed_node_leaves_no_zombies() -> anyhow::Result<()> {
     let mut cluster = LoopbackCluster::start_jwt(3).await?;

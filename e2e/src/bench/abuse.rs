@@ -572,9 +572,9 @@ const PHASES: &[Phase] = &[
         name: "join-leave-flood",
         what: "20 sockets sending join/leave as fast as TCP takes them",
         abuse: Some(join_leave_flood),
-        // The flooders share a room: each one's joins and leaves are presence events in the
-        // others' outboxes, so a slow one can overflow (4001) before its budget runs out (4003).
-        // Presence events are not coalesced yet.
+        // The flooders share a room on one node: each one's joins and leaves are presence events
+        // in the others' outboxes (coalesced only towards other nodes), so a slow one can
+        // overflow (4001) before its budget runs out (4003).
         allowed: &["close 4003", "close 4001"],
     },
     Phase {

@@ -124,6 +124,10 @@ pub struct ReplicatedLog {
     snapshot_rule: OnceLock<SnapshotRule>,
     /// Set once a group's Raft stopped on an error: the node must restart (see `failed`).
     failure: tokio::sync::watch::Sender<Option<String>>,
+    /// Presence changes for the peers, by (room, user id; ordered, so simulations replay), sent
+    /// at the next tick: only the last state of each goes out, so a connection flapping in and
+    /// out of a room costs every peer at most one frame per tick instead of one per change.
+    presence_out: Mutex<BTreeMap<(String, String), (UserInfo, bool)>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -191,6 +195,7 @@ impl ReplicatedLog {
             gates: OnceLock::new(),
             snapshot_rule: OnceLock::new(),
             failure: tokio::sync::watch::Sender::new(None),
+            presence_out: Mutex::default(),
         });
         let handler: Weak<dyn PeerHandler> = log.this.clone() as _;
         cluster.set_handler(handler);
@@ -279,6 +284,7 @@ impl ReplicatedLog {
     }
 
     fn tick(&self) {
+        self.send_presence();
         self.check_groups();
         self.take_due_snapshots();
         steward::tend(self);
@@ -290,6 +296,14 @@ impl ReplicatedLog {
             for room in hub.rooms_awaiting_stream() {
                 self.open(&room);
             }
+        }
+    }
+
+    /// Sends the presence changes of the last tick, each (room, user) in its latest state.
+    fn send_presence(&self) {
+        let changes = std::mem::take(&mut *lock(&self.presence_out));
+        for ((room, _), (user, present)) in changes {
+            self.cluster.broadcast(ReplicaFrame::Presence { room, user, present }.encode());
         }
     }
 
@@ -797,8 +811,7 @@ impl RoomLog for ReplicatedLog {
     }
 
     fn presence_changed(&self, room: &str, user: &UserInfo, present: bool) {
-        let frame = ReplicaFrame::Presence { room: room.to_owned(), user: user.clone(), present };
-        self.cluster.broadcast(frame.encode());
+        lock(&self.presence_out).insert((room.to_owned(), user.id.clone()), (user.clone(), present));
     }
 
     fn session_changed(&self, record: &SessionRecord) {
