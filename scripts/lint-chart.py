@@ -13,8 +13,10 @@ Helm created the CRD) and renders NOTES.txt.
 Validation is kubernetes-validate (PyPI), whose schemas ship inside the wheel (nothing is fetched),
 in strict mode (unknown fields are errors), against the oldest and the newest Kubernetes version
 the chart supports. It cannot know CRD-defined kinds: ChatClusters are validated against the
-openAPIV3Schema of crds/chatcluster.yaml instead, and ServiceMonitor (Prometheus Operator) is
-skipped and reported as such.
+openAPIV3Schema of crds/chatcluster.yaml instead, and the Prometheus Operator's kinds are
+skipped and reported as such. The alerts (files/alerts.yaml, the PrometheusRule's spec) go through
+`promtool check rules` and `promtool test rules` (Debian's prometheus package); the PodMonitor
+and the dashboard are checked against the pods the operator builds.
 
 Exit status 0 only when every check passed; every failure is printed with what failed and why.
 """
@@ -27,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -51,6 +54,8 @@ FAKE_SERVER_VERSION = {"major": "1", "minor": "34", "gitVersion": "v1.34.0", "pl
 NOT_UPSTREAM = {
     ("chatcluster.dev/v1alpha1", "ChatCluster"): "a custom resource: validated against the CRD's schema instead",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "Prometheus Operator CRD, not in the upstream Kubernetes schemas",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "Prometheus Operator CRD, not in the upstream Kubernetes schemas",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "Prometheus Operator CRD: its rules are checked by promtool instead",
 }
 
 failures: list[str] = []
@@ -96,7 +101,8 @@ BUILTIN = {
     ("autoscaling", "v2"): [("horizontalpodautoscalers", "HorizontalPodAutoscaler", True)],
     ("apiextensions.k8s.io", "v1"): [("customresourcedefinitions", "CustomResourceDefinition", False)],
     # As in a cluster with the Prometheus Operator installed.
-    ("monitoring.coreos.com", "v1"): [("servicemonitors", "ServiceMonitor", True)],
+    ("monitoring.coreos.com", "v1"): [("servicemonitors", "ServiceMonitor", True), ("podmonitors", "PodMonitor", True),
+                                      ("prometheusrules", "PrometheusRule", True)],
 }
 
 
@@ -461,6 +467,77 @@ def check_deployment(label: str, docs: list[tuple[str, dict]], replicas: int, le
 
 
 # ---------------------------------------------------------------------------------------------
+# Monitoring of the chat nodes
+
+def built_statefulset() -> dict | None:
+    """The StatefulSet the operator builds, from its builder snapshot."""
+    for path in sorted((REPO / "operator" / "tests" / "snapshots").glob("builders__*.snap")):
+        for _, obj in load_snapshot(path):
+            if obj.get("kind") == "StatefulSet":
+                return obj
+    fail("operator/tests/snapshots: no StatefulSet snapshot to check the PodMonitor against")
+    return None
+
+
+def check_monitoring(label: str, docs: list[tuple[str, dict]], values: dict) -> None:
+    """The PodMonitor selects the pods the operator builds, on their admin port, in the watched
+    namespace; the PrometheusRule carries files/alerts.yaml; the dashboard ConfigMap
+    files/dashboard.json, with the sidecar's label."""
+    problems = []
+    sts = built_statefulset()
+    monitors = by_kind(docs, "PodMonitor")
+    if sts and len(monitors) == 1:
+        spec = monitors[0]["spec"]
+        pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+        selector = spec["selector"]["matchLabels"]
+        if any(pod_labels.get(k) != v for k, v in selector.items()):
+            problems.append(f"PodMonitor selector {selector} does not match the built pods' labels {pod_labels}")
+        ports = {p.get("name") for c in sts["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+        for endpoint in spec["podMetricsEndpoints"]:
+            if endpoint["port"] not in ports:
+                problems.append(f"PodMonitor scrapes port {endpoint['port']!r}, the pods have {sorted(ports)}")
+        if spec["namespaceSelector"] != {"matchNames": [values["watchNamespace"]]}:
+            problems.append(f"PodMonitor namespaces {spec['namespaceSelector']} != the watched namespace")
+    elif sts:
+        problems.append(f"expected one PodMonitor, got {len(monitors)}")
+    rules = by_kind(docs, "PrometheusRule")
+    alerts = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
+    if len(rules) != 1 or rules[0]["spec"] != alerts:
+        problems.append("the PrometheusRule's spec is not files/alerts.yaml")
+    dashboards = [o for o in by_kind(docs, "ConfigMap") if o["metadata"]["name"].endswith("-dashboard")]
+    wanted = values["metrics"]["grafanaDashboard"]
+    if len(dashboards) != 1:
+        problems.append(f"expected one dashboard ConfigMap, got {len(dashboards)}")
+    else:
+        cm = dashboards[0]
+        shipped = json.loads((CHART / "files" / "dashboard.json").read_text())
+        if json.loads(cm["data"]["chatcluster.json"]) != shipped:
+            problems.append("the dashboard ConfigMap does not carry files/dashboard.json")
+        if cm["metadata"]["namespace"] != wanted["namespace"] or any(
+                cm["metadata"]["labels"].get(k) != v for k, v in wanted["labels"].items()):
+            problems.append(f"the dashboard ConfigMap's namespace/labels {cm['metadata']} differ from the values")
+    if problems:
+        fail(f"{label}: monitoring: " + "; ".join(problems))
+    else:
+        ok(f"{label}: PodMonitor selects the built pods on their admin port in {values['watchNamespace']}; "
+           f"PrometheusRule = files/alerts.yaml; dashboard ConfigMap = files/dashboard.json")
+
+
+def check_alerts() -> None:
+    """promtool parses the alerts and runs their unit tests (ci/alerts-test.yaml)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        fail("promtool not found: install Debian's prometheus package (.ci/run does)")
+        return
+    for args in (["check", "rules", "files/alerts.yaml"], ["test", "rules", "ci/alerts-test.yaml"]):
+        run = subprocess.run([promtool, *args], cwd=CHART, capture_output=True, text=True)
+        if run.returncode != 0:
+            fail(f"promtool {' '.join(args)}: {(run.stdout + run.stderr).strip()}")
+        else:
+            ok(f"promtool {' '.join(args)}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Schema validation
 
 def crd_schema() -> dict:
@@ -610,7 +687,8 @@ def main() -> int:
         docs = rendered["default values"]
         check_rbac("default values", docs, namespaced=False)
         check_deployment("default values", docs, 1, leader=True)
-        if by_kind(docs, "ChatCluster") or by_kind(docs, "ServiceMonitor") or by_kind(docs, "NetworkPolicy"):
+        optional = ("ChatCluster", "ServiceMonitor", "PodMonitor", "PrometheusRule", "NetworkPolicy", "ConfigMap")
+        if any(by_kind(docs, kind) for kind in optional):
             fail("default values: optional objects rendered although off")
     if "replicaCount=1 leaderElection.enabled=false" in rendered:
         docs = rendered["replicaCount=1 leaderElection.enabled=false"]
@@ -622,9 +700,11 @@ def main() -> int:
         check_rbac("all-on (watchNamespace)", docs, namespaced=True)
         check_deployment("all-on", docs, all_on["replicaCount"], leader=True)
         kinds = {o["kind"] for _, o in docs}
-        missing = {"ServiceMonitor", "NetworkPolicy", "ChatCluster", "ServiceAccount"} - kinds
+        missing = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap", "NetworkPolicy", "ChatCluster",
+                   "ServiceAccount"} - kinds
         if missing:
             fail(f"all-on: {sorted(missing)} not rendered")
+        check_monitoring("all-on", docs, all_on)
     if "existing ServiceAccount, no RBAC" in rendered:
         docs = rendered["existing ServiceAccount, no RBAC"]
         extra = sorted({o["kind"] for _, o in docs} & {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"})
@@ -681,6 +761,9 @@ def main() -> int:
 
     # 6. Docs cover every value.
     check_docs_values_table()
+
+    # 7. The alerts parse and pass their unit tests.
+    check_alerts()
 
     print()
     if failures:

@@ -72,14 +72,18 @@ fn ordinal_of_raft_id(hex: &str) -> anyhow::Result<u64> {
 }
 
 async fn wait_metric_at_least(m: &Member, name: &str, min: f64) -> anyhow::Result<f64> {
+    wait_metric(m, name, &format!("≥ {min}"), |v| v >= min).await
+}
+
+async fn wait_metric(m: &Member, name: &str, expected: &str, ok: impl Fn(f64) -> bool) -> anyhow::Result<f64> {
     let deadline = Instant::now() + CONVERGE;
     loop {
         let value = metric_of(&m.node, name).await?;
-        if value >= min {
+        if ok(value) {
             return Ok(value);
         }
         if Instant::now() >= deadline {
-            bail!("{}: {name} is {value}, expected ≥ {min}\n--- log tail ---\n{}", m.id, tail(&m.node.output(), 40));
+            bail!("{}: {name} is {value}, expected {expected}\n--- log tail ---\n{}", m.id, tail(&m.node.output(), 40));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -121,6 +125,8 @@ async fn three_nodes_discover_each_other_through_dns() -> anyhow::Result<()> {
         }
         assert_eq!(m.node.http_get("/readyz").await?.0, 200, "{} ready", m.id);
         assert_eq!(metric_of(&m.node, "chat_cluster_members").await?, 3.0, "{} gauge", m.id);
+        wait_metric(m, "chat_cluster_quorum", "1 (the alerts' quorum gauge)", |v| v == 1.0).await?;
+        assert_eq!(metric_of(&m.node, "chat_cluster_size").await?, 3.0, "{} size gauge", m.id);
         assert!(metric_of(&m.node, "chat_peer_links_established_total").await? >= 2.0, "{} links", m.id);
         assert_eq!(metric_of(&m.node, "chat_peer_auth_failures_total").await?, 0.0, "{} auth failures", m.id);
         assert_eq!(metric_of(&m.node, "chat_raft_groups_voting").await?, PARTITIONS as f64, "{} votes", m.id);
@@ -426,6 +432,75 @@ async fn nodes_with_a_wrong_secret_are_never_members() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A rotated cluster secret (a regenerated peer Secret) reaches each pod at its own moment:
+/// nodes re-read their secret file, dial and accept with the new secret, and keep accepting the
+/// previous one for a while. Every step below restarts a node whose copy of the secret is
+/// behind or ahead of its peers', and the cluster must link up again each time.
+#[tokio::test]
+async fn a_rotated_cluster_secret_keeps_the_cluster_linked() -> anyhow::Result<()> {
+    const OLD: &str = "the-old-cluster-secret-0123456789";
+    const NEW: &str = "the-new-cluster-secret-9876543210";
+    let files = tempfile::tempdir()?;
+    let mut cluster = LoopbackCluster::start(0).await?;
+    cluster.size = 3;
+    cluster.dns.set_records((2..5).map(loopback).collect());
+    let config = |cluster: &LoopbackCluster, last: u8| {
+        let mut cfg = cluster.config(&format!("node-{last}"), last, SECRET);
+        cfg.cluster.secret = None;
+        cfg.cluster.secret_file = Some(files.path().join(format!("node-{last}.key")));
+        cfg
+    };
+    let write_key = |last: u8, key: &str| std::fs::write(files.path().join(format!("node-{last}.key")), key);
+    for last in 2..5 {
+        write_key(last, OLD)?;
+    }
+    let starts = (2..5).map(|last| {
+        let cfg = config(&cluster, last);
+        async move { start(&cfg).await.map(|node| Member { id: cfg.node_id.clone().unwrap_or_default(), node }) }
+    });
+    cluster.members = futures_util::future::try_join_all(starts).await?;
+    wait_converged(&cluster.all(), 3).await?;
+
+    // Restarting node `last` with what its key file holds now; the others must take it back.
+    async fn restart(
+        cluster: &mut LoopbackCluster,
+        index: usize,
+        cfg: &chat_node::config::NodeConfig,
+    ) -> anyhow::Result<()> {
+        let node = &mut cluster.members[index].node;
+        node.kill();
+        node.wait_exit(CONVERGE).await?;
+        cluster.members[index] = Member { id: cfg.node_id.clone().unwrap_or_default(), node: start(cfg).await? };
+        wait_converged(&cluster.all(), 3).await
+    }
+
+    // node-3 sees the new secret first.
+    write_key(3, NEW)?;
+    wait_metric_at_least(&cluster.members[1], "chat_peer_secret_rotations_total", 1.0).await?;
+    // node-2 (the lowest id: it dials everyone) comes back with the old secret only: node-3
+    // accepts it as its previous one.
+    let cfg = config(&cluster, 2);
+    restart(&mut cluster, 0, &cfg).await.context("node-2 with the old secret dialing node-3 with the new one")?;
+    // node-4 (the highest: everyone dials it) comes back with the old secret only: node-3's
+    // dial with the new secret is refused, and it dials again with the previous one.
+    let cfg = config(&cluster, 4);
+    restart(&mut cluster, 2, &cfg).await.context("node-3 with the new secret dialing node-4 with the old one")?;
+
+    // The rotation completes: every file holds the new secret, and a node started with only
+    // the new one links with all.
+    write_key(2, NEW)?;
+    write_key(4, NEW)?;
+    for index in [0, 2] {
+        wait_metric_at_least(&cluster.members[index], "chat_peer_secret_rotations_total", 1.0).await?;
+    }
+    let cfg = config(&cluster, 3);
+    restart(&mut cluster, 1, &cfg).await.context("node-3 with only the new secret")?;
+    for m in &cluster.members {
+        assert_eq!(metric_of(&m.node, "chat_cluster_members").await?, 3.0, "{} linked to all", m.id);
+    }
+    Ok(())
+}
+
 /// A node whose dials are refused for a bad proof (close 4101) should see that in its own
 /// `chat_peer_auth_failures_total`: the misconfigured pod is where an operator looks first.
 #[tokio::test]
@@ -686,6 +761,7 @@ async fn partitioned_minority_loses_quorum_and_heals() -> anyhow::Result<()> {
     }
     let s = cluster_status(&isolated.node).await?;
     ensure!(s["quorum"] == false && s["ready"] == false, "isolated: {s:#}");
+    wait_metric(isolated, "chat_cluster_quorum", "0 on the minority", |v| v == 0.0).await?;
 
     // Cut node-0 too (the dialer of both its links): node-1 is alone as well, nobody has
     // quorum, nobody is ready.

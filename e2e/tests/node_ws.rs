@@ -939,6 +939,98 @@ async fn sigterm_drains_and_exits_zero() -> anyhow::Result<()> {
 
 // ---------- HTTP endpoints ----------
 
+/// Metric names in Prometheus text (`# TYPE` lines), with the sample suffixes of their type.
+fn exported_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let mut words = line.strip_prefix("# TYPE ").unwrap_or_default().split_whitespace();
+        let (Some(name), Some(kind)) = (words.next(), words.next()) else { continue };
+        let suffixes: &[&str] = match kind {
+            "counter" => &["_total"],
+            "histogram" => &["_bucket", "_sum", "_count"],
+            _ => &[""],
+        };
+        names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+    }
+    names
+}
+
+/// `chat_…` identifiers in a PromQL expression (label values are quoted, so skipped).
+fn promql_metrics(expr: &str) -> Vec<String> {
+    let unquoted: String = expr.split('"').step_by(2).collect::<Vec<_>>().join(" ");
+    unquoted
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("chat_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The chart's alerts and dashboard name only metrics a real node or the operator exports, and
+/// docs/operator.md lists every metric a node exports.
+#[tokio::test]
+async fn alerts_dashboard_and_docs_name_the_metrics_a_node_exports() -> anyhow::Result<()> {
+    let node = start(&jwt_config()).await?;
+    // Families with labels show up once they have a series: a refused handshake and a closed
+    // connection give them one.
+    ensure!(handshake_status(&node.ws_url(), &[("Sec-WebSocket-Protocol", SUBPROTOCOL)]).await == 401);
+    with_token(&node, &token("alice", &[])).await?.0.close().await;
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = node.admin_get("/metrics").await?.1;
+        if text.contains("chat_disconnects_total{") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let node_metrics = exported_names(&text);
+    let operator = chat_operator::metrics::Metrics::new();
+    operator.reconcile_failed("read");
+    let condition = chat_operator::metrics::ConditionLabels {
+        chatcluster_namespace: "chat".into(),
+        chatcluster: "demo".into(),
+        r#type: "Progressing".into(),
+    };
+    operator.set_conditions([(condition, true)]);
+    let operator_metrics = exported_names(&operator.encode()?);
+    ensure!(node_metrics.contains("chat_cluster_quorum"), "node metrics: {node_metrics:?}");
+    ensure!(operator_metrics.contains("chat_operator_cluster_condition"), "operator metrics: {operator_metrics:?}");
+    // On its own a node is a cluster of one, with quorum: the no-quorum alert stays silent.
+    for (gauge, want) in [("chat_cluster_quorum", 1.0), ("chat_cluster_size", 1.0), ("chat_cluster_members", 1.0)] {
+        ensure!(metric_sum(&text, gauge) == want, "{gauge} should be {want}:\n{text}");
+    }
+
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let chart = repo.join("charts/chatcluster-operator/files");
+    let alerts: Value = serde_norway::from_str(&std::fs::read_to_string(chart.join("alerts.yaml"))?)?;
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(chart.join("dashboard.json"))?)?;
+    let mut exprs: Vec<(String, String)> = Vec::new();
+    for group in alerts["groups"].as_array().context("alert groups")? {
+        for rule in group["rules"].as_array().context("rules")? {
+            exprs.push((format!("alert {}", rule["alert"]), rule["expr"].as_str().context("expr")?.to_owned()));
+        }
+    }
+    for panel in dashboard["panels"].as_array().context("panels")? {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            exprs.push((format!("panel {}", panel["title"]), target["expr"].as_str().context("expr")?.to_owned()));
+        }
+    }
+    ensure!(exprs.len() > 20, "found only {} expressions", exprs.len());
+    let mut unknown = Vec::new();
+    for (source, expr) in &exprs {
+        for name in promql_metrics(expr) {
+            if !node_metrics.contains(&name) && !operator_metrics.contains(&name) {
+                unknown.push(format!("{source}: {name}"));
+            }
+        }
+    }
+    ensure!(unknown.is_empty(), "metrics nobody exports: {unknown:#?}");
+
+    let docs = std::fs::read_to_string(repo.join("docs/operator.md"))?;
+    let undocumented: Vec<&String> = node_metrics.iter().filter(|name| !docs.contains(&format!("| `{name}"))).collect();
+    ensure!(undocumented.is_empty(), "node metrics missing from docs/operator.md's table: {undocumented:?}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn health_metrics_and_web_assets() -> anyhow::Result<()> {
     // The assets directory has a sibling file that traversal must never reach.

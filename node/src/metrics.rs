@@ -25,9 +25,12 @@ pub struct Metrics {
     pub disconnects: Family<[(&'static str, String); 1], Counter>,
     pub draining: Gauge,
     pub cluster_members: Gauge,
+    pub cluster_size: Gauge,
+    pub cluster_quorum: Gauge,
     pub peer_links_established: Counter,
     pub peer_auth_failures: Counter,
     pub peer_frames_rejected: Counter,
+    pub peer_secret_rotations: Counter,
     pub messages_committed: Counter,
     pub publishes_unavailable: Counter,
     pub raft_groups_led: Gauge,
@@ -62,9 +65,12 @@ impl Metrics {
             disconnects: Family::default(),
             draining: Gauge::default(),
             cluster_members: Gauge::default(),
+            cluster_size: Gauge::default(),
+            cluster_quorum: Gauge::default(),
             peer_links_established: Counter::default(),
             peer_auth_failures: Counter::default(),
             peer_frames_rejected: Counter::default(),
+            peer_secret_rotations: Counter::default(),
             messages_committed: Counter::default(),
             publishes_unavailable: Counter::default(),
             raft_groups_led: Gauge::default(),
@@ -96,8 +102,14 @@ impl Metrics {
         registry.register("draining", "1 while the node drains for shutdown", m.draining.clone());
         registry.register(
             "cluster_members",
-            "Nodes in this node's view of the cluster, itself included",
+            "Nodes this node is linked to, itself included",
             m.cluster_members.clone(),
+        );
+        registry.register("cluster_size", "The cluster's intended size (cluster.size)", m.cluster_size.clone());
+        registry.register(
+            "cluster_quorum",
+            "1 while a majority of the cluster's voters is linked (this node may sequence and be ready)",
+            m.cluster_quorum.clone(),
         );
         registry.register(
             "peer_links_established",
@@ -113,6 +125,11 @@ impl Metrics {
             "peer_frames_rejected",
             "Peer links ended by a frame that failed to open or was not sealed (altered, injected or replayed)",
             m.peer_frames_rejected.clone(),
+        );
+        registry.register(
+            "peer_secret_rotations",
+            "Changes of the cluster secret file seen by this node (the previous secret stays accepted for 10 minutes)",
+            m.peer_secret_rotations.clone(),
         );
         registry.register(
             "messages_committed",
@@ -156,6 +173,13 @@ impl Metrics {
             m.relayed_entries_skipped.clone(),
         );
         m
+    }
+
+    /// A node on its own is a whole cluster of one, with quorum.
+    pub fn standalone(&self) {
+        self.cluster_size.set(1);
+        self.cluster_members.set(1);
+        self.cluster_quorum.set(1);
     }
 
     pub fn reject_handshake(&self, reason: &'static str) {

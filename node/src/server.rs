@@ -78,6 +78,7 @@ impl Server {
             let log = ReplicatedLog::new(id.clone(), config.cluster.clone(), cluster.clone(), metrics.clone())?;
             (Some(cluster), Some(bind(config.cluster.peer_listen).await?), Some(log))
         } else {
+            metrics.standalone();
             (None, None, None)
         };
         let hub = Hub::new(id, config, metrics, room_log.clone().map(|log| log as _))?;

@@ -19,6 +19,7 @@ use kube::{Client, Resource, ResourceExt};
 
 use crate::crd::ChatCluster;
 use crate::http::Health;
+use crate::metrics::ConditionLabels;
 use crate::reconcile::{Context, error_policy, reconcile};
 use crate::resources::MANAGED_BY_SELECTOR;
 
@@ -64,6 +65,11 @@ where
     }
 }
 
+/// Reconciles running at once: each makes a handful of API calls, so a thousand ChatClusters
+/// changing together (an operator upgrade, a GitOps sync) reach the API server as a steady
+/// stream instead of a burst.
+pub const MAX_CONCURRENT_RECONCILES: u16 = 16;
+
 /// Runs the controller until `shutdown` resolves; in-flight reconciles finish first. `health`
 /// learns when the ChatCluster watch has synced.
 pub async fn run(
@@ -92,6 +98,7 @@ pub async fn run(
         .watches(api::<PartialObjectMeta<ConfigMap>>(&client, namespace), config, move |c| {
             affected(&c, Referenced::ConfigMap, &config_maps.state())
         })
+        .with_config(controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {
@@ -127,12 +134,33 @@ async fn report_synced(store: Store<ChatCluster>, health: Arc<Health>) {
     }
 }
 
-/// Keeps the managed-clusters gauge in step with the controller's cache.
+/// Keeps the managed-clusters gauge and the condition gauges in step with the controller's
+/// cache: what the API server holds, as users and alerts see it.
 async fn report_managed(store: Store<ChatCluster>, ctx: Arc<Context>) {
     loop {
-        ctx.metrics.set_managed(store.state().len());
+        let clusters = store.state();
+        ctx.metrics.set_managed(clusters.len());
+        ctx.metrics.set_conditions(clusters.iter().flat_map(|c| condition_series(c)));
         tokio::time::sleep(Duration::from_secs(10)).await;
     }
+}
+
+fn condition_series(cluster: &ChatCluster) -> Vec<(ConditionLabels, bool)> {
+    let (Some(namespace), Some(name)) = (&cluster.metadata.namespace, &cluster.metadata.name) else {
+        return Vec::new();
+    };
+    let conditions = cluster.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    conditions
+        .iter()
+        .map(|c| {
+            let labels = ConditionLabels {
+                chatcluster_namespace: namespace.clone(),
+                chatcluster: name.clone(),
+                r#type: c.type_.clone(),
+            };
+            (labels, c.status == "True")
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -164,6 +192,48 @@ mod tests {
         assert_eq!(names(affected(&secret, Referenced::Secret, &clusters)), ["prod"]);
         let owned = meta(&owned.metadata).into_response_partial::<ConfigMap>();
         assert_eq!(names(affected(&owned, Referenced::ConfigMap, &clusters)), ["plain"]);
+    }
+
+    #[test]
+    fn condition_gauges_follow_the_clusters_statuses_and_go_with_them() {
+        let condition = |type_: &str, status: &str| k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: type_.to_owned(),
+            status: status.to_owned(),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
+            message: String::new(),
+            observed_generation: None,
+            reason: "Test".to_owned(),
+        };
+        let mut rolling = minimal("rolling");
+        rolling.status = Some(crate::crd::ChatClusterStatus {
+            conditions: vec![condition("Progressing", "True"), condition("Degraded", "False")],
+            ..Default::default()
+        });
+        let metrics = crate::metrics::Metrics::new();
+        let clusters = [rolling.clone(), minimal("new")];
+        metrics.set_conditions(clusters.iter().flat_map(condition_series));
+        let text = metrics.encode().unwrap();
+        let series = |name: &str, type_: &str, value: u8| {
+            format!(
+                "chat_operator_cluster_condition{{chatcluster_namespace=\"{}\",chatcluster=\"{name}\",type=\"{type_}\"}} {value}\n",
+                crate::fixtures::NAMESPACE
+            )
+        };
+        assert!(text.contains(&series("rolling", "Progressing", 1)), "{text}");
+        assert!(text.contains(&series("rolling", "Degraded", 0)), "{text}");
+        assert!(!text.contains("chatcluster=\"new\""), "no status, no series: {text}");
+
+        // Rolled out: Progressing turns False; then the cluster is deleted.
+        rolling.status = Some(crate::crd::ChatClusterStatus {
+            conditions: vec![condition("Progressing", "False")],
+            ..Default::default()
+        });
+        metrics.set_conditions(condition_series(&rolling));
+        let text = metrics.encode().unwrap();
+        assert!(text.contains(&series("rolling", "Progressing", 0)), "{text}");
+        assert!(!text.contains("type=\"Degraded\""), "a condition no longer in the status is dropped: {text}");
+        metrics.set_conditions(Vec::new());
+        assert!(!metrics.encode().unwrap().contains("chatcluster=\"rolling\""));
     }
 
     #[test]

@@ -98,6 +98,11 @@ pub fn theme_config_map(name: &str) -> ConfigMap {
     ConfigMap {
         metadata: meta(name),
         data: Some(BTreeMap::from([("style.css".to_owned(), "body { color: teal }".to_owned())])),
+        // Not UTF-8: only binaryData can carry it.
+        binary_data: Some(BTreeMap::from([(
+            "favicon.ico".to_owned(),
+            k8s_openapi::ByteString(vec![0, 0, 1, 0, 1, 0, 0xff, 0xfe]),
+        )])),
         ..ConfigMap::default()
     }
 }

@@ -1,6 +1,8 @@
 //! Prometheus metrics: reconciles, failures by kind, reconcile duration, managed clusters,
 //! watch errors.
 
+use std::collections::BTreeSet;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -16,6 +18,15 @@ pub struct ErrorLabels {
     pub error: String,
 }
 
+/// One condition of one ChatCluster. Not `namespace`: Prometheus would rename it, as the
+/// scrape target (the operator pod) has a namespace of its own.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct ConditionLabels {
+    pub chatcluster_namespace: String,
+    pub chatcluster: String,
+    pub r#type: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     reconciles: Counter,
@@ -23,6 +34,9 @@ pub struct Metrics {
     duration: Histogram,
     managed: Gauge,
     watch_errors: Counter,
+    conditions: Family<ConditionLabels, Gauge>,
+    /// The series set last time, so a deleted ChatCluster's go away.
+    condition_series: Mutex<BTreeSet<ConditionLabels>>,
 }
 
 impl Default for Metrics {
@@ -49,7 +63,22 @@ impl Metrics {
             "Failed watch or list calls (forbidden, missing CRD, relists); each is retried with back-off",
             watch_errors.clone(),
         );
-        Self { registry, reconciles, failures, duration, managed, watch_errors }
+        let conditions = Family::<ConditionLabels, Gauge>::default();
+        registry.register(
+            "cluster_condition",
+            "1 while the condition `type` of the ChatCluster is True, else 0",
+            conditions.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            managed,
+            watch_errors,
+            conditions,
+            condition_series: Mutex::new(BTreeSet::new()),
+        }
     }
 
     /// Counts a reconcile and records its duration when the returned guard drops.
@@ -72,6 +101,21 @@ impl Metrics {
 
     pub fn set_managed(&self, clusters: usize) {
         self.managed.set(i64::try_from(clusters).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the condition gauges to what the ChatClusters' statuses say, and drops the series of
+    /// conditions (and clusters) no longer there.
+    pub fn set_conditions(&self, observed: impl IntoIterator<Item = (ConditionLabels, bool)>) {
+        let mut series = self.condition_series.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut seen = BTreeSet::new();
+        for (labels, on) in observed {
+            self.conditions.get_or_create(&labels).set(i64::from(on));
+            seen.insert(labels);
+        }
+        for gone in series.difference(&seen) {
+            self.conditions.remove(gone);
+        }
+        *series = seen;
     }
 
     pub fn reconciles(&self) -> u64 {

@@ -36,6 +36,18 @@ fn snapshot_all(prefix: &str, children: &Children) {
 }
 
 #[test]
+fn binary_assets_keep_their_bytes_and_text_stays_text() {
+    let cluster = full("prod");
+    let assets = build(&cluster, &plan(&cluster)).assets;
+    let theme = theme_config_map("chat-theme");
+    assert_eq!(assets.binary_data, theme.binary_data, "binaryData copied byte for byte");
+    let data = assets.data.unwrap();
+    assert_eq!(data["style.css"], "body { color: teal }");
+    assert_eq!(data["logo.svg"], cluster.spec.assets.files["logo.svg"], "spec.assets.files stay text");
+    assert!(!data.contains_key("favicon.ico"));
+}
+
+#[test]
 fn minimal_children() {
     let cluster = minimal("demo");
     snapshot_all("minimal", &build(&cluster, &plan(&cluster)));

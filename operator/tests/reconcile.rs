@@ -464,6 +464,21 @@ async fn a_failed_read_of_the_existing_peer_secret_never_replaces_its_key() {
 }
 
 #[tokio::test]
+async fn a_lost_peer_secret_gets_a_new_key_and_a_warning() {
+    let (fake, ctx) = setup(minimal("demo"));
+    run(&fake, &ctx, "demo").await.unwrap();
+    let key = peer_key(&fake);
+    run(&fake, &ctx, "demo").await.unwrap();
+    let regenerated = ("Warning".to_owned(), "PeerKeyRegenerated".to_owned());
+    assert!(!fake.events().contains(&regenerated), "no warning while the Secret is there");
+
+    assert!(fake.remove::<Secret>(NAMESPACE, "demo-peer"));
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert_ne!(peer_key(&fake), key, "a new key");
+    assert!(fake.events().contains(&regenerated), "events: {:?}", fake.events());
+}
+
+#[tokio::test]
 async fn persistent_api_errors_fail_without_degrading_at_first() {
     let (fake, ctx) = setup(minimal("demo"));
     fake.fail_next(Method::PATCH, 500, 4);

@@ -86,6 +86,8 @@ pub async fn run(cluster: Arc<Cluster>) {
     let mut tick = tokio::time::interval(interval);
     loop {
         tick.tick().await;
+        // A mounted Secret changes in place; checked here, as often as peers are looked up.
+        cluster.reload_secret();
         let Some(found) = lookup(&cluster, resolver.as_ref()).await else { continue };
         let fresh = cluster.update_discovered(&found);
         for addr in fresh {

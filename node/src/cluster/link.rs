@@ -163,13 +163,27 @@ where
 }
 
 /// Dials the peer port at `addr`, authenticates both ways and runs the link until it ends.
+/// While a rotated secret is still accepted, a peer that refuses the current one (it has not
+/// seen the new secret yet) is dialed again with the previous one.
 pub async fn dial(cluster: Arc<Cluster>, addr: SocketAddr) -> DialOutcome {
+    for secret in cluster.secrets() {
+        if let Some(outcome) = dial_with(cluster.clone(), addr, &secret).await {
+            return outcome;
+        }
+    }
+    cluster.metrics().peer_auth_failures.inc();
+    tracing::warn!(%addr, "peer refused our proof (wrong cluster secret?)");
+    DialOutcome::Failed("peer refused our authentication".into())
+}
+
+/// One dial with one secret; `None` when the peer refused our proof of it.
+async fn dial_with(cluster: Arc<Cluster>, addr: SocketAddr, secret: &[u8]) -> Option<DialOutcome> {
     let url = format!("ws://{addr}/peer");
     let connect = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(peer_ws_config()), true);
     let mut ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect).await {
         Ok(Ok((ws, _))) => ws,
-        Ok(Err(err)) => return DialOutcome::Failed(err.to_string()),
-        Err(_) => return DialOutcome::Failed("connect timed out".into()),
+        Ok(Err(err)) => return Some(DialOutcome::Failed(err.to_string())),
+        Err(_) => return Some(DialOutcome::Failed("connect timed out".into())),
     };
     if let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = ws.get_ref() {
         // Twice the link's own write deadline, which should fire first.
@@ -180,22 +194,22 @@ pub async fn dial(cluster: Arc<Cluster>, addr: SocketAddr) -> DialOutcome {
     }
     let (peer_id, acceptor_nonce, acceptor_key) = match recv_frame(&mut ws).await {
         Ok(PeerFrame::Challenge { node_id, nonce, key }) => (node_id, nonce, key),
-        Ok(other) => return DialOutcome::Failed(format!("expected a challenge, got {other:?}")),
-        Err(err) => return DialOutcome::Failed(err.to_string()),
+        Ok(other) => return Some(DialOutcome::Failed(format!("expected a challenge, got {other:?}"))),
+        Err(err) => return Some(DialOutcome::Failed(err.to_string())),
     };
     let me = cluster.node_id().to_owned();
     if peer_id == me {
         close(&mut ws, 1000, "that is me").await;
-        return DialOutcome::Itself;
+        return Some(DialOutcome::Itself);
     }
     if peer_id < me {
         close(&mut ws, CLOSE_DIAL_BACK, "the lower node id dials").await;
-        return DialOutcome::DialBack(peer_id);
+        return Some(DialOutcome::DialBack(peer_id));
     }
     let my_nonce = nonce();
     let exchange = match Exchange::new() {
         Ok(exchange) => exchange,
-        Err(err) => return DialOutcome::Failed(err.to_string()),
+        Err(err) => return Some(DialOutcome::Failed(err.to_string())),
     };
     let my_key = exchange.public_hex();
     let proof = |role, nonce, signer, verifier| Proof {
@@ -211,38 +225,33 @@ pub async fn dial(cluster: Arc<Cluster>, addr: SocketAddr) -> DialOutcome {
         peer_addr: cluster.advertised().to_owned(),
         nonce: my_nonce.clone(),
         key: my_key.clone(),
-        mac: sign(cluster.secret(), proof("dialer", &acceptor_nonce, &me, &peer_id)),
+        mac: sign(secret, proof("dialer", &acceptor_nonce, &me, &peer_id)),
     };
     if let Err(err) = send_frame(&mut ws, &hello).await {
-        return DialOutcome::Failed(err.to_string());
+        return Some(DialOutcome::Failed(err.to_string()));
     }
     match recv_frame(&mut ws).await {
-        Ok(PeerFrame::Accepted { mac })
-            if verify(cluster.secret(), proof("acceptor", &my_nonce, &peer_id, &me), &mac) => {}
+        Ok(PeerFrame::Accepted { mac }) if verify(secret, proof("acceptor", &my_nonce, &peer_id, &me), &mac) => {}
         Ok(_) => {
             cluster.metrics().peer_auth_failures.inc();
             tracing::warn!(%addr, peer = peer_id, "peer failed authentication (wrong cluster secret?)");
             close(&mut ws, CLOSE_AUTH_FAILED, "authentication failed").await;
-            return DialOutcome::Failed("peer failed authentication".into());
+            return Some(DialOutcome::Failed("peer failed authentication".into()));
         }
-        Err(HandshakeError::Closed(CLOSE_AUTH_FAILED)) => {
-            cluster.metrics().peer_auth_failures.inc();
-            tracing::warn!(%addr, peer = peer_id, "peer refused our proof (wrong cluster secret?)");
-            return DialOutcome::Failed("peer refused our authentication".into());
-        }
-        Err(err) => return DialOutcome::Failed(err.to_string()),
+        Err(HandshakeError::Closed(CLOSE_AUTH_FAILED)) => return None,
+        Err(err) => return Some(DialOutcome::Failed(err.to_string())),
     }
     let transcript =
         Transcript { dialer_id: &me, acceptor_id: &peer_id, dialer_nonce: &my_nonce, acceptor_nonce: &acceptor_nonce };
-    let link = match exchange.finish(&acceptor_key, cluster.secret(), &transcript, true) {
+    let link = match exchange.finish(&acceptor_key, secret, &transcript, true) {
         Ok(link) => link,
         Err(err) => {
             close(&mut ws, CLOSE_AUTH_FAILED, "key exchange failed").await;
-            return DialOutcome::Failed(err.to_string());
+            return Some(DialOutcome::Failed(err.to_string()));
         }
     };
     run(cluster, peer_id, addr.to_string(), ws, link).await;
-    DialOutcome::Ran
+    Some(DialOutcome::Ran)
 }
 
 /// Runs the acceptor side of the handshake on an upgraded `/peer` socket, then the link. Until
@@ -294,7 +303,8 @@ where
     if send_frame(ws, &challenge).await.is_err() {
         return None;
     }
-    let dialers_proof = |node_id: &str, key: &str, mac: &str| {
+    // The secret the dialer proved: the current one, or the previous one during a rotation.
+    let proven_secret = |node_id: &str, key: &str, mac: &str| {
         let proof = Proof {
             role: "dialer",
             nonce: &my_nonce,
@@ -303,13 +313,18 @@ where
             dialer_key: key,
             acceptor_key: &my_key,
         };
-        verify(cluster.secret(), proof, mac)
+        cluster.secrets().into_iter().find(|secret| verify(secret, proof, mac))
     };
-    let (peer_id, peer_addr, dialer_nonce, dialer_key) = match recv_frame(ws).await {
-        Ok(PeerFrame::Hello { node_id, peer_addr, nonce, key, mac }) if dialers_proof(&node_id, &key, &mac) => {
-            (node_id, peer_addr, nonce, key)
+    let hello = match recv_frame(ws).await {
+        Ok(PeerFrame::Hello { node_id, peer_addr, nonce, key, mac }) => {
+            let secret = proven_secret(&node_id, &key, &mac);
+            Ok((node_id, peer_addr, nonce, key, secret))
         }
-        Ok(PeerFrame::Hello { node_id, .. }) => {
+        other => Err(other),
+    };
+    let (peer_id, peer_addr, dialer_nonce, dialer_key, secret) = match hello {
+        Ok((node_id, peer_addr, nonce, key, Some(secret))) => (node_id, peer_addr, nonce, key, secret),
+        Ok((node_id, ..)) => {
             cluster.metrics().peer_auth_failures.inc();
             let claimed = shown(&node_id);
             tracing::warn!(?remote, claimed, "rejected a peer with a bad HMAC proof (wrong cluster secret?)");
@@ -318,7 +333,7 @@ where
         }
         // Anything but a hello (another handshake frame, or a replication frame sent without
         // authenticating) is refused like a bad proof.
-        Ok(_) | Err(HandshakeError::Unexpected(_)) => {
+        Err(Ok(_) | Err(HandshakeError::Unexpected(_))) => {
             cluster.metrics().peer_auth_failures.inc();
             tracing::warn!(?remote, "refused a peer that sent something other than a hello");
             close(ws, CLOSE_AUTH_FAILED, "expected hello").await;
@@ -326,7 +341,7 @@ where
         }
         // Dialers that find out they should be dialed instead just close: not an error. A peer
         // over the pre-authentication limit ends here too (its read failed).
-        Err(err) => {
+        Err(Err(err)) => {
             tracing::debug!(?remote, %err, "peer handshake ended");
             return None;
         }
@@ -337,7 +352,7 @@ where
     }
     let transcript =
         Transcript { dialer_id: &peer_id, acceptor_id: &me, dialer_nonce: &dialer_nonce, acceptor_nonce: &my_nonce };
-    let link = match exchange.finish(&dialer_key, cluster.secret(), &transcript, false) {
+    let link = match exchange.finish(&dialer_key, &secret, &transcript, false) {
         Ok(link) => link,
         Err(err) => {
             cluster.metrics().peer_auth_failures.inc();
@@ -354,7 +369,7 @@ where
         dialer_key: &dialer_key,
         acceptor_key: &my_key,
     };
-    let proof = sign(cluster.secret(), proof);
+    let proof = sign(&secret, proof);
     Some(Dialer { node_id: peer_id, peer_addr, link, proof })
 }
 

@@ -12,7 +12,7 @@ pub mod wire;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -88,10 +88,20 @@ struct State {
     discovered: HashMap<SocketAddr, AddrState>,
 }
 
+/// How long a replaced cluster secret is still accepted: kubelet updates each pod's copy of a
+/// rotated Secret on its own schedule (about a minute), and links made meanwhile must hold.
+pub const PREVIOUS_SECRET_GRACE: Duration = Duration::from_secs(600);
+
+/// The cluster secret, and for [`PREVIOUS_SECRET_GRACE`] after it changed, the one before it.
+struct Keyring {
+    current: Vec<u8>,
+    previous: Option<(Vec<u8>, Instant)>,
+}
+
 pub struct Cluster {
     node_id: String,
     config: ClusterConfig,
-    secret: Vec<u8>,
+    keyring: RwLock<Keyring>,
     /// `ip:port` other nodes reach our peer port at.
     advertised: String,
     own_ip: Option<IpAddr>,
@@ -150,7 +160,7 @@ impl Cluster {
         Ok(Arc::new(Cluster {
             node_id,
             config,
-            secret,
+            keyring: RwLock::new(Keyring { current: secret, previous: None }),
             advertised,
             own_ip,
             state: Mutex::default(),
@@ -178,8 +188,41 @@ impl Cluster {
         &self.config
     }
 
-    pub(crate) fn secret(&self) -> &[u8] {
-        &self.secret
+    /// The secrets a handshake may use, the current one first.
+    pub(crate) fn secrets(&self) -> Vec<Vec<u8>> {
+        let keyring = self.keyring.read().unwrap_or_else(|p| p.into_inner());
+        let previous = keyring.previous.as_ref().filter(|(_, since)| since.elapsed() < PREVIOUS_SECRET_GRACE);
+        std::iter::once(keyring.current.clone()).chain(previous.map(|(key, _)| key.clone())).collect()
+    }
+
+    /// Re-reads `cluster.secret_file`: a changed secret becomes the current one and the old
+    /// one stays accepted for [`PREVIOUS_SECRET_GRACE`], so a rotation (or a lost and
+    /// regenerated peer Secret) never splits the cluster while the pods pick it up. An
+    /// unreadable or short file keeps the secret in use.
+    pub fn reload_secret(&self) {
+        let Some(path) = &self.config.secret_file else { return };
+        let fresh = match read_secret("cluster.secret_file", path) {
+            Ok(fresh) if fresh.len() >= 16 => fresh,
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), "the cluster secret file holds fewer than 16 bytes; keeping the secret in use");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(%err, "cannot re-read the cluster secret; keeping the secret in use");
+                return;
+            }
+        };
+        let mut keyring = self.keyring.write().unwrap_or_else(|p| p.into_inner());
+        if fresh == keyring.current {
+            return;
+        }
+        let old = std::mem::replace(&mut keyring.current, fresh);
+        keyring.previous = Some((old, Instant::now()));
+        self.metrics.peer_secret_rotations.inc();
+        tracing::warn!(
+            grace_secs = PREVIOUS_SECRET_GRACE.as_secs(),
+            "the cluster secret changed; new links use it, and the previous one is still accepted for a while"
+        );
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

@@ -334,7 +334,10 @@ fn update_readiness(log: &ReplicatedLog) {
     let groups = log.groups();
     let mut led = 0;
     let mut voting = 0;
-    let mut all_ready = !groups.is_empty() && has_quorum(log);
+    let quorum = has_quorum(log);
+    log.metrics.cluster_quorum.set(i64::from(quorum));
+    log.metrics.cluster_size.set(log.size() as i64);
+    let mut all_ready = !groups.is_empty() && quorum;
     for raft in groups {
         let m = raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();

@@ -13,7 +13,7 @@ const DATA_LINK: &str = "..data";
 const DATA_TMP: &str = "..data_tmp";
 
 /// The files currently visible through `..data` (empty when the directory was never written).
-pub fn read(dir: &Path) -> io::Result<BTreeMap<String, String>> {
+pub fn read(dir: &Path) -> io::Result<BTreeMap<String, Vec<u8>>> {
     let data = dir.join(DATA_LINK);
     let mut files = BTreeMap::new();
     let entries = match std::fs::read_dir(&data) {
@@ -24,14 +24,14 @@ pub fn read(dir: &Path) -> io::Result<BTreeMap<String, String>> {
     for entry in entries {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        files.insert(name, std::fs::read_to_string(entry.path())?);
+        files.insert(name, std::fs::read(entry.path())?);
     }
     Ok(files)
 }
 
 /// Makes `dir` hold exactly `files`; returns whether anything changed. The names must be plain
 /// file names (the operator's validation guarantees it: no `/`, not starting with `..`).
-pub fn write(dir: &Path, files: &BTreeMap<String, String>) -> io::Result<bool> {
+pub fn write(dir: &Path, files: &BTreeMap<String, Vec<u8>>) -> io::Result<bool> {
     std::fs::create_dir_all(dir)?;
     if read(dir)? == *files && dir.join(DATA_LINK).exists() {
         return Ok(false);
@@ -88,8 +88,8 @@ pub fn write_file(path: &Path, content: &[u8]) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    fn files(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    fn files(pairs: &[(&str, &str)]) -> BTreeMap<String, Vec<u8>> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec())).collect()
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::crd::RolloutStrategy;
 use crate::reconcile::validate::{Invalid, Refs, TLS_CERT_KEY, TLS_KEY_KEY, validate};
 use crate::resources::{
     self, AUTH_DIR, CONFIG_HASH_ANNOTATION, CONFIG_KEY, CONFIG_PATH, MOUNT_ROOT, Owner, PEER_DIR, PEER_KEY,
+    config_map_files,
 };
 
 /// The ChatCluster as the operator would run it.
@@ -27,8 +28,8 @@ pub struct Desired {
     pub replicas: u32,
     /// The config ConfigMap's `node.toml`, parsed.
     pub config: NodeConfig,
-    /// The assets ConfigMap's data.
-    pub assets: BTreeMap<String, String>,
+    /// The assets ConfigMap's files (`data` and `binaryData`).
+    pub assets: BTreeMap<String, Vec<u8>>,
     /// The peer Secret's key.
     pub peer_key: Vec<u8>,
     /// The JWT Secret's key and the file name the pod would see it under.
@@ -106,7 +107,7 @@ pub fn desired(manifest: &Manifest, peer_key: &[u8], running: Option<&StatefulSe
         namespace: owner.namespace.clone(),
         replicas: u32::try_from(spec.replicas).unwrap_or(0),
         config,
-        assets: children.assets.data.unwrap_or_default(),
+        assets: config_map_files(children.assets),
         peer_key,
         auth_key,
         tls_files,
@@ -343,7 +344,7 @@ mod tests {
         assets.cluster.spec.assets.files.insert("x.txt".into(), "x".into());
         let with_assets = desired(&assets, &[b'a'; 64], None).unwrap();
         assert_eq!(with_assets.revision, d.revision);
-        assert_eq!(with_assets.assets["x.txt"], "x");
+        assert_eq!(with_assets.assets["x.txt"], b"x");
     }
 
     #[test]

@@ -143,7 +143,13 @@ pub async fn reconcile(cluster: Arc<ChatCluster>, ctx: Arc<Context>) -> Result<A
 /// Back-off for failed reconciles: 2, 4, 8 ... seconds, at most five minutes.
 pub fn error_policy(cluster: Arc<ChatCluster>, _error: &Error, ctx: Arc<Context>) -> Action {
     let failures = ctx.failures.lock().map(|m| m.get(&key(&cluster)).copied().unwrap_or(1)).unwrap_or(1);
-    Action::requeue(backoff(failures))
+    Action::requeue(jittered(backoff(failures)))
+}
+
+/// `base` plus up to a tenth more, at random: clusters created together (an operator start,
+/// a GitOps sync of many) must not come back to the API server in the same second forever.
+pub fn jittered(base: Duration) -> Duration {
+    base + base.mul_f64(rand::random_range(0.0..0.1))
 }
 
 pub fn backoff(failures: u32) -> Duration {
@@ -157,7 +163,7 @@ async fn reconcile_owned(cluster: &ChatCluster, owner: &Owner, ctx: &Context) ->
             ctx.event(cluster, EventType::Normal, "Paused", "reconciliation paused by annotation".to_owned()).await;
         }
         status::write(ctx, cluster, owner, status::paused(cluster, now())).await?;
-        return Ok(Action::requeue(RESYNC));
+        return Ok(Action::requeue(jittered(RESYNC)));
     }
     let refs = dereference::fetch(ctx, cluster, owner).await?;
     let plan = match validate::validate(cluster, owner.clone(), &refs) {
@@ -166,9 +172,17 @@ async fn reconcile_owned(cluster: &ChatCluster, owner: &Owner, ctx: &Context) ->
             tracing::info!(cluster = %key(cluster), %problem, "invalid spec; nothing changed");
             ctx.event(cluster, EventType::Warning, problem.reason, problem.message.clone()).await;
             status::write(ctx, cluster, owner, status::degraded(cluster, &problem, now())).await?;
-            return Ok(Action::requeue(INVALID_RECHECK));
+            return Ok(Action::requeue(jittered(INVALID_RECHECK)));
         }
     };
+    if validate::peer_key_regenerated(&refs) {
+        let note = format!(
+            "Secret {} was missing or held no usable key: generated a new peer key. Running nodes pick \
+             it up and accept the old one for 10 minutes, so links hold; the pods roll to the new key",
+            owner.peer_secret_name()
+        );
+        ctx.event(cluster, EventType::Warning, "PeerKeyRegenerated", note).await;
+    }
     let children = resources::build(cluster, &plan);
     let before = refs.statefulset.as_ref().and_then(|s| s.spec.replicas);
     let applied = apply::apply_all(ctx, owner, &children, &refs).await?;
@@ -186,7 +200,7 @@ async fn reconcile_owned(cluster: &ChatCluster, owner: &Owner, ctx: &Context) ->
     announce(ctx, cluster, &new).await;
     status::write(ctx, cluster, owner, new).await?;
     let scaling_down = plan.replicas > cluster.spec.replicas;
-    Ok(Action::requeue(if scaling_down { SCALE_DOWN_RECHECK } else { RESYNC }))
+    Ok(Action::requeue(jittered(if scaling_down { SCALE_DOWN_RECHECK } else { RESYNC })))
 }
 
 /// Events for significant changes, found by comparing with the previous status.
@@ -229,6 +243,15 @@ pub fn event_note(mut note: String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requeues_spread_over_a_tenth_of_their_period() {
+        let base = Duration::from_secs(300);
+        let delays: std::collections::BTreeSet<Duration> = (0..100).map(|_| jittered(base)).collect();
+        assert!(delays.iter().all(|d| *d >= base && *d < base + base / 10), "{delays:?}");
+        let (Some(first), Some(last)) = (delays.first(), delays.last()) else { panic!("no delays") };
+        assert!(*last - *first > Duration::from_secs(15), "spread over the window, not one instant: {delays:?}");
+    }
 
     #[test]
     fn event_notes_fit_the_api_servers_limit() {

@@ -69,7 +69,8 @@ pub struct Plan {
     pub owner: Owner,
     pub config: NodeConfig,
     pub config_toml: String,
-    pub assets: BTreeMap<String, String>,
+    /// File name → content: text from `data` and `spec.assets.files`, bytes from `binaryData`.
+    pub assets: BTreeMap<String, Vec<u8>>,
     pub peer_key: Vec<u8>,
     pub config_hash: String,
     pub termination_grace_seconds: i64,
@@ -301,7 +302,7 @@ fn auth_key(cluster: &ChatCluster, owner: &Owner, refs: &Refs) -> Result<Option<
     Ok(Some(key.0.clone()))
 }
 
-fn assets(cluster: &ChatCluster, owner: &Owner, refs: &Refs) -> Result<BTreeMap<String, String>, Invalid> {
+fn assets(cluster: &ChatCluster, owner: &Owner, refs: &Refs) -> Result<BTreeMap<String, Vec<u8>>, Invalid> {
     let spec = &cluster.spec.assets;
     let mut files = BTreeMap::new();
     if let Some(reference) = &spec.config_map_ref {
@@ -311,9 +312,10 @@ fn assets(cluster: &ChatCluster, owner: &Owner, refs: &Refs) -> Result<BTreeMap<
                 format!("ConfigMap {}/{} (spec.assets.configMapRef) does not exist", owner.namespace, reference.name),
             ));
         };
-        files.extend(cm.data.clone().unwrap_or_default());
+        // Images and fonts come in binaryData.
+        files.extend(crate::resources::config_map_files(cm.clone()));
     }
-    files.extend(spec.files.clone());
+    files.extend(spec.files.iter().map(|(k, v)| (k.clone(), v.clone().into_bytes())));
     if let Some(bad) = files.keys().find(|k| !valid_file_name(k)) {
         return Err(invalid(
             "InvalidAssetName",
@@ -337,12 +339,23 @@ fn valid_file_name(name: &str) -> bool {
 
 /// The existing key when usable, so re-applying the Secret never rotates it.
 fn peer_key(refs: &Refs) -> Vec<u8> {
+    existing_peer_key(refs).map_or_else(|| refs.fresh_peer_key.clone(), <[u8]>::to_vec)
+}
+
+fn existing_peer_key(refs: &Refs) -> Option<&[u8]> {
     refs.peer_secret
         .as_ref()
         .and_then(|s| s.data.as_ref())
         .and_then(|d| d.get(PEER_KEY))
         .filter(|k| k.0.len() >= PEER_KEY_BYTES)
-        .map_or_else(|| refs.fresh_peer_key.clone(), |k| k.0.clone())
+        .map(|k| k.0.as_slice())
+}
+
+/// A running cluster (its StatefulSet exists) whose peer Secret is gone or holds no usable key:
+/// this reconcile gives it a new key. Nodes accept their old key for a while after the new one
+/// reaches them, so the cluster stays linked, but someone deleted or broke the Secret.
+pub fn peer_key_regenerated(refs: &Refs) -> bool {
+    refs.statefulset.is_some() && existing_peer_key(refs).is_none()
 }
 
 /// The rendered config without what a running node re-reads (`cluster.size`), as the text the

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
 
 use super::non_empty;
@@ -18,11 +19,32 @@ pub fn config(plan: &Plan) -> ConfigMap {
     }
 }
 
-/// Always exists (possibly empty) so the pod's volume never waits for it.
+/// The files a ConfigMap volume would show: `data` and `binaryData` together.
+pub fn files(config_map: ConfigMap) -> BTreeMap<String, Vec<u8>> {
+    let text = config_map.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes()));
+    let binary = config_map.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0));
+    text.chain(binary).collect()
+}
+
+/// Always exists (possibly empty) so the pod's volume never waits for it. Text files go to
+/// `data`, anything else (images, fonts) to `binaryData`; the volume shows both as files.
 pub fn assets(plan: &Plan) -> ConfigMap {
+    let mut text = BTreeMap::new();
+    let mut binary = BTreeMap::new();
+    for (name, content) in &plan.assets {
+        match String::from_utf8(content.clone()) {
+            Ok(utf8) => {
+                text.insert(name.clone(), utf8);
+            }
+            Err(bytes) => {
+                binary.insert(name.clone(), ByteString(bytes.into_bytes()));
+            }
+        }
+    }
     ConfigMap {
         metadata: plan.owner.object_meta(plan.owner.assets_name()),
-        data: non_empty(plan.assets.clone()),
+        data: non_empty(text),
+        binary_data: non_empty(binary),
         ..ConfigMap::default()
     }
 }

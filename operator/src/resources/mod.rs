@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use crate::crd::ChatCluster;
 use crate::reconcile::validate::Plan;
 
-pub use configmap::{CONFIG_KEY, assets, config};
+pub use configmap::{CONFIG_KEY, assets, config, files as config_map_files};
 pub use pdb::pdb;
 pub use secret::{PEER_KEY, peer_secret};
 pub use service::{client_service, peer_service};
