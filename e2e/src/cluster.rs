@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -200,6 +201,8 @@ pub struct LoopbackCluster {
     pub members: Vec<Member>,
     /// Nodes take JWTs signed with [`JWT_SECRET`] instead of anonymous names.
     pub jwt: bool,
+    /// The test's own settings, applied to every node config this cluster makes.
+    pub tune: Arc<dyn Fn(&mut NodeConfig) + Send + Sync>,
 }
 
 /// The HS256 key of clusters started with [`LoopbackCluster::start_jwt`].
@@ -214,17 +217,30 @@ impl LoopbackCluster {
     /// `n` nodes `node-2` … on 127.0.0.2 … (ordinals 0 …), all in DNS before they start (as
     /// with `publishNotReadyAddresses`), started concurrently.
     pub async fn start(n: u8) -> anyhow::Result<LoopbackCluster> {
-        Self::start_with(n, false).await
+        Self::start_with(n, false, Arc::new(|_| {})).await
     }
 
     /// Like [`LoopbackCluster::start`], with JWT authentication (stable user ids).
     pub async fn start_jwt(n: u8) -> anyhow::Result<LoopbackCluster> {
-        Self::start_with(n, true).await
+        Self::start_with(n, true, Arc::new(|_| {})).await
     }
 
-    async fn start_with(n: u8, jwt: bool) -> anyhow::Result<LoopbackCluster> {
+    /// Like [`LoopbackCluster::start`], with `tune` applied to every node's config (also to
+    /// those [`LoopbackCluster::config`] makes later).
+    pub async fn start_tuned(
+        n: u8,
+        tune: impl Fn(&mut NodeConfig) + Send + Sync + 'static,
+    ) -> anyhow::Result<LoopbackCluster> {
+        Self::start_with(n, false, Arc::new(tune)).await
+    }
+
+    async fn start_with(
+        n: u8,
+        jwt: bool,
+        tune: Arc<dyn Fn(&mut NodeConfig) + Send + Sync>,
+    ) -> anyhow::Result<LoopbackCluster> {
         let dns = DnsServer::start(loopback(1), NAME).await?;
-        let mut cluster = LoopbackCluster { dns, ports: Ports::free(), size: n.into(), members: Vec::new(), jwt };
+        let mut cluster = LoopbackCluster { dns, ports: Ports::free(), size: n.into(), members: Vec::new(), jwt, tune };
         let lasts: Vec<u8> = (2..2 + n).collect();
         cluster.dns.set_records(lasts.iter().map(|l| loopback(*l)).collect());
         let starts = lasts.iter().map(|l| {
@@ -244,6 +260,7 @@ impl LoopbackCluster {
             cfg.auth.mode = AuthMode::Jwt;
             cfg.auth.jwt_secret = Some(JWT_SECRET.into());
         }
+        (self.tune)(&mut cfg);
         cfg
     }
 

@@ -441,25 +441,19 @@ async fn a_rotated_cluster_secret_keeps_the_cluster_linked() -> anyhow::Result<(
     const OLD: &str = "the-old-cluster-secret-0123456789";
     const NEW: &str = "the-new-cluster-secret-9876543210";
     let files = tempfile::tempdir()?;
-    let mut cluster = LoopbackCluster::start(0).await?;
-    cluster.size = 3;
-    cluster.dns.set_records((2..5).map(loopback).collect());
-    let config = |cluster: &LoopbackCluster, last: u8| {
-        let mut cfg = cluster.config(&format!("node-{last}"), last, SECRET);
-        cfg.cluster.secret = None;
-        cfg.cluster.secret_file = Some(files.path().join(format!("node-{last}.key")));
-        cfg
-    };
-    let write_key = |last: u8, key: &str| std::fs::write(files.path().join(format!("node-{last}.key")), key);
+    let dir = files.path().to_owned();
+    let write_key = |last: u8, key: &str| std::fs::write(dir.join(format!("node-{last}.key")), key);
     for last in 2..5 {
         write_key(last, OLD)?;
     }
-    let starts = (2..5).map(|last| {
-        let cfg = config(&cluster, last);
-        async move { start(&cfg).await.map(|node| Member { id: cfg.node_id.clone().unwrap_or_default(), node }) }
-    });
-    cluster.members = futures_util::future::try_join_all(starts).await?;
+    let key_dir = dir.clone();
+    let mut cluster = LoopbackCluster::start_tuned(3, move |cfg| {
+        cfg.cluster.secret = None;
+        cfg.cluster.secret_file = Some(key_dir.join(format!("{}.key", cfg.node_id.as_deref().unwrap_or_default())));
+    })
+    .await?;
     wait_converged(&cluster.all(), 3).await?;
+    let config = |cluster: &LoopbackCluster, last: u8| cluster.config(&format!("node-{last}"), last, SECRET);
 
     // Restarting node `last` with what its key file holds now; the others must take it back.
     async fn restart(

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use chat_e2e::NodeProcess;
@@ -349,6 +349,68 @@ async fn clients_on_three_nodes_chat_with_one_order_and_offsets() -> anyhow::Res
             reference.iter().map(|(_, b)| b).filter(|b| b.starts_with(&format!("from user{i} "))).collect();
         let expected: Vec<String> = (0..PER_CLIENT).map(|r| format!("from user{i} #{r}")).collect();
         ensure!(mine.iter().map(|s| s.as_str()).eq(expected.iter().map(String::as_str)), "user{i}'s order");
+    }
+    Ok(())
+}
+
+/// A room nobody uses for `history.empty_room_ttl_secs` ends its stream on every node through
+/// the log (so `max_rooms` is not used up by rooms of the past), and restarts with a new epoch
+/// that every node agrees on. A room with a subscriber on any node is kept, even on nodes
+/// where nobody is in it.
+#[tokio::test]
+async fn idle_rooms_are_forgotten_on_every_node_and_restart_with_a_new_epoch() -> anyhow::Result<()> {
+    let cluster = LoopbackCluster::start_tuned(3, |cfg| cfg.history.empty_room_ttl_secs = 1).await?;
+    wait_converged(&cluster.all(), 3).await?;
+    let nodes = &cluster.members;
+
+    let mut watcher = Chatter::connect(&nodes[1].node, "watcher").await?;
+    watcher.join("watched", None).await?;
+    watcher.publish("watched", "w1", "kept").await?;
+    watcher.pump_until("the ack of w1", |c| c.acks.contains_key("w1")).await?;
+    let watched_epoch = watcher.epoch.clone().context("watched epoch")?;
+
+    let mut alice = Chatter::connect(&nodes[0].node, "alice").await?;
+    alice.join("idle", None).await?;
+    alice.publish("idle", "a1", "one").await?;
+    alice.publish("idle", "a2", "two").await?;
+    alice.pump_until("both acks", |c| c.acks.len() == 2).await?;
+    let old_epoch = alice.epoch.clone().context("idle epoch")?;
+    alice.client.close().await;
+
+    // Only "watched" stays, on every node (the gauge is read at each scrape).
+    for m in nodes {
+        let deadline = Instant::now() + CONVERGE;
+        loop {
+            let rooms = metric_of(&m.node, "chat_rooms").await?;
+            if rooms == 1.0 {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "{}: still {rooms} rooms", m.id);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // Back through another node: the old position is not recovered, and the new stream starts
+    // at offset 1 with one new epoch everywhere.
+    let mut bob = Chatter::connect(&nodes[2].node, "bob").await?;
+    let joined = bob.join("idle", Some((old_epoch.clone(), 2))).await?;
+    ensure!(joined["recovered"] == false, "the forgotten stream cannot be resumed: {joined}");
+    bob.publish("idle", "b1", "fresh").await?;
+    bob.pump_until("the ack of b1", |c| c.acks.contains_key("b1")).await?;
+    ensure!(bob.acks["b1"] == 1, "a new stream starts at offset 1: {:?}", bob.acks);
+    let new_epoch = bob.epoch.clone().context("new epoch")?;
+    ensure!(new_epoch != old_epoch, "a new epoch");
+    for (i, m) in nodes.iter().enumerate() {
+        let mut reader = Chatter::connect(&m.node, &format!("reader{i}")).await?;
+        reader.join("idle", None).await?;
+        reader.join("watched", None).await?;
+        ensure!(reader.history_through("idle", 1).await? == [(1, "fresh".to_owned())], "{}: idle history", m.id);
+        let first =
+            reader.request(json!({"type": "history", "id": "e", "room": "idle", "limit": 1}), "history").await?;
+        ensure!(first["epoch"] == new_epoch.as_str(), "{}: one new epoch everywhere: {first}", m.id);
+        let watched = reader.request(json!({"type": "history", "id": "w", "room": "watched"}), "history").await?;
+        ensure!(watched["epoch"] == watched_epoch.as_str(), "{}: the watched room kept its stream: {watched}", m.id);
+        ensure!(watched["messages"][0]["body"] == "kept", "{}: {watched}", m.id);
     }
     Ok(())
 }
@@ -1245,7 +1307,13 @@ fn forged_frames(
         "leader_commit": {"leader_id": forged_leader, "index": last + 1},
     }}}});
     serde_json::from_value::<ReplicaFrame>(append.clone()).context("the forged append must be a well-formed frame")?;
-    let member = ReplicaFrame::Member(MemberInfo { raft_id: 0xbad, ordinal: 0, leaving: false, initialized: true });
+    let member = ReplicaFrame::Member(MemberInfo {
+        raft_id: 0xbad,
+        ordinal: 0,
+        leaving: false,
+        initialized: true,
+        forgets_rooms: true,
+    });
     Ok(vec![
         ReplicaFrame::Propose { group, command: publish(1) }.encode().to_string(),
         append.to_string(),

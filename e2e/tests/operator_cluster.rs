@@ -125,6 +125,85 @@ async fn scenario(client: &Client, ns: &str) -> anyhow::Result<()> {
     clusters.patch_scale(NAME, &merge, &Patch::Merge(json!({"spec": {"replicas": 4}}))).await?;
     wait_rolled_out(&clusters, 4).await?;
 
+    // Scale down 4 -> 2: the StatefulSet goes down one pod at a time, each after the one before
+    // has drained, left and gone.
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    clusters.patch_scale(NAME, &merge, &Patch::Merge(json!({"spec": {"replicas": 2}}))).await?;
+    let mut seen = vec![4];
+    let started = Instant::now();
+    while started.elapsed() < READY_TIMEOUT {
+        let sts = statefulsets.get(NAME).await?;
+        let wanted = sts.spec.replicas.unwrap_or_default();
+        let running = sts.status.as_ref().map_or(0, |s| s.replicas);
+        if seen.last() != Some(&wanted) {
+            assert!(running <= wanted + 1, "lowered to {wanted} while {running} pods still ran");
+            seen.push(wanted);
+        }
+        if wanted == 2 && running == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(seen, [4, 3, 2], "one step at a time");
+    wait_rolled_out(&clusters, 2).await?;
+
+    // A lost peer Secret: a new key and a warning; the cluster stays available and rolls.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    secrets.delete(&format!("{NAME}-peer"), &DeleteParams::default()).await?;
+    wait("PeerKeyRegenerated event", Duration::from_secs(60), || async {
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+        let list = events.list(&ListParams::default()).await?;
+        Ok(list.items.iter().any(|e| e.reason.as_deref() == Some("PeerKeyRegenerated")))
+    })
+    .await?;
+    wait_rolled_out(&clusters, 2).await?;
+
+    // OnDelete: a config change waits (Progressing) until the pods are deleted by hand.
+    clusters.patch(NAME, &merge, &Patch::Merge(json!({"spec": {"rollout": {"strategy": "OnDelete"}}}))).await?;
+    wait_rolled_out(&clusters, 2).await?;
+    let before = pod_uids(&pods).await?;
+    clusters.patch(NAME, &merge, &Patch::Merge(json!({"spec": {"config": {"history": {"size": 43}}}}))).await?;
+    wait("OnDelete rollout waiting", Duration::from_secs(60), || async {
+        let s = status(&clusters).await?;
+        Ok(condition(&s, "Progressing").is_some_and(|c| c.status == "True"))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(pod_uids(&pods).await?, before, "OnDelete never replaces pods by itself");
+    for (done, pod) in pods.list(&ListParams::default().labels(SELECTOR)).await?.items.iter().enumerate() {
+        pods.delete(&pod.name_any(), &DeleteParams::default()).await?;
+        // One at a time, as a careful admin would: the next only once this one is back and ready.
+        wait("the replaced pod ready", READY_TIMEOUT, || async {
+            let s = status(&clusters).await?;
+            Ok(s.ready_replicas == 2 && s.updated_replicas > done as i32)
+        })
+        .await?;
+    }
+    wait_rolled_out(&clusters, 2).await?;
+    let after = pod_uids(&pods).await?;
+    assert!(after.iter().all(|uid| !before.contains(uid)), "every pod replaced by hand: {before:?} -> {after:?}");
+
+    // A ChatCluster named like another application's Service never takes it over.
+    let services: Api<Service> = Api::namespaced(client.clone(), ns);
+    let foreign: Service = serde_json::from_value(json!({
+        "metadata": {"name": "taken", "labels": {"app": "someone-else"}},
+        "spec": {"ports": [{"port": 9999}], "selector": {"app": "someone-else"}}
+    }))?;
+    services.create(&PostParams::default(), &foreign).await?;
+    let mut conflicting = cluster.clone();
+    conflicting.metadata.name = Some("taken".into());
+    conflicting.metadata.resource_version = None;
+    clusters.patch("taken", &PatchParams::apply("chat-e2e").force(), &Patch::Apply(&conflicting)).await?;
+    wait("Degraded NameConflict", Duration::from_secs(60), || async {
+        let s = clusters.get("taken").await?.status.unwrap_or_default();
+        Ok(condition(&s, "Degraded").is_some_and(|c| c.status == "True" && c.reason == "NameConflict"))
+    })
+    .await?;
+    let kept = services.get("taken").await?;
+    assert_eq!(kept.spec.and_then(|s| s.ports).map(|p| p[0].port), Some(9999), "the foreign Service is untouched");
+    assert!(kept.metadata.owner_references.unwrap_or_default().is_empty(), "and not adopted");
+    clusters.delete("taken", &DeleteParams::background()).await?;
+
     // Deleting the cluster garbage-collects every child.
     clusters.delete(NAME, &DeleteParams::background()).await?;
     wait("children collected", Duration::from_secs(180), || async {

@@ -24,12 +24,25 @@ pub enum Command {
     /// Appends a message unless one with the same `key` is among the room's recent ones.
     /// `epoch` starts the stream if this is its first message.
     Publish { room: String, key: String, sender: UserInfo, body: String, ts: u64, epoch: String },
+    /// Ends the room's stream if it is still `epoch` at `last_offset` (nothing was published
+    /// since the room's leader found it idle): its history and dedupe keys go, and the next
+    /// message starts a new epoch. Nodes drop the room itself where nobody uses it.
+    Forget { room: String, epoch: String, last_offset: u64 },
+}
+
+/// A room with a stream that nobody has used for `history.empty_room_ttl_secs`, as the sweep
+/// found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdleStream {
+    pub room: String,
+    pub epoch: String,
+    pub last_offset: u64,
 }
 
 impl Command {
     pub fn room(&self) -> &str {
         match self {
-            Self::Open { room, .. } | Self::Publish { room, .. } => room,
+            Self::Open { room, .. } | Self::Publish { room, .. } | Self::Forget { room, .. } => room,
         }
     }
 
@@ -37,7 +50,7 @@ impl Command {
     pub fn body_len(&self) -> usize {
         match self {
             Self::Publish { body, .. } => body.len(),
-            Self::Open { .. } => 0,
+            Self::Open { .. } | Self::Forget { .. } => 0,
         }
     }
 
@@ -45,7 +58,7 @@ impl Command {
     pub fn key(&self) -> Option<&str> {
         match self {
             Self::Publish { key, .. } => Some(key),
-            Self::Open { .. } => None,
+            Self::Open { .. } | Self::Forget { .. } => None,
         }
     }
 }
@@ -60,6 +73,10 @@ pub enum Applied {
         duplicate: bool,
     },
     Opened,
+    /// The stream ended (`Forget`), or was kept because it moved on since (`forgotten: false`).
+    Forgot {
+        forgotten: bool,
+    },
 }
 
 /// Where the answer to a client's publish goes.
@@ -101,10 +118,13 @@ pub trait RoomLog: Send + Sync {
     fn presence_changed(&self, _room: &str, _user: &UserInfo, _present: bool) {}
     /// A client session's record changed.
     fn session_changed(&self, _record: &SessionRecord) {}
-    /// Whether room streams must be kept while idle (they are replicated state).
+    /// Whether room streams must be kept while idle (they are replicated state): then the
+    /// sweep hands idle streams to [`RoomLog::forget`] instead of dropping them.
     fn keeps_streams(&self) -> bool {
         false
     }
+    /// Ends these idle streams everywhere, through the log.
+    fn forget(&self, _idle: Vec<IdleStream>) {}
 }
 
 /// The log of a node on its own: commands apply at once, in the order they arrive.

@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::protocol::UserInfo;
 use crate::transport::Connection;
 
-use log::{Applied, Command, LocalLog, RoomLog};
+use log::{Applied, Command, IdleStream, LocalLog, RoomLog};
 use outbox::ConnSignal;
 use room::{Room, RoomCapture, RoomImage};
 use sessions::Sessions;
@@ -247,7 +247,15 @@ impl Hub {
 
     /// Applies a committed command of the room log to its room.
     pub fn apply(&self, command: &Command) -> Applied {
-        self.room(command.room()).lock().apply(command)
+        let applied = self.room(command.room()).lock().apply(command);
+        if applied == (Applied::Forgot { forgotten: true }) {
+            let mut rooms = self.rooms.write().unwrap_or_else(|p| p.into_inner());
+            if rooms.get(command.room()).is_some_and(|room| room.retire_if_unused()) {
+                rooms.remove(command.room());
+                self.metrics.rooms.set(rooms.len() as i64);
+            }
+        }
+        applied
     }
 
     /// Rooms whose joins wait for the stream to start (its `open` is not committed yet); joins
@@ -390,10 +398,17 @@ impl Hub {
         let streams_too = !self.log.keeps_streams();
         // Candidates are found under the shared lock, so joins and lookups go on meanwhile; the
         // exclusive lock is taken only to retire them, each checked again under its own lock.
-        let idle: Vec<String> = {
+        let (idle, idle_streams): (Vec<String>, Vec<IdleStream>) = {
             let rooms = self.rooms.read().unwrap_or_else(|p| p.into_inner());
-            rooms.iter().filter(|(_, room)| room.is_idle_since(cutoff, streams_too)).map(|(n, _)| n.clone()).collect()
+            let idle = rooms.iter().filter(|(_, room)| room.is_idle_since(cutoff, streams_too)).map(|(n, _)| n.clone());
+            let streams =
+                rooms.values().filter(|_| !streams_too).filter_map(|room| room.lock().idle_stream_since(cutoff));
+            (idle.collect(), streams.collect())
         };
+        if !idle_streams.is_empty() {
+            // Dropped on every node once the log commits it (see `apply`).
+            self.log.forget(idle_streams);
+        }
         if idle.is_empty() {
             return 0;
         }

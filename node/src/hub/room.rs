@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{ChatMessage, ServerFrame, StreamPosition, UserInfo};
 use crate::transport::Frame;
 
-use super::log::{Applied, Command};
+use super::log::{Applied, Command, IdleStream};
 use super::outbox::Outbox;
 
 /// Publish keys remembered per room at least, so a retried publish is stored once even in a
@@ -270,6 +270,17 @@ impl Room {
         idle
     }
 
+    /// Marks the room removed if it has no stream and nobody on this node uses it (after a
+    /// `Command::Forget`).
+    pub fn retire_if_unused(&self) -> bool {
+        let mut st = self.lock();
+        let unused = st.epoch.is_none() && st.unused();
+        if unused {
+            st.removed = true;
+        }
+        unused
+    }
+
     /// Whether `retire_if_idle_since` would retire the room now (it may change before).
     pub fn is_idle_since(&self, cutoff: Instant, streams_too: bool) -> bool {
         self.lock().idle_since(cutoff, streams_too)
@@ -282,11 +293,7 @@ impl RoomState {
     }
 
     fn idle_since(&self, cutoff: Instant, streams_too: bool) -> bool {
-        (streams_too || self.epoch.is_none())
-            && self.subscribers.is_empty()
-            && self.waiters.is_empty()
-            && self.presence.is_empty()
-            && self.empty_since.is_some_and(|t| t <= cutoff)
+        (streams_too || self.epoch.is_none()) && self.unused() && self.empty_since.is_some_and(|t| t <= cutoff)
     }
 
     /// Whether every message after `offset` is still in history.
@@ -348,7 +355,34 @@ impl RoomState {
                 }
                 Applied::Stored { offset, epoch, duplicate: false }
             }
+            Command::Forget { epoch, last_offset, .. } => {
+                let forgotten = self.epoch.as_ref() == Some(epoch) && self.last_offset == *last_offset;
+                if forgotten {
+                    self.epoch = None;
+                    self.last_offset = 0;
+                    self.history.clear();
+                    self.keys.clear();
+                    self.key_order.clear();
+                }
+                Applied::Forgot { forgotten }
+            }
         }
+    }
+
+    /// The stream's position, if it has one and the room is idle since `cutoff` (for
+    /// `Command::Forget`).
+    pub(crate) fn idle_stream_since(&self, cutoff: Instant) -> Option<IdleStream> {
+        let epoch = self.epoch.clone()?;
+        self.idle_since(cutoff, true).then(|| IdleStream {
+            room: self.name.clone(),
+            epoch,
+            last_offset: self.last_offset,
+        })
+    }
+
+    /// Nobody on this node uses the room: no subscribers, waiting joins or present users.
+    fn unused(&self) -> bool {
+        self.subscribers.is_empty() && self.waiters.is_empty() && self.presence.is_empty()
     }
 
     /// Adds a message to history, delivering it to the subscribers when `deliver`.
@@ -544,6 +578,10 @@ impl RoomState {
             let event = encode(&ServerFrame::UserLeft { room: self.name.clone(), user: entry.user.clone() });
             self.presence.remove(user_id);
             self.broadcast(&event, None);
+            if self.unused() {
+                // The last user anywhere left: the idle time counts from now.
+                self.empty_since = Some(Instant::now());
+            }
         }
     }
 
@@ -564,6 +602,33 @@ mod tests {
 
     fn stored_again(room: &Room, key: &str, ts: u64) -> bool {
         matches!(room.lock().apply(&publish(key, ts)), Applied::Stored { duplicate: false, .. })
+    }
+
+    #[test]
+    fn forget_ends_the_stream_only_if_nothing_came_since() {
+        let room = Room::new("r".into(), 10, Arc::new(Metrics::new()));
+        assert!(stored_again(&room, "k1", 1));
+        let forget = |epoch: &str, last_offset| Command::Forget { room: "r".into(), epoch: epoch.into(), last_offset };
+        // Proposed when the room was at offset 0, or for another epoch: it moved on, kept.
+        assert_eq!(room.lock().apply(&forget("e", 0)), Applied::Forgot { forgotten: false });
+        assert_eq!(room.lock().apply(&forget("other", 1)), Applied::Forgot { forgotten: false });
+        assert_eq!(room.lock().last_offset, 1);
+
+        assert_eq!(room.lock().apply(&forget("e", 1)), Applied::Forgot { forgotten: true });
+        let st = room.lock();
+        assert!(st.epoch.is_none() && st.last_offset == 0 && st.history.is_empty(), "history gone");
+        drop(st);
+        // Its keys went with it: the same key is a new message in the new stream, at offset 1.
+        let again = Command::Publish {
+            room: "r".into(),
+            key: "k1".into(),
+            sender: UserInfo { id: "u".into(), name: "U".into() },
+            body: "b".into(),
+            ts: 2,
+            epoch: "e2".into(),
+        };
+        assert_eq!(room.lock().apply(&again), Applied::Stored { offset: 1, epoch: "e2".into(), duplicate: false });
+        assert!(!room.retire_if_unused(), "a room with a stream is not retired");
     }
 
     #[test]

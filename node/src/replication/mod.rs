@@ -29,7 +29,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use crate::cluster::{Cluster, PeerHandler};
 use crate::config::{ClusterConfig, StorageMode};
 use crate::hub::Hub;
-use crate::hub::log::{Applied, Command, Reply, RoomLog};
+use crate::hub::log::{Applied, Command, IdleStream, Reply, RoomLog};
 use crate::hub::room::{RoomCapture, RoomImage};
 use crate::hub::sessions::SessionRecord;
 use crate::metrics::Metrics;
@@ -391,7 +391,14 @@ impl ReplicatedLog {
             ordinal: self.ordinal,
             leaving: self.leaving.load(Ordering::Acquire),
             initialized,
+            forgets_rooms: true,
         }
+    }
+
+    /// Every node of the intended cluster is linked and can apply `Command::Forget`.
+    fn all_forget_rooms(&self) -> bool {
+        let members = self.members();
+        members.len() + 1 >= self.size() && members.values().all(|m| m.forgets_rooms)
     }
 
     fn members(&self) -> MutexGuard<'_, HashMap<String, MemberInfo>> {
@@ -820,6 +827,24 @@ impl RoomLog for ReplicatedLog {
 
     fn keeps_streams(&self) -> bool {
         true
+    }
+
+    /// The leader of each idle room's group proposes to end its stream; every node applies
+    /// that in log order, so all agree on when the room restarts with a new epoch.
+    fn forget(&self, idle: Vec<IdleStream>) {
+        if !self.all_forget_rooms() {
+            return;
+        }
+        for IdleStream { room, epoch, last_offset } in idle {
+            let group = self.group_of(&room);
+            let leads = self
+                .groups()
+                .get(group as usize)
+                .is_some_and(|raft| raft.metrics().borrow().current_leader == Some(self.raft_id));
+            if leads {
+                self.append(group, Command::Forget { room, epoch, last_offset }, None);
+            }
+        }
     }
 }
 

@@ -27,6 +27,10 @@ pub struct MemberInfo {
     pub leaving: bool,
     /// It belongs to some group already (so nobody may bootstrap a fresh cluster).
     pub initialized: bool,
+    /// It can apply `Command::Forget` (nodes from before it cannot decode it: during a rolling
+    /// upgrade from such a build, idle rooms are kept until every node has it).
+    #[serde(default)]
+    pub forgets_rooms: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
