@@ -259,6 +259,43 @@ async fn two_pages_chat_through_one_node() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A crowded room's presence comes in pages (here small ones: the page size follows
+/// `limits.outbound_queue_bytes`); the page asks for every page and lists everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_lists_a_crowd_that_spans_several_presence_pages() -> anyhow::Result<()> {
+    const CROWD: usize = 150;
+    let port = free_port();
+    let node = NodeProcess::start(&format!("{}[limits]\noutbound_queue_bytes = 8192\n", node_toml(port))).await?;
+    let url = node.ws_url();
+    let mut members = Vec::new();
+    for i in 0..CROWD {
+        let mut client = chat_e2e::client::Client::connect(&format!("{url}?name=crowd{i:03}"), None).await?;
+        client.expect_type("welcome", WAIT).await?;
+        client.send_json(json!({"type": "join", "room": "crowd", "id": "j"})).await?;
+        client.recv_until("joined", WAIT).await?;
+        // Reads (and drops) what the room sends, so nobody is closed as a slow consumer.
+        members.push(tokio::spawn(async move { while client.recv_json(Duration::from_secs(60)).await.is_ok() {} }));
+    }
+    let mut driver = ChromeDriver::start().await?;
+    let page = driver.session().await?;
+    open_page(&page, &format!("{}/", node.http_url()), "zed", "crowd").await?;
+    wait_js(
+        &page,
+        "every member of the crowd in the presence list",
+        "document.querySelectorAll('#presence li').length === arguments[0] && \
+           document.getElementById('presence-count').textContent === String(arguments[0])",
+        vec![json!(CROWD + 1)],
+    )
+    .await?;
+    wait_present(&page, "crowd000").await?;
+    wait_present(&page, &format!("crowd{:03}", CROWD - 1)).await?;
+    page.close().await?;
+    for member in members {
+        member.abort();
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn page_reconnects_and_resumes_after_node_restart() -> anyhow::Result<()> {
     let port = free_port();

@@ -298,12 +298,47 @@ async fn killed_node_is_dropped_within_peer_timeout_and_rejoins_as_a_new_incarna
 
 #[tokio::test]
 async fn frozen_node_is_dropped_by_heartbeat_timeout_and_rejoins_when_resumed() -> anyhow::Result<()> {
-    // SIGSTOP keeps the node's sockets open but silent: only the heartbeat timeout can notice.
+    freeze_one_of_three(false).await
+}
+
+/// A frozen peer stops reading while the others keep writing to it (every committed entry is
+/// relayed to every node): the links' writes block once the socket buffers are full, and only
+/// their write deadline ends them; a blocked write must not keep the link "up" for TCP's ~15
+/// minutes, nor let its queue grow without bound.
+#[tokio::test]
+async fn a_frozen_peer_under_load_is_dropped_by_the_write_deadline() -> anyhow::Result<()> {
+    freeze_one_of_three(true).await
+}
+
+/// Publishes 16 KiB messages through `node` until aborted, reading what comes back so the
+/// publisher itself is never a slow consumer.
+async fn publish_load(node: &NodeProcess) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut client = chat_e2e::client::Client::connect(&format!("{}?name=loader", node.ws_url()), None).await?;
+    client.expect_type("welcome", CONVERGE).await?;
+    client.send_json(serde_json::json!({"type": "join", "room": "load", "id": "j"})).await?;
+    client.recv_until("joined", CONVERGE).await?;
+    let body = "x".repeat(16 * 1024 - 64);
+    Ok(tokio::spawn(async move {
+        for n in 0u64.. {
+            let publish = serde_json::json!({"type": "publish", "room": "load", "id": n.to_string(), "body": body});
+            if client.send_json(publish).await.is_err() {
+                return;
+            }
+            while client.recv_json(Duration::from_millis(1)).await.is_ok() {}
+        }
+    }))
+}
+
+/// SIGSTOP keeps a node's sockets open but silent: the others must drop it within the peer
+/// timeout (by heartbeat, or by write deadline when `load` makes their writes block), keep
+/// quorum, and take the same incarnation back after SIGCONT.
+async fn freeze_one_of_three(load: bool) -> anyhow::Result<()> {
     let cluster = LoopbackCluster::start(3).await?;
     wait_converged(&cluster.all(), 3).await?;
     let all = ids(&cluster.all());
     let (frozen, rest) = cluster.members.split_last().context("three nodes")?;
     let frozen_id = raft_id(&cluster_status(&frozen.node).await?)?;
+    let loader = if load { Some(publish_load(&rest[0].node).await?) } else { None };
     let pid = frozen.node.pid().context("pid")? as libc::pid_t;
     let stopped = Instant::now();
     // SAFETY: signals our own child.
@@ -313,10 +348,12 @@ async fn frozen_node_is_dropped_by_heartbeat_timeout_and_rejoins_when_resumed() 
         let took = wait_dropped(&group, &frozen.id, stopped).await?;
         let bound = Duration::from_millis(PEER_TIMEOUT_MS + 2 * HEARTBEAT_MS) + Duration::from_millis(500);
         ensure!(took <= bound, "SIGSTOP: dropped after {took:?}, expected within peer_timeout ({bound:?} with slack)");
-        ensure!(
-            took >= Duration::from_millis(PEER_TIMEOUT_MS) - Duration::from_millis(HEARTBEAT_MS),
-            "dropped after {took:?}: before peer_timeout?"
-        );
+        if !load {
+            ensure!(
+                took >= Duration::from_millis(PEER_TIMEOUT_MS) - Duration::from_millis(HEARTBEAT_MS),
+                "dropped after {took:?}: before peer_timeout?"
+            );
+        }
         let survivors = ids(&group);
         for m in &group {
             let s = wait_status(m, "ready, every group led by a survivor", CONVERGE, |s| {
@@ -324,10 +361,25 @@ async fn frozen_node_is_dropped_by_heartbeat_timeout_and_rejoins_when_resumed() 
             })
             .await?;
             ensure!(membership_is(&s, &all, &BTreeSet::new()), "{}: the frozen voter keeps its slot: {s:#}", m.id);
+            // The dropped link's queue went with it.
+            let queued = metric_of(&m.node, "chat_peer_queued_frames").await?;
+            ensure!(queued < 65_536.0, "{}: {queued} frames queued for peers", m.id);
+        }
+        if load {
+            let written = metric_of(&rest[0].node, "chat_messages_committed_total").await?;
+            ensure!(written > 100.0, "the load kept flowing while the peer was frozen: {written} messages");
+            // Some link to the frozen node ended in a blocked write, not by its heartbeat.
+            let blocked = group.iter().any(|m| {
+                m.node.output().lines().any(|l| l.contains("peer link ended") && l.contains("write timed out"))
+            });
+            ensure!(blocked, "no link ended by its write deadline:\n{}", tail(&rest[0].node.output(), 30));
         }
         Ok(())
     }
     .await;
+    if let Some(loader) = loader {
+        loader.abort();
+    }
     // SAFETY: as above; resume it whatever happened, so it can be killed cleanly.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     result?;

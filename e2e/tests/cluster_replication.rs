@@ -470,6 +470,7 @@ async fn presence_flapping_reaches_other_nodes_coalesced() -> anyhow::Result<()>
     let mut watcher = Chatter::connect_as(&cluster.members[1].node, "watcher").await?;
     watcher.join("flap", None).await?;
     let mut flapper = Chatter::connect_as(&cluster.members[0].node, "flapper").await?;
+    let records_before = metric_of(&cluster.members[0].node, "chat_session_records_sent_total").await?;
     const FLAPS: usize = 40;
     for _ in 0..FLAPS {
         flapper.client.send_json(json!({"type": "join", "room": "flap"})).await?;
@@ -484,6 +485,18 @@ async fn presence_flapping_reaches_other_nodes_coalesced() -> anyhow::Result<()>
     ensure!(events.last().is_some_and(|(kind, _)| kind == "user_joined"), "the final state arrives: {events:?}");
     let names = watcher.presence_names("flap").await?;
     ensure!(names == ["flapper", "watcher"], "the final state: {names:?}");
+    // Each join and leave changed the flapper's session record; the peers got one per tick.
+    let records = metric_of(&cluster.members[0].node, "chat_session_records_sent_total").await? - records_before;
+    ensure!(records <= 12.0, "{records} session records sent for {} changes", 2 * FLAPS + 1);
+    // The last one arrived: the session resumes through the other node in the room it is in.
+    let session = flapper.session.clone();
+    flapper.client.close().await;
+    let url = format!("{}?session={session}", cluster.members[1].node.ws_url());
+    let mut back = Client::connect(&url, Some(&user_token("flapper"))).await?;
+    let welcome = back.expect_type("welcome", WAIT).await?;
+    ensure!(welcome["resumed"] == true, "{welcome}");
+    let joined = back.recv_until("joined", WAIT).await?;
+    ensure!(joined["room"] == "flap", "rejoined the room of the last record: {joined}");
     Ok(())
 }
 
@@ -607,7 +620,28 @@ async fn a_session_token_rejoins_its_rooms_on_another_node_after_its_node_crashe
     wait_converged(&cluster.all(), 3).await?;
     let (_sam, session) = sam_in_two_rooms(&cluster).await?;
 
-    // Sam's node dies without a drain: only the records the peers already hold survive.
+    // Sam's node dies without a drain: only the records the peers already hold survive. They
+    // go out once per tick (100 ms); what changed in the last tick before a crash is lost, so
+    // the kill comes once the peers hold everything Sam's node sent since its last change.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    // Sam changes nothing any more: once the sent count has held for a few ticks, it is final.
+    let mut unchanged_since = (-1.0, tokio::time::Instant::now());
+    loop {
+        let total = metric_of(&cluster.members[0].node, "chat_session_records_sent_total").await?;
+        if total != unchanged_since.0 {
+            unchanged_since = (total, tokio::time::Instant::now());
+        }
+        let mut received = Vec::new();
+        for m in &cluster.members[1..] {
+            received.push(metric_of(&m.node, "chat_session_records_received_total").await?);
+        }
+        let settled = unchanged_since.1.elapsed() >= Duration::from_millis(300);
+        if settled && total > 0.0 && received.iter().all(|r| *r >= total) {
+            break;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "records sent {total}, received {received:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     cluster.members[0].node.kill();
     cluster.members[0].node.wait_exit(WAIT).await?;
     cluster.members.remove(0);

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub peer_auth_failures: Counter,
     pub peer_frames_rejected: Counter,
     pub peer_secret_rotations: Counter,
+    pub session_records_sent: Counter,
+    pub session_records_received: Counter,
     pub messages_committed: Counter,
     pub publishes_unavailable: Counter,
     pub raft_groups_led: Gauge,
@@ -71,6 +73,8 @@ impl Metrics {
             peer_auth_failures: Counter::default(),
             peer_frames_rejected: Counter::default(),
             peer_secret_rotations: Counter::default(),
+            session_records_sent: Counter::default(),
+            session_records_received: Counter::default(),
             messages_committed: Counter::default(),
             publishes_unavailable: Counter::default(),
             raft_groups_led: Gauge::default(),
@@ -130,6 +134,16 @@ impl Metrics {
             "peer_secret_rotations",
             "Changes of the cluster secret file seen by this node (the previous secret stays accepted for 10 minutes)",
             m.peer_secret_rotations.clone(),
+        );
+        registry.register(
+            "session_records_sent",
+            "Session records sent to the peers (the latest of each session per 100 ms tick)",
+            m.session_records_sent.clone(),
+        );
+        registry.register(
+            "session_records_received",
+            "Session records received from the peers (so a session resumes here)",
+            m.session_records_received.clone(),
         );
         registry.register(
             "messages_committed",

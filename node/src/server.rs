@@ -277,6 +277,9 @@ async fn drain(hub: &Arc<Hub>, room_log: Option<&ReplicatedLog>, cluster: Option
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // The closed sessions' records (and presence departures) go to the peers before exit.
+        if let Some(log) = room_log {
+            log.send_pending();
+        }
         if let Some(cluster) = cluster {
             cluster.flush(Duration::from_secs(1)).await;
         }

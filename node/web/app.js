@@ -121,10 +121,23 @@
     appendScrolled(li, before);
   }
 
-  function renderPresence(users) {
-    el.presence.replaceChildren();
-    const sorted = [...users].sort((a, b) => a.name.localeCompare(b.name));
-    for (const u of sorted) addPresence(u);
+  // Presence comes in pages (the server's, in name order): the request ids of the pages asked
+  // for, with the offset each starts at.
+  const presencePages = new Map();
+
+  function askPresence(room, offset) {
+    const id = newId("presence");
+    presencePages.set(id, offset);
+    send(offset ? { type: "presence", id, room, offset } : { type: "presence", id, room });
+  }
+
+  function renderPresencePage(f) {
+    const offset = presencePages.get(f.id) ?? 0;
+    presencePages.delete(f.id);
+    if (f.room !== state.room) return;
+    if (offset === 0) el.presence.replaceChildren();
+    for (const u of f.users) addPresence(u);
+    if (f.next != null) askPresence(f.room, f.next);
   }
 
   function addPresence(u) {
@@ -325,7 +338,7 @@
           send({ type: "history", id: newId("history"), room: f.room, limit: HISTORY_LIMIT });
         }
         state.fresh = false;
-        send({ type: "presence", id: newId("presence"), room: f.room });
+        askPresence(f.room, 0);
         break;
       }
       case "message":
@@ -336,7 +349,7 @@
         for (const m of f.messages) showMessage(m);
         break;
       case "presence":
-        if (f.room === state.room) renderPresence(f.users);
+        renderPresencePage(f);
         break;
       case "user_joined":
         if (f.room === state.room) addPresence(f.user);

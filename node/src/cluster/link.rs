@@ -510,7 +510,7 @@ where
             }
         }
     };
-    tracing::debug!(peer = peer_id, reason, "peer link ended");
+    tracing::info!(peer = peer_id, reason, "peer link ended");
     cluster.unregister(&peer_id, generation);
     // Frames still queued die with the link; catch-up on the next link covers them.
     queued.close();

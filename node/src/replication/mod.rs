@@ -128,6 +128,8 @@ pub struct ReplicatedLog {
     /// at the next tick: only the last state of each goes out, so a connection flapping in and
     /// out of a room costs every peer at most one frame per tick instead of one per change.
     presence_out: Mutex<BTreeMap<(String, String), (UserInfo, bool)>>,
+    /// Session records changed since the last tick, the latest of each session.
+    sessions_out: Mutex<BTreeMap<String, SessionRecord>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -196,6 +198,7 @@ impl ReplicatedLog {
             snapshot_rule: OnceLock::new(),
             failure: tokio::sync::watch::Sender::new(None),
             presence_out: Mutex::default(),
+            sessions_out: Mutex::default(),
         });
         let handler: Weak<dyn PeerHandler> = log.this.clone() as _;
         cluster.set_handler(handler);
@@ -284,7 +287,7 @@ impl ReplicatedLog {
     }
 
     fn tick(&self) {
-        self.send_presence();
+        self.send_pending();
         self.check_groups();
         self.take_due_snapshots();
         steward::tend(self);
@@ -299,11 +302,18 @@ impl ReplicatedLog {
         }
     }
 
-    /// Sends the presence changes of the last tick, each (room, user) in its latest state.
-    fn send_presence(&self) {
+    /// Sends the presence and session changes since the last tick, each (room, user) and each
+    /// session in its latest state: a client flooding joins and leaves costs each peer a frame
+    /// per tick, not one per change. Also called by the drain before the node exits.
+    pub fn send_pending(&self) {
         let changes = std::mem::take(&mut *lock(&self.presence_out));
         for ((room, _), (user, present)) in changes {
             self.cluster.broadcast(ReplicaFrame::Presence { room, user, present }.encode());
+        }
+        let sessions = std::mem::take(&mut *lock(&self.sessions_out));
+        self.metrics.session_records_sent.inc_by(sessions.len() as u64);
+        for session in sessions.into_values() {
+            self.cluster.broadcast(ReplicaFrame::Session { session }.encode());
         }
     }
 
@@ -607,7 +617,10 @@ impl ReplicatedLog {
             }
             ReplicaFrame::Presence { room, user, present } => hub.set_remote_presence(peer, &room, &user, present),
             ReplicaFrame::PresenceSnapshot { entries } => hub.replace_remote_presence(peer, entries),
-            ReplicaFrame::Session { session } => hub.sessions().merge(session),
+            ReplicaFrame::Session { session } => {
+                self.metrics.session_records_received.inc();
+                hub.sessions().merge(session);
+            }
         }
     }
 
@@ -822,7 +835,7 @@ impl RoomLog for ReplicatedLog {
     }
 
     fn session_changed(&self, record: &SessionRecord) {
-        self.cluster.broadcast(ReplicaFrame::Session { session: record.clone() }.encode());
+        lock(&self.sessions_out).insert(record.id.clone(), record.clone());
     }
 
     fn keeps_streams(&self) -> bool {
