@@ -84,8 +84,9 @@ pub async fn run(
     let controller = Controller::new(api::<ChatCluster>(&client, namespace), config.clone());
     let store = controller.store();
     let (secrets, config_maps) = (store.clone(), store.clone());
-    let synced = tokio::spawn(report_synced(store.clone(), health));
-    let gauge = tokio::spawn(report_managed(store, ctx.clone()));
+    // Stopped with the controller, also when the caller drops this future (a lost lease).
+    let _synced = AbortOnDrop(tokio::spawn(report_synced(store.clone(), health)));
+    let _gauge = AbortOnDrop(tokio::spawn(report_managed(store, ctx.clone())));
     let metrics = ctx.metrics.clone();
     controller
         .owns(api::<StatefulSet>(&client, namespace), owned.clone())
@@ -106,8 +107,14 @@ pub async fn run(
             std::future::ready(())
         })
         .await;
-    gauge.abort();
-    synced.abort();
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Watch failures (403, a missing CRD, relists) stop everything the watch feeds: they are

@@ -12,3 +12,4 @@ pub mod metrics;
 pub mod reconcile;
 pub mod reference;
 pub mod resources;
+pub mod run;

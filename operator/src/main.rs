@@ -9,10 +9,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chat_operator::http::{self, Health};
-use chat_operator::leader::LeaseElector;
 use chat_operator::metrics::Metrics;
-use chat_operator::reconcile::Context;
-use chat_operator::{controller, crd, reference};
+use chat_operator::run::{LeaseOptions, Options};
+use chat_operator::{crd, reference};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
 
@@ -217,46 +216,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     health.ready.store(true, Ordering::Relaxed);
 
-    let elector = (!args.no_leader_election)
-        .then(|| LeaseElector::new(client.clone(), &args.lease_namespace, &args.lease_name, &identity, LEASE_TTL));
-    if let Some(elector) = &elector {
-        tracing::info!(lease = %args.lease_name, %identity, "waiting for leadership");
-        if !elector.acquire(LEASE_RENEW, &mut stop_rx.clone()).await {
-            return Ok(());
-        }
-    }
-    health.leader.store(true, Ordering::Relaxed);
-    tracing::info!(%identity, "leading; starting the controller");
-
-    let mut stop = stop_rx.clone();
-    let shutdown = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
-    let ctx = Arc::new(
-        Context::new(client.clone(), metrics, Some(identity)).with_cluster_domain(args.cluster_domain.clone()),
-    );
-    let controller = controller::run(client, ctx, args.namespace.as_deref(), health.clone(), shutdown);
-    let lost = match &elector {
-        Some(elector) => tokio::select! {
-            _ = controller => false,
-            // Dropping the controller here stops all writes at once: a non-leader must not write.
-            _ = elector.hold(LEASE_RENEW) => true,
-        },
-        None => {
-            controller.await;
-            false
-        }
-    };
-    health.leader.store(false, Ordering::Relaxed);
-    if lost {
-        // Exiting lets Kubernetes restart us as a fresh candidate.
-        anyhow::bail!("lost the leader lease");
-    }
-    if let Some(elector) = &elector
-        && let Err(e) = elector.release().await
-    {
-        tracing::warn!(error = %e, "could not release the lease");
-    }
+    let lease = (!args.no_leader_election).then(|| LeaseOptions {
+        name: args.lease_name.clone(),
+        namespace: args.lease_namespace.clone(),
+        ttl: LEASE_TTL,
+        renew: LEASE_RENEW,
+    });
+    let options =
+        Options { namespace: args.namespace.clone(), lease, identity, cluster_domain: args.cluster_domain.clone() };
+    chat_operator::run::run(client, options, metrics, health, stop_rx).await?;
     server.abort();
     Ok(())
 }
