@@ -1,7 +1,10 @@
 //! Operator end-to-end tests against a real Kubernetes cluster: they run when `KUBECONFIG` is
 //! set, and without it `cargo test` reports them as ignored with the reason, never as passed
-//! (`e2e/build.rs` sets `cfg(kube_cluster)`). The operator's controller runs in this
-//! process, watching a fresh namespace; the chat-node image must be pullable by the cluster
+//! (`e2e/build.rs` sets `cfg(kube_cluster)`). Two replicas of the operator's run loop (leader
+//! election on a Lease, then the controller) run in this process, watching a fresh namespace;
+//! the scenario stops the leader half way (the standby must take over); covered too: chat
+//! through the client Service, a config rollout, asset hot reload, scale up and step-wise down,
+//! a lost peer Secret, `OnDelete`, a name conflict and garbage collection; the chat-node image must be pullable by the cluster
 //! (`CHAT_NODE_IMAGE` overrides it, e.g. after `kind load docker-image`). The client Service is
 //! reached through the API server's port-forward to one of the pods it selects.
 
@@ -9,13 +12,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 use chat_e2e::client::{Client as ChatClient, http_get};
 use chat_operator::crd::{ChatCluster, ChatClusterStatus};
 use chat_operator::metrics::Metrics;
-use chat_operator::reconcile::Context;
 use chat_operator::reconcile::status::condition;
-use chat_operator::{controller, crd};
+use chat_operator::{crd, run};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -43,21 +45,13 @@ async fn operator_runs_a_chat_cluster_end_to_end() -> anyhow::Result<()> {
     namespace.metadata.name = Some(ns.clone());
     namespaces.create(&PostParams::default(), &namespace).await?;
 
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    let operator = {
-        let (client, ns) = (client.clone(), ns.clone());
-        let ctx = Arc::new(Context::new(client.clone(), Arc::new(Metrics::new()), Some("e2e".into())));
-        tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stop_rx.wait_for(|s| *s).await;
-            };
-            let health = Arc::new(chat_operator::http::Health::default());
-            controller::run(client, ctx, Some(&ns), health, shutdown).await;
-        })
-    };
-    let result = scenario(&client, &ns).await;
-    let _ = stop_tx.send(true);
-    let _ = operator.await;
+    // Two replicas of the operator's run loop elect a leader on a Lease in the test namespace;
+    // the scenario stops the leader half way and the standby must carry on.
+    let replicas = [Replica::start(&client, &ns, "e2e-a"), Replica::start(&client, &ns, "e2e-b")];
+    let result = scenario(&client, &ns, &replicas).await;
+    for replica in &replicas {
+        let _ = replica.stop.send(true);
+    }
     let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
     result
 }
@@ -74,7 +68,38 @@ async fn install_crd(client: &Client) -> anyhow::Result<()> {
     .await
 }
 
-async fn scenario(client: &Client, ns: &str) -> anyhow::Result<()> {
+/// One operator replica: the binary's run loop, with leader election.
+struct Replica {
+    health: Arc<chat_operator::http::Health>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), run::Error>>,
+}
+
+impl Replica {
+    fn start(client: &Client, ns: &str, identity: &str) -> Replica {
+        let (stop, stopped) = watch::channel(false);
+        let health = Arc::new(chat_operator::http::Health::default());
+        let options = run::Options {
+            namespace: Some(ns.to_owned()),
+            lease: Some(run::LeaseOptions {
+                name: "chat-operator-e2e".into(),
+                namespace: ns.to_owned(),
+                ttl: Duration::from_secs(15),
+                renew: Duration::from_secs(5),
+            }),
+            identity: identity.to_owned(),
+            cluster_domain: "cluster.local".into(),
+        };
+        let task = tokio::spawn(run::run(client.clone(), options, Arc::new(Metrics::new()), health.clone(), stopped));
+        Replica { health, stop, task }
+    }
+
+    fn leads(&self) -> bool {
+        self.health.leader.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+async fn scenario(client: &Client, ns: &str, replicas: &[Replica; 2]) -> anyhow::Result<()> {
     let clusters: Api<ChatCluster> = Api::namespaced(client.clone(), ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/minimal.yaml"))?;
@@ -120,6 +145,15 @@ async fn scenario(client: &Client, ns: &str) -> anyhow::Result<()> {
         .await?;
     }
     assert_eq!(pod_uids(&pods).await?, after, "assets must not restart pods");
+
+    // Leader failover: the leading replica shuts down (releasing the Lease); the standby takes
+    // over and carries out the next change.
+    let leader = replicas.iter().position(Replica::leads).context("one replica leads")?;
+    let standby = &replicas[1 - leader];
+    ensure!(!standby.leads(), "two leaders");
+    let _ = replicas[leader].stop.send(true);
+    wait("the standby to lead", Duration::from_secs(60), || async { Ok(standby.leads()) }).await?;
+    ensure!(replicas[leader].task.is_finished() || !replicas[leader].leads(), "the old leader stopped leading");
 
     // Scale through the scale subresource, as kubectl scale and HPA do.
     clusters.patch_scale(NAME, &merge, &Patch::Merge(json!({"spec": {"replicas": 4}}))).await?;
