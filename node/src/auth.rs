@@ -171,6 +171,11 @@ impl Authenticator {
         self.rooms.iter().find(|r| r.pattern.matches(room))
     }
 
+    /// Whether `auth.rooms` covers `room` (always, when there are no rules).
+    pub fn has_rule_for(&self, room: &str) -> bool {
+        self.rooms.is_empty() || self.rule_for(room).is_some()
+    }
+
     pub fn may_join(&self, identity: &Identity, room: &str) -> bool {
         self.rule_for(room).is_none_or(|r| has_any_role(&identity.roles, &r.join_roles))
     }

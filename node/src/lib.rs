@@ -7,6 +7,8 @@ pub mod config;
 pub mod protocol;
 
 #[cfg(feature = "server")]
+pub mod api;
+#[cfg(feature = "server")]
 pub mod auth;
 #[cfg(feature = "server")]
 pub mod cluster;

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub peer_secret_rotations: Counter,
     pub session_records_sent: Counter,
     pub session_records_received: Counter,
+    pub api_requests: Family<[(&'static str, String); 1], Counter>,
     pub messages_committed: Counter,
     pub publishes_unavailable: Counter,
     pub raft_groups_led: Gauge,
@@ -75,6 +76,7 @@ impl Metrics {
             peer_secret_rotations: Counter::default(),
             session_records_sent: Counter::default(),
             session_records_received: Counter::default(),
+            api_requests: Family::default(),
             messages_committed: Counter::default(),
             publishes_unavailable: Counter::default(),
             raft_groups_led: Gauge::default(),
@@ -145,6 +147,7 @@ impl Metrics {
             "Session records received from the peers (so a session resumes here)",
             m.session_records_received.clone(),
         );
+        registry.register("api_requests", "Server API requests answered, by HTTP status", m.api_requests.clone());
         registry.register(
             "messages_committed",
             "Room messages stored and delivered on this node (from any publisher)",
@@ -198,6 +201,10 @@ impl Metrics {
 
     pub fn reject_handshake(&self, reason: &'static str) {
         self.handshake_rejections.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    pub fn api_request(&self, status: u16) {
+        self.api_requests.get_or_create(&[("status", status.to_string())]).inc();
     }
 
     pub fn disconnected(&self, code: u16) {

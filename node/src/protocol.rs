@@ -14,7 +14,7 @@ pub const MAX_ROOM_NAME: usize = 128;
 pub const MAX_REQUEST_ID: usize = 64;
 
 /// A position in a room's stream: `offset` of the last message seen in stream `epoch`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StreamPosition {
     pub epoch: String,
     pub offset: u64,
@@ -87,14 +87,14 @@ impl ClientFrame {
 }
 
 /// Who sent a message or is present in a room.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct UserInfo {
     pub id: String,
     pub name: String,
 }
 
 /// One room message as stored in history and delivered to subscribers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ChatMessage {
     pub room: String,
     pub offset: u64,
@@ -245,6 +245,9 @@ pub mod close {
     pub const TOKEN_EXPIRED: u16 = 4500;
     /// Binary frames are not part of protocol v1.
     pub const UNSUPPORTED_DATA: u16 = 4501;
+    /// The application's backend disconnected this user (server API): do not reconnect until
+    /// the application says so.
+    pub const DISCONNECTED_BY_SERVER: u16 = 4502;
 
     /// Whether a client should reconnect after this close code.
     pub fn should_reconnect(code: u16) -> bool {

@@ -63,9 +63,19 @@ impl Default for NodeConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the admin port: `/metrics` (Prometheus text), `/cluster` (links, Raft groups,
-    /// readiness), `/healthz` and `/readyz` (the pod's probes).
+    /// readiness), `/healthz` and `/readyz` (the pod's probes), and the server API for backends
+    /// under `/api/v1` (see docs/api.md) when API keys are configured.
     #[schemars(with = "String")]
     pub listen: SocketAddr,
+    /// File with the server API's keys, one per line (at least 16 characters each; several
+    /// during a rotation). Read again when it changes. The operator mounts
+    /// `spec.api.keySecretRef` here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_keys_file: Option<PathBuf>,
+    /// The server API's keys inline; prefer `api_keys_file`. With neither, `/api/v1` answers
+    /// 404 `api_disabled`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub api_keys: Vec<String>,
 }
 
 /// TLS on the client port: `wss://` and `https://` instead of `ws://` and `http://`. Both files
@@ -90,7 +100,7 @@ impl TlsConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([0, 0, 0, 0], 9090)) }
+        Self { listen: SocketAddr::from(([0, 0, 0, 0], 9090)), api_keys_file: None, api_keys: Vec::new() }
     }
 }
 
@@ -516,6 +526,10 @@ fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
     ConfigError { field: field.to_owned(), message: message.into() }
 }
 
+/// The shortest server API key accepted (a guessable key would open the API to anyone on the
+/// pod network).
+pub const MIN_API_KEY_CHARS: usize = 16;
+
 /// What `check-config` prints in place of an inline secret.
 pub const REDACTED: &str = "<redacted>";
 
@@ -528,11 +542,24 @@ impl NodeConfig {
                 *secret = Some(REDACTED.to_owned());
             }
         }
+        for key in &mut shown.admin.api_keys {
+            *key = REDACTED.to_owned();
+        }
         shown
     }
 
     /// Checks what the types cannot express; the first problem found is returned.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(short) = self.admin.api_keys.iter().find(|k| k.trim().len() < MIN_API_KEY_CHARS) {
+            return Err(invalid(
+                "admin.api_keys",
+                format!(
+                    "every key must be at least {MIN_API_KEY_CHARS} characters ({} has {})",
+                    REDACTED,
+                    short.trim().len()
+                ),
+            ));
+        }
         let l = &self.limits;
         let positive = [
             ("limits.max_connections", l.max_connections as u64),

@@ -24,7 +24,10 @@ struct ClusterView {
 pub fn routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (Response<Bytes>,), Error = Infallible> + Clone + Send + Sync + 'static {
-    let with_state = warp::any().map(move || state.clone());
+    let with_state = {
+        let state = state.clone();
+        warp::any().map(move || state.clone())
+    };
     let (healthz, readyz) = probes(with_state.clone());
     let metrics = warp::path!("metrics").and(with_state.clone()).map(|state: Arc<AppState>| {
         let metrics = state.hub.metrics();
@@ -50,8 +53,10 @@ pub fn routes(
             .body(Bytes::from(body.unwrap_or_default()))
             .unwrap_or_else(|_| Response::new(Bytes::new()))
     });
+    let api = super::api::routes(state.clone(), Arc::new(super::api::ApiKeys::new(&state.hub.config().admin)));
     let get_routes = warp::get().and(metrics.or(cluster).unify().or(healthz).unify().or(readyz).unify());
-    get_routes
+    api.or(get_routes)
+        .unify()
         .or(warp::get().map(|| plain(StatusCode::NOT_FOUND, "not found\n")))
         .unify()
         .or(warp::any().map(|| plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")))

@@ -2,6 +2,7 @@
 //! `/healthz`, `/readyz` and the static assets. `/metrics` and `/cluster` are on the admin port.
 
 pub mod admin;
+pub mod api;
 pub mod assets;
 pub mod peer;
 mod upgrade;

@@ -125,6 +125,8 @@ pub trait RoomLog: Send + Sync {
     }
     /// Ends these idle streams everywhere, through the log.
     fn forget(&self, _idle: Vec<IdleStream>) {}
+    /// The server API disconnected `user_id` here: the other nodes close its connections too.
+    fn disconnect_user(&self, _user_id: &str, _code: u16) {}
 }
 
 /// The log of a node on its own: commands apply at once, in the order they arrive.

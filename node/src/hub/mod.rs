@@ -4,7 +4,7 @@
 pub mod log;
 pub mod outbox;
 pub mod room;
-mod session;
+pub(crate) mod session;
 pub mod sessions;
 
 use std::collections::HashMap;
@@ -91,8 +91,9 @@ pub struct Hub {
     auth: Authenticator,
     metrics: Arc<Metrics>,
     rooms: RwLock<HashMap<String, Arc<Room>>>,
-    /// Every open connection's signal, to ask them all to close when draining.
-    connections: Mutex<HashMap<u64, Arc<ConnSignal>>>,
+    /// Every open connection's signal and user, to ask them to close (all when draining, a
+    /// user's when the server API disconnects it).
+    connections: Mutex<HashMap<u64, (Arc<ConnSignal>, String)>>,
     next_conn: AtomicU64,
     open: AtomicUsize,
     clients: Mutex<ClientCounts>,
@@ -238,7 +239,7 @@ impl Hub {
 
     /// The dedupe key of a publish: the client's idempotency key scoped to its user, else one
     /// unique to this process (so the log's own retries are stored once).
-    fn publish_key(&self, user: &UserInfo, client_key: Option<String>) -> String {
+    pub(crate) fn publish_key(&self, user: &UserInfo, client_key: Option<String>) -> String {
         match client_key {
             Some(key) => format!("u:{}:{key}", user.id),
             None => format!("n:{:016x}:{}", self.boot, self.next_key.fetch_add(1, Ordering::Relaxed)),
@@ -424,10 +425,25 @@ impl Hub {
         forgotten
     }
 
-    fn register(&self, signal: Arc<ConnSignal>) -> u64 {
+    fn register(&self, signal: Arc<ConnSignal>, user_id: &str) -> u64 {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        self.connections.lock().unwrap_or_else(|p| p.into_inner()).insert(id, signal);
+        self.connections.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (signal, user_id.to_owned()));
         id
+    }
+
+    /// Closes every connection of `user_id` on this node with `code`; returns how many.
+    pub fn disconnect_user(&self, user_id: &str, code: u16) -> usize {
+        let connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        // Connections asked to close before (and still finishing) are not counted again.
+        let mine: Vec<&Arc<ConnSignal>> = connections
+            .values()
+            .filter(|(signal, user)| user == user_id && signal.close_requested().is_none())
+            .map(|(signal, _)| signal)
+            .collect();
+        for signal in &mine {
+            signal.close(code);
+        }
+        mine.len()
     }
 
     fn unregister(&self, id: u64) {
@@ -449,7 +465,7 @@ impl Hub {
     /// the remaining nodes are not hit by a reconnect storm. Returns once all were asked.
     pub async fn disconnect_all(&self, rate_per_sec: u32) {
         let signals: Vec<Arc<ConnSignal>> =
-            self.connections.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+            self.connections.lock().unwrap_or_else(|p| p.into_inner()).values().map(|(s, _)| s.clone()).collect();
         let batch = (rate_per_sec as usize / 10).max(1);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         for chunk in signals.chunks(batch) {

@@ -118,6 +118,22 @@ pub struct Room {
     state: Mutex<RoomState>,
 }
 
+/// A room as the server API lists it: its stream, who is present anywhere in the cluster, and
+/// how many connections on this node are subscribed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+pub struct RoomStats {
+    pub room: String,
+    /// The stream's epoch; absent until its first message (or `join`) is committed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
+    /// The offset of the latest message (0: none yet).
+    pub last_offset: u64,
+    /// Users with a connection in the room, on any node.
+    pub present_users: usize,
+    /// Connections subscribed to the room on the node that answers.
+    pub local_subscribers: usize,
+}
+
 pub struct RoomState {
     name: String,
     /// The stream's identity; `None` until this node learns it from the room's owner.
@@ -250,6 +266,18 @@ impl Room {
         let take = limit.unwrap_or(usize::MAX);
         let messages = st.history.iter().skip(start).take(take).map(|s| s.message.clone()).collect();
         (epoch, messages, complete)
+    }
+
+    /// What the server API shows of the room.
+    pub fn stats(&self) -> RoomStats {
+        let st = self.lock();
+        RoomStats {
+            room: st.name.clone(),
+            epoch: st.epoch.clone(),
+            last_offset: st.last_offset,
+            present_users: st.presence.values().filter(|p| p.present()).count(),
+            local_subscribers: st.subscribers.len(),
+        }
     }
 
     pub fn presence(&self) -> Vec<UserInfo> {

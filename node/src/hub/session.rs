@@ -37,7 +37,7 @@ pub(super) async fn run<C: Connection>(
 ) {
     let limits = &hub.config.limits;
     let (out, mut inbox) = outbox(limits.outbound_queue_frames, limits.outbound_queue_bytes, hub.metrics.clone());
-    let conn_id = hub.register(out.signal().clone());
+    let conn_id = hub.register(out.signal().clone(), &identity.user.id);
     let resumed = resume.and_then(|id| hub.sessions.get(&id, &identity.user.id));
     let session_id = resumed.as_ref().map_or_else(|| format!("{:032x}", rand::random::<u128>()), |r| r.id.clone());
     let mut session = Session {
@@ -104,6 +104,7 @@ fn close_reason(code: u16) -> &'static str {
         close::TOO_MANY_REQUESTS => "too many requests",
         close::TOKEN_EXPIRED => "token expired",
         close::UNSUPPORTED_DATA => "binary frames are not supported",
+        close::DISCONNECTED_BY_SERVER => "disconnected by the server",
         _ => "",
     }
 }
@@ -499,7 +500,7 @@ const MESSAGE_OVERHEAD_BYTES: usize = 160;
 /// message), so it always fits the connection's write buffer. Paging forward from `since`
 /// keeps the oldest messages and says there are `more`; the latest messages (no `since`) keep
 /// the newest and are then not `complete`. Returns (messages, complete, more).
-fn history_page(
+pub(crate) fn history_page(
     mut messages: Vec<ChatMessage>,
     complete: bool,
     forward: bool,
@@ -531,7 +532,7 @@ const USER_OVERHEAD_BYTES: usize = 24;
 
 /// The page of a room's users starting at `offset` that fits about `page_bytes` (at least one
 /// user), and where the next page starts if there is one.
-fn presence_page(users: Vec<UserInfo>, offset: usize, page_bytes: usize) -> (Vec<UserInfo>, Option<usize>) {
+pub(crate) fn presence_page(users: Vec<UserInfo>, offset: usize, page_bytes: usize) -> (Vec<UserInfo>, Option<usize>) {
     let total = users.len();
     let mut bytes = 0;
     let page: Vec<UserInfo> = users

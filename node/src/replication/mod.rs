@@ -621,6 +621,10 @@ impl ReplicatedLog {
                 self.metrics.session_records_received.inc();
                 hub.sessions().merge(session);
             }
+            ReplicaFrame::Disconnect { user_id, code } => {
+                let closed = hub.disconnect_user(&user_id, code);
+                tracing::info!(user = %user_id, code, closed, from = peer, "disconnected a user for the server API");
+            }
         }
     }
 
@@ -832,6 +836,10 @@ impl RoomLog for ReplicatedLog {
 
     fn presence_changed(&self, room: &str, user: &UserInfo, present: bool) {
         lock(&self.presence_out).insert((room.to_owned(), user.id.clone()), (user.clone(), present));
+    }
+
+    fn disconnect_user(&self, user_id: &str, code: u16) {
+        self.cluster.broadcast(ReplicaFrame::Disconnect { user_id: user_id.to_owned(), code }.encode());
     }
 
     fn session_changed(&self, record: &SessionRecord) {

@@ -107,6 +107,11 @@ pub enum ReplicaFrame {
     Session {
         session: SessionRecord,
     },
+    /// The server API disconnected this user: close its connections here too.
+    Disconnect {
+        user_id: String,
+        code: u16,
+    },
 }
 
 impl ReplicaFrame {
