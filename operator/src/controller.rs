@@ -48,7 +48,11 @@ pub fn affected<K: Resource>(
         .iter()
         .filter(|c| c.namespace().as_deref() == Some(namespace.as_str()))
         .filter(|c| match kind {
-            Referenced::Secret => c.spec.auth.jwt_secret_ref.as_ref().is_some_and(|r| r.name == name),
+            Referenced::Secret => {
+                c.spec.auth.jwt_secret_ref.as_ref().is_some_and(|r| r.name == name)
+                    || c.spec.tls.as_ref().is_some_and(|t| t.secret_name == name)
+                    || c.spec.api.as_ref().is_some_and(|a| a.key_secret_ref.name == name)
+            }
             Referenced::ConfigMap => c.spec.assets.config_map_ref.as_ref().is_some_and(|r| r.name == name),
         })
         .map(|c| ObjectRef::from_obj(c.as_ref()));

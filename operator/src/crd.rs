@@ -94,6 +94,35 @@ pub struct ChatClusterSpec {
     /// A renewed certificate reaches running pods without a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSpec>,
+    /// The server API for the application's backend (`/api/v1` on each node's admin port,
+    /// behind the ClusterIP Service `<name>-api`; docs/api.md). Unset: the API is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<ApiSpec>,
+}
+
+/// Where the server API's keys live.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiSpec {
+    /// Secret (same namespace) and key holding the API keys, one per line (each at least 16
+    /// characters; several during a rotation). Changes reach running pods without a restart.
+    pub key_secret_ref: ApiKeySecretRef,
+}
+
+/// A Secret key with the server API's keys.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct ApiKeySecretRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key inside the Secret's data.
+    #[serde(default = "default_api_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_api_key() -> String {
+    "api-keys".to_owned()
 }
 
 /// Where the client port's certificate lives.
@@ -123,6 +152,7 @@ impl Default for ChatClusterSpec {
             rollout: RolloutSpec::default(),
             storage: None,
             tls: None,
+            api: None,
         }
     }
 }
@@ -443,6 +473,9 @@ pub struct ChatClusterStatus {
     /// WebSocket URL of the client Service inside the cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// Base URL of the server API inside the cluster (with `spec.api`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_endpoint: Option<String>,
     /// One word summary: Running, Progressing, Degraded or Paused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,

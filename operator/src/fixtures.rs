@@ -80,6 +80,24 @@ pub fn jwt_secret(name: &str, key: &str) -> Secret {
     }
 }
 
+/// A Secret with server API keys under `api-keys`, one per line.
+pub fn api_keys_secret(name: &str, keys: &str) -> Secret {
+    Secret {
+        metadata: meta(name),
+        data: Some(BTreeMap::from([("api-keys".to_owned(), ByteString(keys.as_bytes().to_vec()))])),
+        ..Secret::default()
+    }
+}
+
+/// `minimal(name)` with the server API on, its keys in Secret `chat-api`.
+pub fn with_api(name: &str) -> ChatCluster {
+    let mut cluster = minimal(name);
+    cluster.spec.api = Some(crate::crd::ApiSpec {
+        key_secret_ref: crate::crd::ApiKeySecretRef { name: "chat-api".to_owned(), key: "api-keys".to_owned() },
+    });
+    cluster
+}
+
 /// A `kubernetes.io/tls` Secret; the content is not a real certificate (the operator only
 /// checks that both keys are there).
 pub fn tls_secret(name: &str) -> Secret {

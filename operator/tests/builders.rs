@@ -5,7 +5,7 @@
 
 use chat_node::config::StorageMode;
 use chat_operator::crd::ChatCluster;
-use chat_operator::fixtures::{full, jwt_secret, minimal, theme_config_map, tls_secret};
+use chat_operator::fixtures::{api_keys_secret, full, jwt_secret, minimal, theme_config_map, tls_secret, with_api};
 use chat_operator::reconcile::validate::{Plan, Refs, validate};
 use chat_operator::resources::{CONFIG_DIR, CONFIG_KEY, CONFIG_PATH, Children, DATA_DIR, Owner, build};
 
@@ -13,6 +13,7 @@ fn refs() -> Refs {
     Refs {
         auth_secret: Some(jwt_secret("chat-jwt", "key")),
         tls_secret: Some(tls_secret("chat-tls")),
+        api_secret: None,
         assets_config_map: Some(theme_config_map("chat-theme")),
         peer_secret: None,
         fresh_peer_key: vec![7; 32],
@@ -45,6 +46,30 @@ fn binary_assets_keep_their_bytes_and_text_stays_text() {
     assert_eq!(data["style.css"], "body { color: teal }");
     assert_eq!(data["logo.svg"], cluster.spec.assets.files["logo.svg"], "spec.assets.files stay text");
     assert!(!data.contains_key("favicon.ico"));
+}
+
+#[test]
+fn the_server_api_gets_its_keys_mounted_in_place_and_a_cluster_ip_service() {
+    let cluster = with_api("demo");
+    let with_keys = Refs { api_secret: Some(api_keys_secret("chat-api", "a-key-of-twenty-characters\nsecond-key-0123456789\n")), ..refs() };
+    let plan = validate(&cluster, Owner::of(&cluster).unwrap(), &with_keys).unwrap();
+    let children = build(&cluster, &plan);
+    insta::assert_yaml_snapshot!("api_service", children.api_service);
+    let config: chat_node::config::NodeConfig = toml::from_str(&plan.config_toml).unwrap();
+    assert_eq!(config.admin.api_keys_file.unwrap().to_str(), Some("/etc/chatcluster/api/api-keys"));
+    let pod = children.statefulset.spec.template.spec.unwrap();
+    let volume = pod.volumes.unwrap().into_iter().find(|v| v.name == "api").expect("api volume");
+    let secret = volume.secret.unwrap();
+    assert_eq!(secret.secret_name.as_deref(), Some("chat-api"));
+    assert_eq!(secret.items.unwrap()[0].key, "api-keys", "only the keys");
+    let mount = pod.containers[0].volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "api").cloned().unwrap();
+    assert!(mount.sub_path.is_none(), "no subPath: a rotated Secret must reach the running node");
+    // A key rotation changes no pod: the keys are not in the config hash.
+    let rotated = Refs { api_secret: Some(api_keys_secret("chat-api", "an-entirely-new-key-0000000\n")), ..refs() };
+    assert_eq!(validate(&cluster, Owner::of(&cluster).unwrap(), &rotated).unwrap().config_hash, plan.config_hash);
+    // Without spec.api: no Service, no volume.
+    let plain = minimal("demo");
+    assert!(build(&plain, &validate(&plain, Owner::of(&plain).unwrap(), &with_keys).unwrap()).api_service.is_none());
 }
 
 #[test]
@@ -235,6 +260,19 @@ fn invalid_specs_are_named() {
     let mut jwt_without_secret = minimal("a");
     jwt_without_secret.spec.config.auth.mode = chat_node::config::AuthMode::Jwt;
     assert_eq!(reason(&jwt_without_secret, &refs()), "MissingJwtSecret");
+
+    let api = with_api("api");
+    assert_eq!(reason(&api, &refs()), "SecretNotFound");
+    let wrong_key = Refs { api_secret: Some(jwt_secret("chat-api", "other")), ..refs() };
+    assert_eq!(reason(&api, &wrong_key), "SecretKeyNotFound");
+    let short = Refs { api_secret: Some(api_keys_secret("chat-api", "good-key-0123456789\nshort\n")), ..refs() };
+    assert_eq!(reason(&api, &short), "WeakApiKey");
+    let mut inline = minimal("api");
+    inline.spec.config.admin.api_keys = vec!["an-inline-key-0123456789".into()];
+    assert_eq!(reason(&inline, &refs()), "InlineSecret");
+    let mut owned = minimal("api");
+    owned.spec.config.admin.api_keys_file = Some("/elsewhere".into());
+    assert_eq!(reason(&owned, &refs()), "OperatorOwnedField");
 
     let missing = Refs { auth_secret: None, ..refs() };
     assert_eq!(reason(&full("b"), &missing), "SecretNotFound");

@@ -44,6 +44,23 @@ fn setup(cluster: ChatCluster) -> (FakeApi, Arc<Context>) {
 }
 
 #[tokio::test]
+async fn the_server_api_service_comes_and_goes_with_spec_api() {
+    let (fake, ctx) = setup(chat_operator::fixtures::with_api("demo"));
+    fake.put(&chat_operator::fixtures::api_keys_secret("chat-api", "the-backend-key-0123456789\n"));
+    run(&fake, &ctx, "demo").await.unwrap();
+    let service = fake.get::<Service>(NAMESPACE, "demo-api").expect("the API Service");
+    assert_eq!(service.spec.unwrap().ports.unwrap()[0].port, 9090);
+    let status = stored(&fake, "demo").status.unwrap();
+    assert_eq!(status.api_endpoint.as_deref(), Some("http://demo-api.chat.svc:9090/api/v1"));
+
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["api"] = serde_json::Value::Null);
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert!(fake.get::<Service>(NAMESPACE, "demo-api").is_none(), "deleted with spec.api");
+    assert!(stored(&fake, "demo").status.unwrap().api_endpoint.is_none());
+    assert!(fake.events().contains(&("Normal".into(), "Deleted".into())));
+}
+
+#[tokio::test]
 async fn a_tls_cluster_reports_a_wss_endpoint() {
     let mut cluster = minimal("secure");
     cluster.spec.tls = Some(chat_operator::crd::TlsSpec { secret_name: "secure-tls".into() });

@@ -405,6 +405,12 @@ impl Supervisor {
         {
             write_private(&self.layout.auth_key_file(key), value)?;
         }
+        // The nodes read the API keys again when the file changes: no restart.
+        if let Some((key, value)) = &desired.api_keys
+            && old.is_none_or(|old| old.api_keys.as_ref() != desired.api_keys.as_ref())
+        {
+            write_private(&self.layout.api_keys_file(key), value)?;
+        }
         // The nodes read a renewed certificate at their next handshake: no restart.
         if let Some(files) = &desired.tls_files
             && old.is_none_or(|old| old.tls_files.as_ref() != Some(files))
@@ -671,7 +677,11 @@ impl Supervisor {
             if ready.len() == 1 { "" } else { "s" }
         );
         for (name, url, admin) in &ready {
-            out.push_str(&format!("  {name}  web chat {url}  membership {admin}cluster\n"));
+            out.push_str(&format!("  {name}  web chat {url}  membership {admin}cluster"));
+            if self.desired.api_keys.is_some() {
+                out.push_str(&format!("  server API {admin}api/v1"));
+            }
+            out.push('\n');
         }
         print!("{out}");
         self.printed = ready;

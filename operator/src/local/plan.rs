@@ -34,6 +34,8 @@ pub struct Desired {
     pub peer_key: Vec<u8>,
     /// The JWT Secret's key and the file name the pod would see it under.
     pub auth_key: Option<(String, Vec<u8>)>,
+    /// The server API's keys (`spec.api.keySecretRef`) and their file name.
+    pub api_keys: Option<(String, Vec<u8>)>,
     /// The `spec.tls` Secret's `tls.crt` and `tls.key`, by file name.
     pub tls_files: Option<Vec<(String, Vec<u8>)>>,
     /// The pod template's config hash: a change means the StatefulSet would replace the pods.
@@ -64,6 +66,7 @@ pub fn desired(manifest: &Manifest, peer_key: &[u8], running: Option<&StatefulSe
     let refs = Refs {
         auth_secret: spec.auth.jwt_secret_ref.as_ref().and_then(|r| manifest.secrets.get(&r.name)).cloned(),
         tls_secret: spec.tls.as_ref().and_then(|t| manifest.secrets.get(&t.secret_name)).cloned(),
+        api_secret: spec.api.as_ref().and_then(|a| manifest.secrets.get(&a.key_secret_ref.name)).cloned(),
         assets_config_map: spec.assets.config_map_ref.as_ref().and_then(|r| manifest.config_maps.get(&r.name)).cloned(),
         peer_secret: None,
         fresh_peer_key: peer_key.to_vec(),
@@ -79,10 +82,11 @@ pub fn desired(manifest: &Manifest, peer_key: &[u8], running: Option<&StatefulSe
         toml::from_str(&config_toml).map_err(|e| local_invalid(format!("rendered node.toml: {e}")))?;
     let peer_key =
         children.peer_secret.data.as_ref().and_then(|d| d.get(PEER_KEY)).map(|k| k.0.clone()).unwrap_or_default();
-    let auth_key = spec.auth.jwt_secret_ref.as_ref().and_then(|r| {
-        let secret = refs.auth_secret.as_ref()?;
-        Some((r.key.clone(), secret.data.as_ref()?.get(&r.key)?.0.clone()))
-    });
+    let secret_file = |secret: Option<&k8s_openapi::api::core::v1::Secret>, key: &str| {
+        Some((key.to_owned(), secret?.data.as_ref()?.get(key)?.0.clone()))
+    };
+    let auth_key = spec.auth.jwt_secret_ref.as_ref().and_then(|r| secret_file(refs.auth_secret.as_ref(), &r.key));
+    let api_keys = spec.api.as_ref().and_then(|a| secret_file(refs.api_secret.as_ref(), &a.key_secret_ref.key));
     let tls_files = refs.tls_secret.as_ref().and_then(|secret| secret.data.as_ref()).map(|data| {
         [TLS_CERT_KEY, TLS_KEY_KEY]
             .into_iter()
@@ -110,6 +114,7 @@ pub fn desired(manifest: &Manifest, peer_key: &[u8], running: Option<&StatefulSe
         assets: config_map_files(children.assets),
         peer_key,
         auth_key,
+        api_keys,
         tls_files,
         revision,
         rolling: spec.rollout.strategy == RolloutStrategy::RollingUpdate,
@@ -199,6 +204,11 @@ impl Layout {
 
     pub fn auth_key_file(&self, key: &str) -> PathBuf {
         self.host_path(&Path::new(AUTH_DIR).join(key))
+    }
+
+    /// Where the nodes find the server API's keys.
+    pub fn api_keys_file(&self, key: &str) -> PathBuf {
+        self.host_path(&Path::new(resources::API_DIR).join(key))
     }
 
     /// Where a node finds file `name` of the `spec.tls` Secret.

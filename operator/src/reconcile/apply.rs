@@ -79,6 +79,9 @@ pub async fn apply_all(ctx: &Context, owner: &Owner, children: &Children, refs: 
     if let Some(pdb) = &children.pdb {
         apply(ctx, owner, pdb, existing.pdb.as_ref()).await?;
     }
+    if let Some(api_service) = &children.api_service {
+        apply(ctx, owner, api_service, existing.api_service.as_ref()).await?;
+    }
     let statefulset = apply(ctx, owner, &children.statefulset, refs.statefulset.as_ref()).await?;
     Ok(Applied { statefulset, client_service })
 }
@@ -137,13 +140,26 @@ pub fn contains(have: &serde_json::Value, want: &serde_json::Value) -> bool {
     }
 }
 
-/// Deletes children the spec no longer wants; returns what was deleted (for events).
-pub async fn delete_unwanted(ctx: &Context, owner: &Owner, children: &Children) -> Result<Vec<String>, Error> {
+/// Deletes children the spec no longer wants; returns what was deleted (for events). The API
+/// Service is looked for only when the last status had an API (`had_api`), so clusters that
+/// never had one cost no extra read.
+pub async fn delete_unwanted(
+    ctx: &Context,
+    owner: &Owner,
+    children: &Children,
+    had_api: bool,
+) -> Result<Vec<String>, Error> {
     let mut deleted = Vec::new();
     if children.pdb.is_none() {
         let api: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &owner.namespace);
         if delete_if_owned(ctx, &api, &owner.name, owner).await? {
             deleted.push(format!("PodDisruptionBudget/{}", owner.name));
+        }
+    }
+    if children.api_service.is_none() && had_api {
+        let api: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+        if delete_if_owned(ctx, &api, &owner.api_service_name(), owner).await? {
+            deleted.push(format!("Service/{}", owner.api_service_name()));
         }
     }
     Ok(deleted)

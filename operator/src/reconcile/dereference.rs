@@ -25,6 +25,10 @@ pub async fn fetch(ctx: &Context, cluster: &ChatCluster, owner: &Owner) -> Resul
         Some(tls) => get(ctx, &secrets, &tls.secret_name).await?,
         None => None,
     };
+    let api_secret = match &cluster.spec.api {
+        Some(api) => get(ctx, &secrets, &api.key_secret_ref.name).await?,
+        None => None,
+    };
     let assets_config_map = match &cluster.spec.assets.config_map_ref {
         Some(r) => get(ctx, &config_maps, &r.name).await?,
         None => None,
@@ -40,11 +44,15 @@ pub async fn fetch(ctx: &Context, cluster: &ChatCluster, owner: &Owner) -> Resul
         peer_service: get(ctx, &services, &owner.peer_service_name()).await?,
         client_service: get(ctx, &services, &owner.name).await?,
         pdb: get(ctx, &pdbs, &owner.name).await?,
+        api_service: match &cluster.spec.api {
+            Some(_) => get(ctx, &services, &owner.api_service_name()).await?,
+            None => None,
+        },
     };
     let mut random = [0u8; PEER_KEY_BYTES];
     rand::rng().fill_bytes(&mut random);
     let fresh_peer_key = random.iter().map(|b| format!("{b:02x}")).collect::<String>().into_bytes();
-    Ok(Refs { auth_secret, tls_secret, assets_config_map, peer_secret, fresh_peer_key, statefulset, existing })
+    Ok(Refs { auth_secret, tls_secret, api_secret, assets_config_map, peer_secret, fresh_peer_key, statefulset, existing })
 }
 
 async fn get<K>(ctx: &Context, api: &Api<K>, name: &str) -> Result<Option<K>, Error>

@@ -193,7 +193,8 @@ async fn reconcile_owned(cluster: &ChatCluster, owner: &Owner, ctx: &Context) ->
         );
         ctx.event(cluster, EventType::Normal, "ScaleDownStep", note).await;
     }
-    for object in apply::delete_unwanted(ctx, owner, &children).await? {
+    let had_api = cluster.status.as_ref().is_some_and(|s| s.api_endpoint.is_some());
+    for object in apply::delete_unwanted(ctx, owner, &children, had_api).await? {
         ctx.event(cluster, EventType::Normal, "Deleted", format!("deleted {object}: no longer wanted")).await;
     }
     let new = status::observed(cluster, &plan, &applied.statefulset, &applied.client_service, now());

@@ -80,6 +80,10 @@ pub fn observed(
         target_config_hash: Some(plan.config_hash.clone()),
         selector: Some(plan.owner.selector_string()),
         endpoint: Some(endpoint(&plan.owner, cluster, service)),
+        api_endpoint: cluster.spec.api.as_ref().map(|_| {
+            let owner = &plan.owner;
+            format!("http://{}.{}.svc:{}/api/v1", owner.api_service_name(), owner.namespace, crate::resources::ADMIN_PORT)
+        }),
         phase: Some(if progress.is_none() { "Running" } else { "Progressing" }.to_owned()),
         conditions,
     }

@@ -14,7 +14,9 @@ use sha2::{Digest, Sha256};
 
 use super::{scale, storage};
 use crate::crd::{ChatCluster, MAX_NAME_LEN, ServiceType};
-use crate::resources::{ADMIN_PORT, ASSETS_DIR, AUTH_DIR, HTTP_PORT, Owner, PEER_DIR, PEER_KEY, PEER_PORT, TLS_DIR};
+use crate::resources::{
+    ADMIN_PORT, API_DIR, ASSETS_DIR, AUTH_DIR, HTTP_PORT, Owner, PEER_DIR, PEER_KEY, PEER_PORT, TLS_DIR,
+};
 
 /// Shortest JWT key accepted (the node's own minimum for inline keys).
 const MIN_JWT_KEY_BYTES: usize = 16;
@@ -30,6 +32,8 @@ pub struct Refs {
     pub auth_secret: Option<Secret>,
     /// The `spec.tls` Secret.
     pub tls_secret: Option<Secret>,
+    /// The `spec.api.keySecretRef` Secret.
+    pub api_secret: Option<Secret>,
     pub assets_config_map: Option<ConfigMap>,
     pub peer_secret: Option<Secret>,
     /// Random key used only when no usable peer key exists yet.
@@ -49,6 +53,7 @@ pub struct ExistingChildren {
     pub peer_service: Option<Service>,
     pub client_service: Option<Service>,
     pub pdb: Option<PodDisruptionBudget>,
+    pub api_service: Option<Service>,
 }
 
 /// A spec problem only the operator can see; `reason` is the condition/event reason.
@@ -83,6 +88,7 @@ pub fn validate(cluster: &ChatCluster, owner: Owner, refs: &Refs) -> Result<Plan
     check_ownership(cluster, &owner, refs)?;
     let auth_key = auth_key(cluster, &owner, refs)?;
     check_tls_secret(cluster, &owner, refs)?;
+    check_api_secret(cluster, &owner, refs)?;
     let config = render_config(cluster, &owner.peer_dns())?;
     storage::check_unchanged(cluster.spec.storage.as_ref(), refs.statefulset.as_ref(), &owner.name)?;
     let termination_grace_seconds = termination_grace(cluster)?;
@@ -102,7 +108,8 @@ pub fn validate(cluster: &ChatCluster, owner: Owner, refs: &Refs) -> Result<Plan
 fn check_ownership(cluster: &ChatCluster, owner: &Owner, refs: &Refs) -> Result<(), Invalid> {
     let existing = &refs.existing;
     let pdb_wanted = cluster.spec.pdb.enabled;
-    let children: [(&str, Option<&ObjectMeta>); 7] = [
+    let children: [(&str, Option<&ObjectMeta>); 8] = [
+        ("Service", existing.api_service.as_ref().filter(|_| cluster.spec.api.is_some()).map(|o| &o.metadata)),
         ("ConfigMap", existing.config.as_ref().map(|o| &o.metadata)),
         ("ConfigMap", existing.assets.as_ref().map(|o| &o.metadata)),
         ("Secret", refs.peer_secret.as_ref().map(|o| &o.metadata)),
@@ -195,6 +202,21 @@ pub fn render_config(cluster: &ChatCluster, peer_dns: &str) -> Result<NodeConfig
     if cfg.tls != Default::default() {
         return Err(invalid("OperatorOwnedField", "spec.config.tls is set by the operator: use spec.tls.secretName"));
     }
+    if !cfg.admin.api_keys.is_empty() {
+        return Err(invalid(
+            "InlineSecret",
+            "spec.config.admin.api_keys must not be set: put the keys in a Secret and reference it in spec.api.keySecretRef",
+        ));
+    }
+    if cfg.admin.api_keys_file.is_some() {
+        return Err(invalid(
+            "OperatorOwnedField",
+            "spec.config.admin.api_keys_file is set by the operator: use spec.api.keySecretRef",
+        ));
+    }
+    if let Some(api) = &spec.api {
+        cfg.admin.api_keys_file = Some(PathBuf::from(API_DIR).join(&api.key_secret_ref.key));
+    }
     if spec.tls.is_some() {
         cfg.tls.cert_file = Some(PathBuf::from(TLS_DIR).join(TLS_CERT_KEY));
         cfg.tls.key_file = Some(PathBuf::from(TLS_DIR).join(TLS_KEY_KEY));
@@ -271,6 +293,35 @@ fn check_tls_secret(cluster: &ChatCluster, owner: &Owner, refs: &Refs) -> Result
         return Err(invalid(
             "SecretKeyNotFound",
             format!("Secret {}/{} has no key {missing:?} (spec.tls.secretName)", owner.namespace, tls.secret_name),
+        ));
+    }
+    Ok(())
+}
+
+/// The server API's keys must be there and long enough: the node would otherwise ignore them
+/// (and answer 401 to every call) without anyone noticing.
+fn check_api_secret(cluster: &ChatCluster, owner: &Owner, refs: &Refs) -> Result<(), Invalid> {
+    let Some(api) = &cluster.spec.api else { return Ok(()) };
+    let reference = &api.key_secret_ref;
+    let Some(secret) = &refs.api_secret else {
+        return Err(invalid(
+            "SecretNotFound",
+            format!("Secret {}/{} (spec.api.keySecretRef) does not exist", owner.namespace, reference.name),
+        ));
+    };
+    let Some(keys) = secret.data.as_ref().and_then(|d| d.get(&reference.key)) else {
+        return Err(invalid(
+            "SecretKeyNotFound",
+            format!("Secret {}/{} has no key {:?} (spec.api.keySecretRef.key)", owner.namespace, reference.name, reference.key),
+        ));
+    };
+    let text = String::from_utf8_lossy(&keys.0);
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let min = chat_node::config::MIN_API_KEY_CHARS;
+    if lines.is_empty() || lines.iter().any(|k| k.len() < min) {
+        return Err(invalid(
+            "WeakApiKey",
+            format!("every API key in Secret {} must be at least {min} characters, one per line", reference.name),
         ));
     }
     Ok(())

@@ -19,7 +19,7 @@ use crate::reconcile::validate::Plan;
 pub use configmap::{CONFIG_KEY, assets, config, files as config_map_files};
 pub use pdb::pdb;
 pub use secret::{PEER_KEY, peer_secret};
-pub use service::{client_service, peer_service};
+pub use service::{api_service, client_service, peer_service};
 pub use statefulset::statefulset;
 
 /// The one field manager for every server-side apply of the operator.
@@ -43,6 +43,8 @@ pub const ASSETS_DIR: &str = "/etc/chatcluster/assets";
 pub const AUTH_DIR: &str = "/etc/chatcluster/auth";
 /// The `spec.tls` Secret, mounted whole (no `subPath`) so that a renewal reaches the pod.
 pub const TLS_DIR: &str = "/etc/chatcluster/tls";
+/// The server API's keys (`spec.api.keySecretRef`).
+pub const API_DIR: &str = "/etc/chatcluster/api";
 pub const PEER_DIR: &str = "/etc/chatcluster/peer";
 /// Where each node's volume (`spec.storage`) is mounted: the node's `cluster.data_dir`.
 pub const DATA_DIR: &str = "/var/lib/chatcluster";
@@ -113,6 +115,10 @@ impl Owner {
         format!("{}-assets", self.name)
     }
 
+    pub fn api_service_name(&self) -> String {
+        format!("{}-api", self.name)
+    }
+
     pub fn peer_secret_name(&self) -> String {
         format!("{}-peer", self.name)
     }
@@ -133,6 +139,8 @@ pub struct Children {
     pub assets: ConfigMap,
     pub peer_secret: Secret,
     pub pdb: Option<PodDisruptionBudget>,
+    /// The server API's Service, with `spec.api`.
+    pub api_service: Option<Service>,
 }
 
 /// Builds every child; pure, so the same inputs always give the same objects.
@@ -145,6 +153,7 @@ pub fn build(cluster: &ChatCluster, plan: &Plan) -> Children {
         assets: assets(plan),
         peer_secret: peer_secret(plan),
         pdb: pdb(cluster, &plan.owner),
+        api_service: cluster.spec.api.as_ref().map(|_| api_service(&plan.owner)),
     }
 }
 

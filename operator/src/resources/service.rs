@@ -3,7 +3,7 @@
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{Owner, PEER_PORT, non_empty};
+use super::{ADMIN_PORT, Owner, PEER_PORT, non_empty};
 use crate::crd::{ChatCluster, ServiceType};
 
 pub fn client_service(cluster: &ChatCluster, owner: &Owner) -> Service {
@@ -22,6 +22,27 @@ pub fn client_service(cluster: &ChatCluster, owner: &Owner) -> Service {
                 port: spec.port,
                 target_port: Some(IntOrString::String("http".to_owned())),
                 node_port,
+                protocol: Some("TCP".to_owned()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// The server API (`/api/v1` on the nodes' admin port) for backends inside the cluster. Ready
+/// pods only: a node without quorum answers publishes with 503 anyway.
+pub fn api_service(owner: &Owner) -> Service {
+    Service {
+        metadata: owner.object_meta(owner.api_service_name()),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".to_owned()),
+            selector: Some(owner.selector_labels()),
+            ports: Some(vec![ServicePort {
+                name: Some("api".to_owned()),
+                port: ADMIN_PORT,
+                target_port: Some(IntOrString::String("admin".to_owned())),
                 protocol: Some("TCP".to_owned()),
                 ..ServicePort::default()
             }]),

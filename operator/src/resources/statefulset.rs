@@ -19,7 +19,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    ADMIN_PORT, ASSETS_DIR, AUTH_DIR, CONFIG_DIR, CONFIG_HASH_ANNOTATION, CONFIG_PATH, DATA_DIR, DATA_VOLUME,
+    ADMIN_PORT, API_DIR, ASSETS_DIR, AUTH_DIR, CONFIG_DIR, CONFIG_HASH_ANNOTATION, CONFIG_PATH, DATA_DIR, DATA_VOLUME,
     HTTP_PORT, Owner, PEER_DIR, PEER_PORT, TLS_DIR, non_empty, non_empty_vec,
 };
 use crate::crd::{ChatCluster, RolloutStrategy, StorageSpec};
@@ -160,6 +160,9 @@ fn container(cluster: &ChatCluster, plan: &Plan) -> Container {
     if cluster.spec.auth.jwt_secret_ref.is_some() {
         mounts.push(mount("auth", AUTH_DIR, true));
     }
+    if cluster.spec.api.is_some() {
+        mounts.push(mount("api", API_DIR, true));
+    }
     if cluster.spec.storage.is_some() {
         mounts.push(mount(DATA_VOLUME, DATA_DIR, false));
     }
@@ -218,6 +221,11 @@ fn volumes(cluster: &ChatCluster, plan: &Plan) -> Vec<Volume> {
     }
     if let Some(tls) = &cluster.spec.tls {
         volumes.push(secret_volume("tls", tls.secret_name.clone(), None));
+    }
+    if let Some(api) = &cluster.spec.api {
+        // The key alone, in place (no subPath): a rotated Secret reaches the running node,
+        // which reads the file again.
+        volumes.push(secret_volume("api", api.key_secret_ref.name.clone(), Some(&api.key_secret_ref.key)));
     }
     volumes
 }
