@@ -85,6 +85,8 @@ pub struct Layout {
     pub port: u16,
     pub peer_port: u16,
     pub jwt: String,
+    /// The server API's key (`admin.api_keys`).
+    pub api_key: String,
     secret: String,
     pub opts: NodeOpts,
     /// Parent of the nodes' data directories (disk storage).
@@ -107,6 +109,7 @@ impl Layout {
             port: procs::free_port()?,
             peer_port: procs::free_port()?,
             jwt: crate::random_hex(),
+            api_key: crate::random_hex(),
             secret: crate::random_hex(),
             opts: opts.clone(),
             data,
@@ -148,11 +151,12 @@ impl Layout {
              [drain]\nlb_grace_secs = 0\ndeadline_secs = 8\n\n\
              [cluster]\npeer_listen = \"{ip}:{peer_port}\"\nstatic_peers = [{peers}]\nsecret = \"{secret}\"\n\
              size = {SIZE}\nordinal = {ordinal}\npartitions = {PARTITIONS}\n{storage}{extra}\n\
-             [admin]\nlisten = \"{admin}\"\n\n[log]\nfilter = \"{filter}\"\n",
+             [admin]\nlisten = \"{admin}\"\napi_keys = [\"{api_key}\"]\n\n[log]\nfilter = \"{filter}\"\n",
             admin = admin_addr(self.addr(ordinal)),
             name = Self::name(ordinal),
             port = self.port,
             jwt = self.jwt,
+            api_key = self.api_key,
             peer_port = self.peer_port,
             peers = peers.join(", "),
             secret = self.secret,

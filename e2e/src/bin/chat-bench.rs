@@ -7,6 +7,8 @@
 
 #[path = "../bench/abuse.rs"]
 mod abuse;
+#[path = "../bench/api.rs"]
+mod api;
 #[path = "../bench/client.rs"]
 mod client;
 #[path = "../bench/cluster.rs"]
@@ -57,6 +59,8 @@ enum Cmd {
     /// One node: other clients' latency, the node's memory and each abuser's close code while
     /// hostile clients do one thing after another (slowloris, floods, oversize frames, …).
     Abuse(abuse::Opts),
+    /// Three nodes: server API publishes/s into a room with WebSocket subscribers on every node.
+    Api(api::Opts),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -208,6 +212,7 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<()> {
         Cmd::Cluster(o) => return cluster::run(o).await,
         Cmd::Failover(o) => return failover::run(o).await,
         Cmd::Abuse(o) => return abuse::run(o).await,
+        Cmd::Api(o) => return api::run(o).await,
     };
     if opts.publishers == 0 || opts.publishers > opts.members {
         bail!("--publishers must be between 1 and --members");
