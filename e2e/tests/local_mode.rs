@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use chat_e2e::client::{Client, http_get};
+use chat_e2e::client::{Client, http_get, http_request};
 use chat_e2e::local::{LocalMode, chat_cluster, manifest_yaml};
 use serde_json::{Value, json};
 
@@ -382,5 +382,48 @@ async fn local_mode_chat_spans_nodes_and_a_rolling_restart_loses_no_acked_messag
 
     lm.signal(libc::SIGINT);
     assert!(lm.wait_exit(Duration::from_secs(30)).await?.success());
+    Ok(())
+}
+
+// ---------- the server API, from the example manifest ----------
+
+/// `examples/server-api.yaml` as shipped: its Secret's key opens the API on every node, a
+/// publish through one node reaches a WebSocket client on another, and a new key in the
+/// manifest replaces the old one without restarting a node.
+#[tokio::test]
+async fn local_mode_serves_the_server_api_of_the_example_and_rotates_its_key() -> anyhow::Result<()> {
+    const KEY: &str = "dev-only-api-key-0123456789";
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/server-api.yaml"))?;
+    ensure!(example.contains(KEY), "the example's key changed; update this test");
+    let dir = tempfile::tempdir()?;
+    let mut lm = LocalMode::start(dir.path(), NAME, Ipv4Addr::new(127, 0, 5, 10), LocalMode::free_base_port(), &example)?;
+    lm.wait_linked(3, READY).await?;
+    ensure!(lm.output().contains("server API http://"), "the API's URL is printed: {}", lm.report());
+
+    let mut listener = connect(&lm, 1, "listener").await?;
+    join(&mut listener, "lobby").await?;
+    let admin = lm.admin_addr(0);
+    let publish = move |key: &'static str| {
+        async move {
+            let bearer = format!("Bearer {key}");
+            let headers = [("Authorization", bearer.as_str()), ("Content-Type", "application/json")];
+            http_request(admin, "POST", "/api/v1/rooms/lobby/messages", &headers, br#"{"body":"from the backend"}"#).await
+        }
+    };
+    let answer = publish(KEY).await?;
+    ensure!(answer.status == 200, "{answer:?}");
+    let message = listener.recv_until("message", T).await.with_context(|| lm.report())?;
+    ensure!(message["body"] == "from the backend", "{message}");
+
+    const NEW: &str = "the-rotated-api-key-9876543210";
+    let pids = lm.pids()?;
+    lm.edit(&example.replace(KEY, NEW))?;
+    lm.wait_for("the new key accepted and the old one refused", READY, async |_| {
+        ensure!(publish(NEW).await?.status == 200, "new key not yet accepted");
+        ensure!(publish(KEY).await?.status == 401, "old key still accepted");
+        Ok(())
+    })
+    .await?;
+    ensure!(lm.pids()? == pids, "a key rotation restarts no node");
     Ok(())
 }

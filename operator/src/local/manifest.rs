@@ -262,7 +262,7 @@ mod tests {
     #[test]
     fn examples_parse() {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
-        for name in ["minimal.yaml", "custom-assets.yaml", "production.yaml"] {
+        for name in ["minimal.yaml", "custom-assets.yaml", "production.yaml", "server-api.yaml"] {
             let text = std::fs::read_to_string(dir.join(name)).unwrap();
             parse(&text, None, &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
         }

@@ -263,6 +263,7 @@ pub fn node_config(desired: &Desired, ordinal: u32, addr: &NodeAddr, peers: &Pee
     cfg.cluster.advertise_ip = Some(addr.ip);
     cfg.assets_dir = cfg.assets_dir.as_deref().map(|p| layout.host_path(p));
     cfg.auth.jwt_secret_file = cfg.auth.jwt_secret_file.as_deref().map(|p| layout.host_path(p));
+    cfg.admin.api_keys_file = cfg.admin.api_keys_file.as_deref().map(|p| layout.host_path(p));
     cfg.tls.cert_file = cfg.tls.cert_file.as_deref().map(|p| layout.host_path(p));
     cfg.tls.key_file = cfg.tls.key_file.as_deref().map(|p| layout.host_path(p));
     cfg.cluster.secret_file = cfg.cluster.secret_file.as_deref().map(|p| layout.host_path(p));
