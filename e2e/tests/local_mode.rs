@@ -396,19 +396,18 @@ async fn local_mode_serves_the_server_api_of_the_example_and_rotates_its_key() -
     let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/server-api.yaml"))?;
     ensure!(example.contains(KEY), "the example's key changed; update this test");
     let dir = tempfile::tempdir()?;
-    let mut lm = LocalMode::start(dir.path(), NAME, Ipv4Addr::new(127, 0, 5, 10), LocalMode::free_base_port(), &example)?;
+    let mut lm =
+        LocalMode::start(dir.path(), NAME, Ipv4Addr::new(127, 0, 5, 10), LocalMode::free_base_port(), &example)?;
     lm.wait_linked(3, READY).await?;
     ensure!(lm.output().contains("server API http://"), "the API's URL is printed: {}", lm.report());
 
     let mut listener = connect(&lm, 1, "listener").await?;
     join(&mut listener, "lobby").await?;
     let admin = lm.admin_addr(0);
-    let publish = move |key: &'static str| {
-        async move {
-            let bearer = format!("Bearer {key}");
-            let headers = [("Authorization", bearer.as_str()), ("Content-Type", "application/json")];
-            http_request(admin, "POST", "/api/v1/rooms/lobby/messages", &headers, br#"{"body":"from the backend"}"#).await
-        }
+    let publish = move |key: &'static str| async move {
+        let bearer = format!("Bearer {key}");
+        let headers = [("Authorization", bearer.as_str()), ("Content-Type", "application/json")];
+        http_request(admin, "POST", "/api/v1/rooms/lobby/messages", &headers, br#"{"body":"from the backend"}"#).await
     };
     let answer = publish(KEY).await?;
     ensure!(answer.status == 200, "{answer:?}");

@@ -51,7 +51,10 @@ fn binary_assets_keep_their_bytes_and_text_stays_text() {
 #[test]
 fn the_server_api_gets_its_keys_mounted_in_place_and_a_cluster_ip_service() {
     let cluster = with_api("demo");
-    let with_keys = Refs { api_secret: Some(api_keys_secret("chat-api", "a-key-of-twenty-characters\nsecond-key-0123456789\n")), ..refs() };
+    let with_keys = Refs {
+        api_secret: Some(api_keys_secret("chat-api", "a-key-of-twenty-characters\nsecond-key-0123456789\n")),
+        ..refs()
+    };
     let plan = validate(&cluster, Owner::of(&cluster).unwrap(), &with_keys).unwrap();
     let children = build(&cluster, &plan);
     insta::assert_yaml_snapshot!("api_service", children.api_service);

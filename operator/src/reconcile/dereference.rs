@@ -52,7 +52,16 @@ pub async fn fetch(ctx: &Context, cluster: &ChatCluster, owner: &Owner) -> Resul
     let mut random = [0u8; PEER_KEY_BYTES];
     rand::rng().fill_bytes(&mut random);
     let fresh_peer_key = random.iter().map(|b| format!("{b:02x}")).collect::<String>().into_bytes();
-    Ok(Refs { auth_secret, tls_secret, api_secret, assets_config_map, peer_secret, fresh_peer_key, statefulset, existing })
+    Ok(Refs {
+        auth_secret,
+        tls_secret,
+        api_secret,
+        assets_config_map,
+        peer_secret,
+        fresh_peer_key,
+        statefulset,
+        existing,
+    })
 }
 
 async fn get<K>(ctx: &Context, api: &Api<K>, name: &str) -> Result<Option<K>, Error>

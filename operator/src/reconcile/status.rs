@@ -82,7 +82,12 @@ pub fn observed(
         endpoint: Some(endpoint(&plan.owner, cluster, service)),
         api_endpoint: cluster.spec.api.as_ref().map(|_| {
             let owner = &plan.owner;
-            format!("http://{}.{}.svc:{}/api/v1", owner.api_service_name(), owner.namespace, crate::resources::ADMIN_PORT)
+            format!(
+                "http://{}.{}.svc:{}/api/v1",
+                owner.api_service_name(),
+                owner.namespace,
+                crate::resources::ADMIN_PORT
+            )
         }),
         phase: Some(if progress.is_none() { "Running" } else { "Progressing" }.to_owned()),
         conditions,

@@ -312,7 +312,10 @@ fn check_api_secret(cluster: &ChatCluster, owner: &Owner, refs: &Refs) -> Result
     let Some(keys) = secret.data.as_ref().and_then(|d| d.get(&reference.key)) else {
         return Err(invalid(
             "SecretKeyNotFound",
-            format!("Secret {}/{} has no key {:?} (spec.api.keySecretRef.key)", owner.namespace, reference.name, reference.key),
+            format!(
+                "Secret {}/{} has no key {:?} (spec.api.keySecretRef.key)",
+                owner.namespace, reference.name, reference.key
+            ),
         ));
     };
     let text = String::from_utf8_lossy(&keys.0);
