@@ -15,4 +15,15 @@ echo "== build binaries used by the end-to-end tests"
 cargo build --workspace --bins --locked
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== JavaScript client (clients/js): install, web copy, type check, unit and integration tests"
+# Its integration tests run the chat-node built above.
+chat_node_bin="${CHAT_NODE_BIN:-$(realpath -m "${CARGO_TARGET_DIR:-target}")/debug/chat-node}"
+(
+  cd clients/js
+  npm ci --no-audit --no-fund
+  # The node embeds node/web/chatcluster.js: it must be exactly what this source builds.
+  npm run --silent check:web
+  npm run --silent typecheck
+  CHAT_NODE_BIN="$chat_node_bin" npm test
+)
 echo "== helm chart lint and Kubernetes schema validation"; ./scripts/lint-chart.sh

@@ -24,7 +24,7 @@ pub struct NodeConfig {
     #[schemars(with = "String")]
     pub listen: SocketAddr,
     /// Directory of static assets served at `/`. Files here override the built-in web page
-    /// (`index.html`, `app.js`, `style.css`, `logo.svg`); changes on disk, including a kubelet
+    /// (`index.html`, `app.js`, `chatcluster.js`, `style.css`, `logo.svg`); changes on disk, including a kubelet
     /// ConfigMap `..data` swap, are served at once without a restart.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub assets_dir: Option<PathBuf>,

@@ -10,6 +10,7 @@ use warp::http::{Response, StatusCode, header};
 const BUILTIN: &[(&str, &[u8])] = &[
     ("index.html", include_bytes!("../../web/index.html")),
     ("app.js", include_bytes!("../../web/app.js")),
+    ("chatcluster.js", include_bytes!("../../web/chatcluster.js")),
     ("style.css", include_bytes!("../../web/style.css")),
     ("logo.svg", include_bytes!("../../web/logo.svg")),
 ];
