@@ -173,6 +173,27 @@ async fn bad_input_gets_a_clear_error_naming_the_field() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A room only the API writes to has no subscriber, yet it is in use: it keeps its stream for
+/// as long as messages come (the idle time counts from the last message).
+#[tokio::test]
+async fn a_room_fed_only_by_the_api_is_not_forgotten_while_in_use() -> anyhow::Result<()> {
+    let node = NodeProcess::start(&config("[history]\nempty_room_ttl_secs = 1\n")).await?;
+    let mut epochs = std::collections::BTreeSet::new();
+    for n in 1..=8u64 {
+        let stored =
+            call(node.admin_addr(), "POST", "/api/v1/rooms/feed/messages", Some(json!({"body": n.to_string()})))
+                .await?
+                .json()?;
+        ensure!(stored["offset"] == n, "message {n} at {stored}: the stream restarted");
+        epochs.insert(stored["epoch"].to_string());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    ensure!(epochs.len() == 1, "one stream: {epochs:?}");
+    let history = call(node.admin_addr(), "GET", "/api/v1/rooms/feed/history", None).await?.json()?;
+    ensure!(history["messages"].as_array().map(Vec::len) == Some(8), "{history}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn history_presence_and_rooms() -> anyhow::Result<()> {
     let node = NodeProcess::start(&config("")).await?;
@@ -275,6 +296,20 @@ async fn any_node_publishes_and_disconnects_for_the_whole_cluster() -> anyhow::R
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     ensure!(info["present_users"] == 1 && info["local_subscribers"] == 0, "{info}");
+
+    // One key in two rooms is two messages, each stored once however often it is retried
+    // (the key names the publish while it waits for its commit, per room).
+    let broadcast = json!({"rooms": ["townhall", "annex"], "body": "both", "key": "b-1"});
+    for attempt in 0..2 {
+        let result = call(api, "POST", "/api/v1/broadcast", Some(broadcast.clone())).await?.json()?;
+        let offsets: Vec<&Value> =
+            result["results"].as_array().context("results")?.iter().map(|r| &r["offset"]).collect();
+        ensure!(offsets == [&json!(2), &json!(1)], "attempt {attempt}: {result}");
+    }
+    for listener in &mut listeners {
+        let message = listener.recv_until("message", T).await?;
+        ensure!(message["body"] == "both" && message["offset"] == 2, "{message}");
+    }
 
     let answer = call(api, "POST", "/api/v1/users/listener/disconnect", None).await?.json()?;
     ensure!(answer["local_connections"] == 0, "none on the answering node: {answer}");

@@ -201,6 +201,8 @@ pub enum ApiError {
     Unavailable(String),
     #[error("the node is draining; send to another node")]
     Draining,
+    #[error("room would be new and the node holds limits.max_rooms ({0}) rooms")]
+    TooManyRooms(usize),
     #[error("{0}")]
     Internal(String),
 }
@@ -216,6 +218,7 @@ impl ApiError {
             Self::Forbidden(_) => 403,
             Self::RoomNotFound(_) => 404,
             Self::TooLarge { .. } => 413,
+            Self::TooManyRooms(_) => 429,
             Self::Internal(_) => 500,
             Self::Unavailable(_) | Self::Draining => 503,
         }
@@ -229,6 +232,7 @@ impl ApiError {
             Self::RoomNotFound(_) => "room_not_found",
             Self::Unavailable(_) => "unavailable",
             Self::Draining => "draining",
+            Self::TooManyRooms(_) => "too_many_rooms",
             Self::Internal(_) => "internal",
         }
     }
@@ -247,6 +251,11 @@ fn check_room(hub: &Hub, room: &str) -> Result<(), ApiError> {
     // Rooms no `auth.rooms` rule covers are not the API's to write to when rules are set.
     if !hub.authenticator().has_rule_for(room) {
         return Err(ApiError::Forbidden(format!("no auth.rooms rule covers room {room}")));
+    }
+    // The bound clients' joins have: a new room is memory on every node.
+    let max_rooms = hub.config().limits.max_rooms;
+    if hub.existing_room(room).is_none() && hub.room_count() >= max_rooms {
+        return Err(ApiError::TooManyRooms(max_rooms));
     }
     Ok(())
 }
@@ -294,7 +303,7 @@ async fn store(hub: &Arc<Hub>, room: &str, message: PublishRequest) -> Result<St
         || UserInfo { id: DEFAULT_SENDER.to_owned(), name: DEFAULT_SENDER.to_owned() },
         |s| UserInfo { id: s.id, name: s.name },
     );
-    let key = hub.publish_key(&sender, message.key);
+    let key = hub.publish_key('a', &sender, room, message.key);
     let command = Command::Publish {
         room: room.to_owned(),
         key,

@@ -51,6 +51,7 @@ fn responses(ok: &str, ok_schema: Value, extra: &[&str]) -> Value {
         "403" => "No `auth.rooms` rule covers the room",
         "404" => "The room is not on this node, or the API is off (`api_disabled`)",
         "413" => "The body is larger than `limits.max_message_bytes` (or the request over 17 MiB)",
+        "429" => "The room would be new and the node holds `limits.max_rooms` rooms",
         "503" => "Not committed in time, no quorum, or draining: retry (with the same key)",
         _ => "Error",
     };
@@ -108,14 +109,14 @@ pub fn document() -> Value {
                 "parameters": [room_parameter()],
                 "requestBody": { "required": true, "content": { "application/json": {
                     "schema": schema_ref::<PublishRequest>() } } },
-                "responses": responses("200", schema_ref::<Published>(), &["403", "413", "503"])
+                "responses": responses("200", schema_ref::<Published>(), &["403", "413", "429", "503"])
             }},
             "/broadcast": { "post": {
                 "operationId": "broadcast",
                 "summary": "Publish one message to several rooms; each room's outcome is reported",
                 "requestBody": { "required": true, "content": { "application/json": {
                     "schema": schema_ref::<BroadcastRequest>() } } },
-                "responses": responses("200", schema_ref::<BroadcastResult>(), &["403", "413"])
+                "responses": responses("200", schema_ref::<BroadcastResult>(), &["403", "413", "429"])
             }},
             "/rooms": { "get": {
                 "operationId": "listRooms",

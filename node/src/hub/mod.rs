@@ -237,11 +237,14 @@ impl Hub {
         session::run(self, conn, identity, resume, permit).await
     }
 
-    /// The dedupe key of a publish: the client's idempotency key scoped to its user, else one
-    /// unique to this process (so the log's own retries are stored once).
-    pub(crate) fn publish_key(&self, user: &UserInfo, client_key: Option<String>) -> String {
+    /// The dedupe key of a publish: the idempotency key scoped to who sent it (`origin`: `u`
+    /// for clients, `a` for the server API, so neither can hit the other's keys), its user and
+    /// its room, else one unique to this process (so the log's own retries are stored once).
+    /// The key also names the publish while it waits for its commit, so the same key in two
+    /// rooms must give two names. Lengths go first: ids and room names may contain `:`.
+    pub(crate) fn publish_key(&self, origin: char, user: &UserInfo, room: &str, client_key: Option<String>) -> String {
         match client_key {
-            Some(key) => format!("u:{}:{key}", user.id),
+            Some(key) => format!("{origin}:{}:{}{}:{room}{key}", user.id.len(), user.id, room.len()),
             None => format!("n:{:016x}:{}", self.boot, self.next_key.fetch_add(1, Ordering::Relaxed)),
         }
     }

@@ -378,6 +378,12 @@ impl RoomState {
                 };
                 self.store(message, true);
                 self.remember_key(Arc::from(key.as_str()), offset, *ts);
+                // A message is activity too (the server API publishes into rooms nobody has
+                // joined): the idle time counts from the last one. Local only, like `empty_since`
+                // itself: it decides when this node proposes a `Forget`, not what applying does.
+                if self.unused() {
+                    self.empty_since = Some(Instant::now());
+                }
                 if !self.waiters.is_empty() {
                     self.answer_waiters();
                 }

@@ -443,7 +443,7 @@ impl Session<'_> {
         }
         self.hub.metrics.publishes.inc();
         let sender = self.identity.user.clone();
-        let key = self.hub.publish_key(&sender, key);
+        let key = self.hub.publish_key('u', &sender, &room, key);
         let command = Command::Publish { room, key, sender, body, ts: unix_millis(), epoch: new_epoch() };
         // Alone the ack comes at once; in a cluster through the outbox, once the message is
         // committed and applied here.
