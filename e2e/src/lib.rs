@@ -6,8 +6,9 @@ pub mod cluster;
 pub mod history;
 pub mod local;
 mod process;
+pub mod rebalance;
 
-pub use process::{NodeProcess, bench_binary, free_port, node_binary, operator_binary};
+pub use process::{NodeProcess, bench_binary, free_port, node_binary, operator_binary, raise_nofile};
 
 use jsonwebtoken::{EncodingKey, Header, encode};
 use serde::Serialize;

@@ -271,3 +271,20 @@ pub(crate) fn collect(stream: impl AsyncRead + Unpin + Send + 'static, log: Arc<
         }
     });
 }
+
+/// Raises the soft open-files limit to the hard limit (10 000+ connections); returns the new
+/// soft limit (0 if it cannot be read).
+pub fn raise_nofile() -> u64 {
+    // SAFETY: getrlimit/setrlimit on a valid, owned struct.
+    unsafe {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+        lim.rlim_cur
+    }
+}

@@ -1347,6 +1347,7 @@ fn forged_frames(
         leaving: false,
         initialized: true,
         forgets_rooms: true,
+        reports_load: true,
     });
     Ok(vec![
         ReplicaFrame::Propose { group, command: publish(1) }.encode().to_string(),

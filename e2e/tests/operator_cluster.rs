@@ -89,6 +89,8 @@ impl Replica {
             }),
             identity: identity.to_owned(),
             cluster_domain: "cluster.local".into(),
+            // The test runs outside the cluster: pod DNS names do not resolve here.
+            probe: Arc::new(chat_operator::reconcile::balance::NoProbe),
         };
         let task = tokio::spawn(run::run(client.clone(), options, Arc::new(Metrics::new()), health.clone(), stopped));
         Replica { health, stop, task }

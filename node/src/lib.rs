@@ -21,6 +21,8 @@ pub mod metrics;
 #[cfg(feature = "server")]
 pub mod random;
 #[cfg(feature = "server")]
+pub mod rebalance;
+#[cfg(feature = "server")]
 pub mod replication;
 #[cfg(feature = "server")]
 pub mod server;

@@ -43,6 +43,10 @@ pub struct Metrics {
     pub peer_queued_frames: Gauge,
     pub relayed_entries_applied: Counter,
     pub relayed_entries_skipped: Counter,
+    pub rebalance_shed: Counter,
+    pub rebalance_rounds: Counter,
+    pub rebalance_shedding: Gauge,
+    pub rebalance_spread_percent: Gauge,
 }
 
 impl Default for Metrics {
@@ -86,6 +90,10 @@ impl Metrics {
             peer_queued_frames: Gauge::default(),
             relayed_entries_applied: Counter::default(),
             relayed_entries_skipped: Counter::default(),
+            rebalance_shed: Counter::default(),
+            rebalance_rounds: Counter::default(),
+            rebalance_shedding: Gauge::default(),
+            rebalance_spread_percent: Gauge::default(),
             registry: Registry::with_prefix("chat"),
         };
         let registry = &mut m.registry;
@@ -188,6 +196,22 @@ impl Metrics {
             "relayed_entries_skipped",
             "Relayed entries left to Raft's apply (already applied, or not next in line)",
             m.relayed_entries_skipped.clone(),
+        );
+        registry.register(
+            "rebalance_connections_shed",
+            "Client connections this node closed to even out the cluster (close code 4000, reason `rebalance`, sent)",
+            m.rebalance_shed.clone(),
+        );
+        registry.register(
+            "rebalance_rounds",
+            "Rounds of shedding this node started (each ends when its share is shed, or a hold stops it)",
+            m.rebalance_rounds.clone(),
+        );
+        registry.register("rebalance_shedding", "1 while this node sheds connections", m.rebalance_shedding.clone());
+        registry.register(
+            "rebalance_spread_percent",
+            "How far the busiest node is above the cluster's mean connection count, in percent (as this node sees it)",
+            m.rebalance_spread_percent.clone(),
         );
         m
     }

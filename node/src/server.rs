@@ -149,6 +149,9 @@ impl Server {
         }
         if let Some(log) = &state.room_log {
             tasks.push(tokio::spawn(log.clone().run()));
+            if hub.config().rebalance.enabled {
+                tasks.push(tokio::spawn(crate::rebalance::run(hub.clone(), log.clone() as _)));
+            }
         }
         state.started.store(true, Ordering::Release);
         let room_log = state.room_log.clone();

@@ -206,7 +206,10 @@ function startClient(name) {
     setStatus("offline", "Disconnected: " + why);
     notice("Disconnected: " + why + ".", "error");
   }));
-  client.on("reconnecting", current(({ attempt, delayMs }) => {
+  client.on("reconnecting", current(({ attempt, delayMs, moving, reason }) => {
+    // The server moving the connection (a drain, or `rebalance` after a scale-out) is planned:
+    // the session resumes on the next node, so it is not shown as a lost connection.
+    if (moving) return setStatus("reconnecting", reason === "rebalance" ? "Moving to a less busy node…" : "Moving to another node…");
     const secs = Math.max(1, Math.round(delayMs / 1000));
     setStatus("reconnecting", `Connection lost; reconnecting in ${secs}s (attempt ${attempt})…`);
   }));

@@ -145,7 +145,7 @@ export class ChatClient {
             if (generation !== this.generation)
                 return;
             if (token === undefined)
-                return this.retry(this.backoff());
+                return this.retry(this.backoff(), undefined, "");
         }
         this.token = token;
         const url = new URL(this.options.url);
@@ -199,12 +199,13 @@ export class ChatClient {
             return this.stop(code, reason);
         if (connected)
             this.emit("disconnected", { code, reason, willReconnect: true });
-        this.retry(delay);
+        this.retry(delay, code, reason);
     }
-    retry(delay) {
+    /** Reconnects after `delay`; `code` and `reason` are those of the close that led here, if any. */
+    retry(delay, code, reason) {
         this.status = "reconnecting";
         this.attempt += 1;
-        this.emit("reconnecting", { attempt: this.attempt, delayMs: delay });
+        this.emit("reconnecting", { attempt: this.attempt, delayMs: delay, moving: code === 4000, reason });
         this.reconnectTimer = setTimeout(() => void this.open(), delay);
     }
     /** Stops until `connect()`: fails whatever waits with code `closed`. */

@@ -85,6 +85,8 @@ pub struct ChatClusterSpec {
     #[serde(default)]
     pub drain: DrainSpec,
     #[serde(default)]
+    pub rebalance: RebalanceSpec,
+    #[serde(default)]
     pub rollout: RolloutSpec,
     /// A volume per node for its room logs (sets `cluster.storage = "disk"`); unset: the logs
     /// live in memory. Cannot be added, changed or removed once the cluster exists.
@@ -149,6 +151,7 @@ impl Default for ChatClusterSpec {
             pod: PodSettings::default(),
             pdb: PdbSpec::default(),
             drain: DrainSpec::default(),
+            rebalance: RebalanceSpec::default(),
             rollout: RolloutSpec::default(),
             storage: None,
             tls: None,
@@ -397,6 +400,76 @@ fn default_deadline() -> u64 {
     25
 }
 
+/// Moving connections from busy nodes to idle ones after a scale-out (written to the node
+/// config's `rebalance` section; docs/cluster.md, "Rebalancing").
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RebalanceSpec {
+    /// Whether busy nodes shed connections at all (on by default).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// How far from the cluster's mean connection count, above or below, any node may be
+    /// before the nodes above the mean shed their excess, in percent.
+    #[serde(default = "default_rebalance_tolerance")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub tolerance_percent: u32,
+    /// Connections one node closes per second at most while it sheds (close code 4000, reason
+    /// `rebalance`; clients reconnect at once and resume).
+    #[serde(default = "default_rebalance_rate")]
+    #[schemars(range(min = 1))]
+    pub connections_per_second: u32,
+    /// Connections younger than this are never moved, so clients do not bounce.
+    #[serde(default = "default_rebalance_min_age")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub min_connection_age_seconds: u64,
+    /// Seconds a node waits after a round of shedding, and twice that after the membership changed.
+    #[serde(default = "default_rebalance_cooldown")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub cooldown_seconds: u64,
+}
+
+impl Default for RebalanceSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            tolerance_percent: default_rebalance_tolerance(),
+            connections_per_second: default_rebalance_rate(),
+            min_connection_age_seconds: default_rebalance_min_age(),
+            cooldown_seconds: default_rebalance_cooldown(),
+        }
+    }
+}
+
+impl RebalanceSpec {
+    /// The node config section it stands for.
+    pub fn node_config(&self) -> chat_node::config::RebalanceConfig {
+        chat_node::config::RebalanceConfig {
+            enabled: self.enabled,
+            tolerance_percent: self.tolerance_percent,
+            connections_per_sec: self.connections_per_second,
+            min_connection_age_secs: self.min_connection_age_seconds,
+            cooldown_secs: self.cooldown_seconds,
+        }
+    }
+}
+
+// The node's defaults, so a ChatCluster without `spec.rebalance` runs as a node on its own would.
+fn default_rebalance_tolerance() -> u32 {
+    chat_node::config::RebalanceConfig::default().tolerance_percent
+}
+
+fn default_rebalance_rate() -> u32 {
+    chat_node::config::RebalanceConfig::default().connections_per_sec
+}
+
+fn default_rebalance_min_age() -> u64 {
+    chat_node::config::RebalanceConfig::default().min_connection_age_secs
+}
+
+fn default_rebalance_cooldown() -> u64 {
+    chat_node::config::RebalanceConfig::default().cooldown_secs
+}
+
 /// How changes that need a restart (config, auth key) reach running pods.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -476,6 +549,10 @@ pub struct ChatClusterStatus {
     /// Base URL of the server API inside the cluster (with `spec.api`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_endpoint: Option<String>,
+    /// Nodes are moving connections to even the cluster out (`spec.rebalance`), as a node's
+    /// `/cluster` said at the last reconcile; unset while no node could be asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebalancing: Option<bool>,
     /// One word summary: Running, Progressing, Degraded or Paused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,

@@ -222,8 +222,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ttl: LEASE_TTL,
         renew: LEASE_RENEW,
     });
-    let options =
-        Options { namespace: args.namespace.clone(), lease, identity, cluster_domain: args.cluster_domain.clone() };
+    let options = Options {
+        namespace: args.namespace.clone(),
+        lease,
+        identity,
+        cluster_domain: args.cluster_domain.clone(),
+        probe: Arc::new(chat_operator::reconcile::balance::HttpProbe),
+    };
     chat_operator::run::run(client, options, metrics, health, stop_rx).await?;
     server.abort();
     Ok(())

@@ -26,6 +26,9 @@ pub struct Options {
     pub identity: String,
     /// The Kubernetes cluster's DNS domain (see `Context::with_cluster_domain`).
     pub cluster_domain: String,
+    /// Asks nodes about their rebalancing: `HttpProbe` in a cluster, `NoProbe` where the pods
+    /// cannot be reached.
+    pub probe: Arc<dyn crate::reconcile::balance::NodeProbe>,
 }
 
 /// The Lease replicas elect their leader with.
@@ -58,7 +61,7 @@ pub async fn run(
     health: Arc<Health>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
-    let Options { namespace, lease, identity, cluster_domain } = options;
+    let Options { namespace, lease, identity, cluster_domain, probe } = options;
     let elector = lease.map(|lease| {
         let elector = LeaseElector::new(client.clone(), &lease.namespace, &lease.name, &identity, lease.ttl);
         (elector, lease.renew, lease.name)
@@ -76,7 +79,11 @@ pub async fn run(
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    let ctx = Arc::new(Context::new(client.clone(), metrics, Some(identity)).with_cluster_domain(cluster_domain));
+    let ctx = Arc::new(
+        Context::new(client.clone(), metrics, Some(identity))
+            .with_cluster_domain(cluster_domain)
+            .with_node_probe(probe),
+    );
     let controller = controller::run(client, ctx, namespace.as_deref(), health.clone(), stopped);
     let lost = match &elector {
         Some((elector, renew, _)) => tokio::select! {

@@ -76,6 +76,43 @@ fn the_server_api_gets_its_keys_mounted_in_place_and_a_cluster_ip_service() {
 }
 
 #[test]
+fn spec_rebalance_becomes_the_node_configs_rebalance_and_pods_know_their_revision() {
+    let mut cluster = minimal("demo");
+    cluster.spec.rebalance.tolerance_percent = 25;
+    cluster.spec.rebalance.connections_per_second = 40;
+    cluster.spec.rebalance.min_connection_age_seconds = 300;
+    cluster.spec.rebalance.cooldown_seconds = 9;
+    let tuned = validate(&cluster, Owner::of(&cluster).unwrap(), &refs()).unwrap();
+    let config: chat_node::config::NodeConfig = toml::from_str(&tuned.config_toml).unwrap();
+    let expected = chat_node::config::RebalanceConfig {
+        enabled: true,
+        tolerance_percent: 25,
+        connections_per_sec: 40,
+        min_connection_age_secs: 300,
+        cooldown_secs: 9,
+    };
+    assert_eq!(config.rebalance, expected);
+    // Without spec.rebalance the node's own defaults apply.
+    let plain = minimal("demo");
+    let config: chat_node::config::NodeConfig =
+        toml::from_str(&validate(&plain, Owner::of(&plain).unwrap(), &refs()).unwrap().config_toml).unwrap();
+    assert_eq!(config.rebalance, chat_node::config::RebalanceConfig::default());
+    // Each pod tells its StatefulSet revision, so nodes see a rollout under way.
+    let pod = build(&plain, &plan(&plain)).statefulset.spec.template.spec.unwrap();
+    let env = pod.containers[0].env.clone().unwrap();
+    let revision = env.iter().find(|e| e.name == "CHAT_CLUSTER__REVISION").expect("revision env");
+    let field = revision.value_from.as_ref().and_then(|f| f.field_ref.as_ref()).unwrap();
+    assert_eq!(field.field_path, "metadata.labels['controller-revision-hash']");
+    // Both are the operator's: set in spec.config they are refused.
+    let mut inline = minimal("demo");
+    inline.spec.config.rebalance.cooldown_secs = 30;
+    assert_eq!(reason(&inline, &refs()), "OperatorOwnedField");
+    let mut revision = minimal("demo");
+    revision.spec.config.cluster.revision = Some("r1".into());
+    assert_eq!(reason(&revision, &refs()), "OperatorOwnedField");
+}
+
+#[test]
 fn minimal_children() {
     let cluster = minimal("demo");
     snapshot_all("minimal", &build(&cluster, &plan(&cluster)));

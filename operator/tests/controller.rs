@@ -45,8 +45,13 @@ fn lease(ttl: Duration) -> LeaseOptions {
 
 /// Starts a replica watching every namespace, as the operator does by default.
 fn start(fake: &FakeApi, identity: &str, lease: Option<LeaseOptions>) -> Replica {
-    let options =
-        Options { namespace: None, lease, identity: identity.to_owned(), cluster_domain: "cluster.local".to_owned() };
+    let options = Options {
+        namespace: None,
+        lease,
+        identity: identity.to_owned(),
+        cluster_domain: "cluster.local".to_owned(),
+        probe: Arc::new(chat_operator::reconcile::balance::NoProbe),
+    };
     let (metrics, health) = (Arc::new(Metrics::new()), Arc::new(Health::default()));
     let (stop, stopped) = watch::channel(false);
     let client = fake.client_as(identity);

@@ -588,3 +588,95 @@ async fn a_same_named_object_of_another_application_is_never_taken_over() {
     run(&fake, &ctx, "demo").await.unwrap();
     assert_eq!(cond(&fake, "demo", DEGRADED).0, "False", "resolved once the name is free");
 }
+
+/// A node probe that answers what the test set last, and counts the nodes asked.
+#[derive(Debug, Default)]
+struct ScriptedProbe {
+    answer: std::sync::Mutex<Option<chat_operator::reconcile::balance::Balance>>,
+    asked: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl chat_operator::reconcile::balance::NodeProbe for ScriptedProbe {
+    async fn balance(
+        &self,
+        owner: &chat_operator::resources::Owner,
+        ordinal: i32,
+    ) -> Result<chat_operator::reconcile::balance::Balance, chat_operator::reconcile::balance::ProbeError> {
+        self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.answer.lock().unwrap().clone().ok_or_else(|| {
+            chat_operator::reconcile::balance::ProbeError::Connect(format!("{}-{ordinal}", owner.name), "down".into())
+        })
+    }
+}
+
+fn balance(rebalancing: bool, even: bool, hold: Option<&str>) -> chat_operator::reconcile::balance::Balance {
+    chat_operator::reconcile::balance::Balance {
+        rebalancing,
+        even,
+        hold: hold.map(str::to_owned),
+        spread_percent: if even { 4.0 } else { 66.7 },
+        counts: vec![("demo-0".into(), 1000), ("demo-1".into(), 1000), ("demo-2".into(), 0)],
+    }
+}
+
+#[tokio::test]
+async fn a_rebalance_is_announced_when_it_starts_and_when_it_ends() {
+    let (fake, ctx) = setup(minimal("demo"));
+    let probe = Arc::new(ScriptedProbe::default());
+    let mut with_probe =
+        Context::new(fake.client(), ctx.metrics.clone(), None).with_node_probe(probe.clone() as Arc<_>);
+    with_probe.retry = ctx.retry;
+    let ctx = Arc::new(with_probe);
+    let reconcile_once = async || {
+        let cluster = fake.get::<ChatCluster>(NAMESPACE, "demo").unwrap();
+        reconcile(Arc::new(cluster), ctx.clone()).await.unwrap()
+    };
+    let count = |reason: &str| fake.events().iter().filter(|(_, r)| r == reason).count();
+    reconcile_once().await;
+    fake.settle_statefulset(NAMESPACE, "demo");
+
+    // The new node just joined: the cluster is looked at again within seconds.
+    *probe.answer.lock().unwrap() = Some(balance(false, false, Some("settling")));
+    let action = reconcile_once().await;
+    assert!(action_delay(&action) < std::time::Duration::from_secs(6), "{action:?}");
+    assert_eq!(stored(&fake, "demo").status.unwrap().rebalancing, Some(false));
+
+    *probe.answer.lock().unwrap() = Some(balance(true, false, None));
+    reconcile_once().await;
+    reconcile_once().await;
+    assert_eq!(count("RebalanceStarted"), 1, "once per rebalance: {:?}", fake.events());
+    assert_eq!(stored(&fake, "demo").status.unwrap().rebalancing, Some(true));
+
+    // A node that cannot be asked changes nothing.
+    *probe.answer.lock().unwrap() = None;
+    reconcile_once().await;
+    assert_eq!(stored(&fake, "demo").status.unwrap().rebalancing, Some(true));
+
+    *probe.answer.lock().unwrap() = Some(balance(false, true, Some("balanced")));
+    let action = reconcile_once().await;
+    reconcile_once().await;
+    assert_eq!(count("RebalanceFinished"), 1, "{:?}", fake.events());
+    assert_eq!(stored(&fake, "demo").status.unwrap().rebalancing, Some(false));
+    assert!(action_delay(&action) > std::time::Duration::from_secs(60), "back to the slow resync: {action:?}");
+
+    // With rebalancing off nobody is asked and the status says nothing.
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["rebalance"] = json!({"enabled": false}));
+    let asked = probe.asked.load(std::sync::atomic::Ordering::SeqCst);
+    reconcile_once().await;
+    assert_eq!(probe.asked.load(std::sync::atomic::Ordering::SeqCst), asked);
+    assert_eq!(stored(&fake, "demo").status.unwrap().rebalancing, None);
+}
+
+/// The delay of a requeue (`Action` shows it only through `Debug`).
+fn action_delay(action: &kube::runtime::controller::Action) -> std::time::Duration {
+    let text = format!("{action:?}");
+    let secs = text.split("requeue_after: Some(").nth(1).and_then(|rest| rest.split(')').next()).unwrap_or("0s");
+    let (number, unit) = secs.split_at(secs.find(|c: char| c.is_alphabetic()).unwrap_or(secs.len()));
+    let number: f64 = number.parse().unwrap_or(0.0);
+    match unit {
+        "ms" => std::time::Duration::from_secs_f64(number / 1000.0),
+        "µs" => std::time::Duration::from_secs_f64(number / 1e6),
+        _ => std::time::Duration::from_secs_f64(number),
+    }
+}

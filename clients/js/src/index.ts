@@ -91,8 +91,12 @@ export interface ChatEvents {
   connected: Welcome;
   /** The connection ended; without `willReconnect` the client has stopped until `connect()`. */
   disconnected: { code: number; reason: string; willReconnect: boolean };
-  /** The next connection attempt starts in `delayMs`. */
-  reconnecting: { attempt: number; delayMs: number };
+  /**
+   * The next connection attempt starts in `delayMs`. `moving`: the server asked the client to
+   * reconnect elsewhere (close code 4000: the node drains, or `reason` `rebalance` evens out the
+   * cluster) — a planned move, not a failure; the session resumes where it was.
+   */
+  reconnecting: { attempt: number; delayMs: number; moving: boolean; reason: string };
   /** A message of a joined room, once per (room, epoch, offset), in offset order. */
   message: ChatMessage;
   joined: JoinedEvent;
@@ -276,7 +280,7 @@ export class ChatClient {
     if (token === undefined && this.options.getToken) {
       token = await this.fetchToken();
       if (generation !== this.generation) return;
-      if (token === undefined) return this.retry(this.backoff());
+      if (token === undefined) return this.retry(this.backoff(), undefined, "");
     }
     this.token = token;
     const url = new URL(this.options.url);
@@ -324,13 +328,14 @@ export class ChatClient {
   private ended(code: number, reason: string, connected: boolean, delay: number | undefined): void {
     if (delay === undefined) return this.stop(code, reason);
     if (connected) this.emit("disconnected", { code, reason, willReconnect: true });
-    this.retry(delay);
+    this.retry(delay, code, reason);
   }
 
-  private retry(delay: number): void {
+  /** Reconnects after `delay`; `code` and `reason` are those of the close that led here, if any. */
+  private retry(delay: number, code: number | undefined, reason: string): void {
     this.status = "reconnecting";
     this.attempt += 1;
-    this.emit("reconnecting", { attempt: this.attempt, delayMs: delay });
+    this.emit("reconnecting", { attempt: this.attempt, delayMs: delay, moving: code === 4000, reason });
     this.reconnectTimer = setTimeout(() => void this.open(), delay);
   }
 

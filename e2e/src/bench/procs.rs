@@ -240,21 +240,7 @@ pub fn self_cpu_secs() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// Raises the soft open-files limit to the hard limit; returns the new soft limit.
-pub fn raise_nofile() -> u64 {
-    // SAFETY: getrlimit/setrlimit on a valid, owned struct.
-    unsafe {
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 0;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-        lim.rlim_cur
-    }
-}
+pub use chat_e2e::raise_nofile;
 
 /// CPU use of the bench and a server over an interval.
 pub struct CpuMeter {

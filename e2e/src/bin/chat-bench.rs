@@ -19,6 +19,8 @@ mod failover;
 mod load;
 #[path = "../bench/procs.rs"]
 mod procs;
+#[path = "../bench/rebalance.rs"]
+mod rebalance;
 
 use std::hash::{BuildHasher as _, Hasher as _};
 use std::path::{Path, PathBuf};
@@ -61,6 +63,9 @@ enum Cmd {
     Abuse(abuse::Opts),
     /// Three nodes: server API publishes/s into a room with WebSocket subscribers on every node.
     Api(api::Opts),
+    /// Three nodes scaled to five: time to an even spread of the connections, and the latency of
+    /// clients that were not moved, before and during.
+    Rebalance(rebalance::Opts),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -213,6 +218,7 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<()> {
         Cmd::Failover(o) => return failover::run(o).await,
         Cmd::Abuse(o) => return abuse::run(o).await,
         Cmd::Api(o) => return api::run(o).await,
+        Cmd::Rebalance(o) => return rebalance::run(o).await,
     };
     if opts.publishers == 0 || opts.publishers > opts.members {
         bail!("--publishers must be between 1 and --members");

@@ -54,25 +54,13 @@ struct Shared {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    raise_nofile();
+    chat_e2e::raise_nofile();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all();
     if let Some(n) = args.threads {
         rt.worker_threads(n.max(1));
     }
     rt.build().context("building the runtime")?.block_on(run(args))
-}
-
-/// Raise the soft open-files limit to the hard limit (10 000+ connections).
-fn raise_nofile() {
-    // SAFETY: getrlimit/setrlimit on a valid, owned struct.
-    unsafe {
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

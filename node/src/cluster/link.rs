@@ -438,7 +438,8 @@ where
     let rtt_us = Arc::new(AtomicU64::new(0));
     let (outbound, mut queued) = tokio::sync::mpsc::unbounded_channel();
     let unsent = Arc::new(AtomicUsize::new(0));
-    let generation = cluster.register(&peer_id, peer_addr, rtt_us.clone(), outbound, unsent.clone());
+    let written = Arc::new(AtomicU64::new(0));
+    let generation = cluster.register(&peer_id, peer_addr, rtt_us.clone(), outbound, unsent.clone(), written.clone());
     let handler = cluster.handler();
     let heartbeat = Duration::from_millis(cluster.config().heartbeat_ms);
     let timeout = Duration::from_millis(cluster.config().peer_timeout_ms);
@@ -488,6 +489,8 @@ where
                 let Ok(result) = tokio::time::timeout(timeout, write_batch(&mut ws, &mut sealer, first, &mut queued)).await else {
                     break "write timed out";
                 };
+                // Counted written before unsent drops, so `written + unsent` never undercounts.
+                written.fetch_add(result.written as u64, Ordering::AcqRel);
                 unsent.fetch_sub(result.written, Ordering::AcqRel);
                 if result.failed {
                     break "write failed";

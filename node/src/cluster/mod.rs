@@ -79,6 +79,8 @@ struct Link {
     outbound: UnboundedSender<Utf8Bytes>,
     /// Frames queued and not yet written: the link's lag.
     queued: Arc<AtomicUsize>,
+    /// Frames written so far (so a caller can wait for what it queued, not for an empty queue).
+    written: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -263,6 +265,29 @@ impl Cluster {
         self.lock().links.values().map(|l| l.queued.load(Ordering::Acquire)).sum()
     }
 
+    /// Waits until every frame queued so far was written (or its link ended), at most
+    /// `timeout`. Unlike [`Cluster::flush`] it does not wait for frames queued after the call.
+    pub async fn written_so_far(&self, timeout: Duration) {
+        let marks: Vec<(String, u64, Arc<AtomicU64>, u64)> = self
+            .lock()
+            .links
+            .iter()
+            .map(|(id, l)| {
+                let target = l.written.load(Ordering::Acquire) + l.queued.load(Ordering::Acquire) as u64;
+                (id.clone(), l.generation, l.written.clone(), target)
+            })
+            .collect();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let pending = |marks: &[(String, u64, Arc<AtomicU64>, u64)]| {
+            marks.iter().any(|(id, generation, written, target)| {
+                written.load(Ordering::Acquire) < *target && self.is_current(id, *generation)
+            })
+        };
+        while pending(&marks) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     /// Waits until every queued peer frame was written, at most `timeout`.
     pub async fn flush(&self, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -280,6 +305,7 @@ impl Cluster {
         rtt_us: Arc<AtomicU64>,
         outbound: UnboundedSender<Utf8Bytes>,
         queued: Arc<AtomicUsize>,
+        written: Arc<AtomicU64>,
     ) -> u64 {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         {
@@ -288,7 +314,7 @@ impl Cluster {
                 state.discovered.entry(sock).and_modify(|s| *s = AddrState::Linked(node_id.to_owned()));
             }
             let since = Instant::now();
-            let link = Link { addr, generation, since, rtt_us, outbound, queued };
+            let link = Link { addr, generation, since, rtt_us, outbound, queued, written };
             state.links.insert(node_id.to_owned(), link);
         }
         self.metrics.peer_links_established.inc();
@@ -371,6 +397,7 @@ mod tests {
             rtt_us: Arc::default(),
             outbound,
             queued,
+            written: Arc::default(),
         };
         assert!(link.queue(Utf8Bytes::from_static("last one")));
         assert!(!link.queue(Utf8Bytes::from_static("one too many")), "refused, as if not linked");

@@ -32,6 +32,7 @@ pub struct NodeConfig {
     pub limits: LimitsConfig,
     pub auth: AuthConfig,
     pub drain: DrainConfig,
+    pub rebalance: RebalanceConfig,
     pub cluster: ClusterConfig,
     pub admin: AdminConfig,
     pub tls: TlsConfig,
@@ -48,6 +49,7 @@ impl Default for NodeConfig {
             limits: LimitsConfig::default(),
             auth: AuthConfig::default(),
             drain: DrainConfig::default(),
+            rebalance: RebalanceConfig::default(),
             cluster: ClusterConfig::default(),
             admin: AdminConfig::default(),
             tls: TlsConfig::default(),
@@ -324,6 +326,42 @@ impl Default for DrainConfig {
     }
 }
 
+/// Moving long-lived connections from busy nodes to idle ones after a scale-out (in a cluster
+/// only). While any node is more than `tolerance_percent` from the cluster's mean, the nodes
+/// above the mean close connections down to it with close code 4000 and reason `rebalance`;
+/// clients reconnect at once and resume where they were. See docs/cluster.md, "Rebalancing".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct RebalanceConfig {
+    /// Whether busy nodes shed connections at all (on by default).
+    pub enabled: bool,
+    /// How far from the cluster's mean connection count, above or below, any node may be
+    /// before the nodes above the mean shed their excess, in percent.
+    #[schemars(range(min = 1, max = 1000))]
+    pub tolerance_percent: u32,
+    /// Connections one node closes per second at most while it sheds.
+    #[schemars(range(min = 1))]
+    pub connections_per_sec: u32,
+    /// Connections younger than this are never shed, so a client does not bounce between nodes.
+    pub min_connection_age_secs: u64,
+    /// Seconds a node waits after a round of shedding (so the moved clients reconnect and every
+    /// node reports its new count) and, doubled, after the cluster's membership changed.
+    #[schemars(range(min = 1))]
+    pub cooldown_secs: u64,
+}
+
+impl Default for RebalanceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            tolerance_percent: 10,
+            connections_per_sec: 100,
+            min_connection_age_secs: 60,
+            cooldown_secs: 5,
+        }
+    }
+}
+
 /// How nodes find and trust each other. The node runs alone unless `dns_name` or `static_peers`
 /// is set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -374,6 +412,11 @@ pub struct ClusterConfig {
     /// ChatCluster's volume here.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    /// The pod template revision this node runs (the operator sets `CHAT_CLUSTER__REVISION` from
+    /// the pod's `controller-revision-hash`). Nodes on different revisions mean a rollout is under
+    /// way, and rebalancing waits for it to end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
     /// File holding the shared cluster secret (the operator mounts the peer Secret here).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret_file: Option<PathBuf>,
@@ -413,6 +456,7 @@ impl Default for ClusterConfig {
             partitions: 8,
             storage: StorageMode::Memory,
             data_dir: None,
+            revision: None,
             secret_file: None,
             secret: None,
             heartbeat_ms: 1000,
@@ -575,6 +619,9 @@ impl NodeConfig {
             ("history.empty_room_ttl_secs", self.history.empty_room_ttl_secs),
             ("drain.rate_per_sec", u64::from(self.drain.rate_per_sec)),
             ("drain.deadline_secs", self.drain.deadline_secs),
+            ("rebalance.tolerance_percent", u64::from(self.rebalance.tolerance_percent)),
+            ("rebalance.connections_per_sec", u64::from(self.rebalance.connections_per_sec)),
+            ("rebalance.cooldown_secs", self.rebalance.cooldown_secs),
         ];
         if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(invalid(field, "must be at least 1"));
@@ -608,6 +655,9 @@ impl NodeConfig {
                 "limits.idle_timeout_secs",
                 format!("must be greater than limits.ping_interval_secs ({})", l.ping_interval_secs),
             ));
+        }
+        if self.rebalance.tolerance_percent > 1000 {
+            return Err(invalid("rebalance.tolerance_percent", "must be at most 1000"));
         }
         if self.history.size > 100_000 {
             return Err(invalid("history.size", "must be at most 100000"));

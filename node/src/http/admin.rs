@@ -11,13 +11,15 @@ use warp::http::{Response, StatusCode, header};
 
 use super::{AppState, plain, probes};
 
-/// `/cluster`: the peer links, and the room log's members, groups and readiness.
+/// `/cluster`: the peer links, the room log's members, groups and readiness, and the
+/// connection counts the rebalancing works from.
 #[derive(serde::Serialize)]
 struct ClusterView {
     #[serde(flatten)]
     links: crate::cluster::ClusterStatus,
     #[serde(flatten)]
     log: crate::replication::ReplicationStatus,
+    rebalance: Option<crate::rebalance::BalanceView>,
 }
 
 /// Every route of the admin port; anything else is 404.
@@ -39,9 +41,11 @@ pub fn routes(
     });
     let cluster = warp::path!("cluster").and(with_state).map(|state: Arc<AppState>| {
         let body = match (&state.cluster, &state.room_log) {
-            (Some(cluster), Some(log)) => {
-                serde_json::to_vec_pretty(&ClusterView { links: cluster.status(), log: log.status() })
-            }
+            (Some(cluster), Some(log)) => serde_json::to_vec_pretty(&ClusterView {
+                links: cluster.status(),
+                log: log.status(),
+                rebalance: state.hub.balance().view(),
+            }),
             _ => serde_json::to_vec_pretty(&serde_json::json!({
                 "node_id": state.hub.node_id(),
                 "members": [],

@@ -118,6 +118,12 @@ pub trait RoomLog: Send + Sync {
     fn presence_changed(&self, _room: &str, _user: &UserInfo, _present: bool) {}
     /// A client session's record changed.
     fn session_changed(&self, _record: &SessionRecord) {}
+    /// Sends the changed session records to the peers now rather than at the next tick, and
+    /// resolves once they are written (within a bound): a client told to reconnect at once
+    /// must find its record wherever it lands.
+    fn send_sessions_now(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(std::future::ready(()))
+    }
     /// Whether room streams must be kept while idle (they are replicated state): then the
     /// sweep hands idle streams to [`RoomLog::forget`] instead of dropping them.
     fn keeps_streams(&self) -> bool {

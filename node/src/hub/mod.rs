@@ -91,9 +91,9 @@ pub struct Hub {
     auth: Authenticator,
     metrics: Arc<Metrics>,
     rooms: RwLock<HashMap<String, Arc<Room>>>,
-    /// Every open connection's signal and user, to ask them to close (all when draining, a
-    /// user's when the server API disconnects it).
-    connections: Mutex<HashMap<u64, (Arc<ConnSignal>, String)>>,
+    /// Every open connection, to ask them to close (all when draining, a user's when the server
+    /// API disconnects it, some when the cluster is evened out).
+    connections: Mutex<HashMap<u64, Registered>>,
     next_conn: AtomicU64,
     open: AtomicUsize,
     clients: Mutex<ClientCounts>,
@@ -104,6 +104,16 @@ pub struct Hub {
     /// Random per process, so the keys of keyless publishes never repeat across restarts.
     boot: u64,
     next_key: AtomicU64,
+    balance: crate::rebalance::Status,
+}
+
+/// An open connection, as the hub knows it.
+struct Registered {
+    signal: Arc<ConnSignal>,
+    user: String,
+    opened: Instant,
+    /// Its session was moved off a busy node before: it is not moved again.
+    moved: bool,
 }
 
 /// A reserved connection slot, counted for its client address and, once authenticated, its
@@ -164,6 +174,7 @@ impl Hub {
             sessions: Sessions::default(),
             boot: crate::random::random(),
             next_key: AtomicU64::new(1),
+            balance: crate::rebalance::Status::default(),
         });
         hub.log.attach(Arc::downgrade(&hub));
         Ok(hub)
@@ -428,20 +439,25 @@ impl Hub {
         forgotten
     }
 
-    fn register(&self, signal: Arc<ConnSignal>, user_id: &str) -> u64 {
+    fn register(&self, signal: Arc<ConnSignal>, user_id: &str, moved: bool) -> u64 {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        self.connections.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (signal, user_id.to_owned()));
+        let entry = Registered { signal, user: user_id.to_owned(), opened: Instant::now(), moved };
+        self.connections().insert(id, entry);
         id
+    }
+
+    fn connections(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Registered>> {
+        self.connections.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Closes every connection of `user_id` on this node with `code`; returns how many.
     pub fn disconnect_user(&self, user_id: &str, code: u16) -> usize {
-        let connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let connections = self.connections();
         // Connections asked to close before (and still finishing) are not counted again.
         let mine: Vec<&Arc<ConnSignal>> = connections
             .values()
-            .filter(|(signal, user)| user == user_id && signal.close_requested().is_none())
-            .map(|(signal, _)| signal)
+            .filter(|c| c.user == user_id && c.signal.close_requested().is_none())
+            .map(|c| &c.signal)
             .collect();
         for signal in &mine {
             signal.close(code);
@@ -450,7 +466,37 @@ impl Hub {
     }
 
     fn unregister(&self, id: u64) {
-        self.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.connections().remove(&id);
+    }
+
+    /// Moves up to `count` connections off this node (close code 4000, reason `rebalance`):
+    /// ones open for at least `min_age` whose session was never moved before. Each flushes its
+    /// outbox and saves its session first, so the client resumes exactly on the next node.
+    /// Returns how many were asked to close.
+    pub fn shed(&self, count: usize, min_age: Duration) -> usize {
+        let connections = self.connections();
+        let eligible = connections
+            .values()
+            .filter(|c| !c.moved && c.opened.elapsed() >= min_age && c.signal.close_requested().is_none());
+        // Map order is arbitrary per process: the connections shed are a spread of them.
+        eligible
+            .take(count)
+            .filter(|c| c.signal.close_for(crate::protocol::close::RECONNECT_ELSEWHERE, outbox::CloseCause::Rebalance))
+            .count()
+    }
+
+    /// What this node tells its peers about its load.
+    pub fn load_report(&self) -> crate::rebalance::LoadReport {
+        crate::rebalance::LoadReport {
+            connections: self.open_connections() as u64,
+            revision: self.config.cluster.revision.clone().unwrap_or_default(),
+            ready: self.is_ready(),
+            rebalancing: self.balance.rebalancing(),
+        }
+    }
+
+    pub fn balance(&self) -> &crate::rebalance::Status {
+        &self.balance
     }
 
     pub fn is_draining(&self) -> bool {
@@ -467,8 +513,7 @@ impl Hub {
     /// Asks every connected client to reconnect elsewhere, at most `rate_per_sec` per second so
     /// the remaining nodes are not hit by a reconnect storm. Returns once all were asked.
     pub async fn disconnect_all(&self, rate_per_sec: u32) {
-        let signals: Vec<Arc<ConnSignal>> =
-            self.connections.lock().unwrap_or_else(|p| p.into_inner()).values().map(|(s, _)| s.clone()).collect();
+        let signals: Vec<Arc<ConnSignal>> = self.connections().values().map(|c| c.signal.clone()).collect();
         let batch = (rate_per_sec as usize / 10).max(1);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         for chunk in signals.chunks(batch) {

@@ -5,7 +5,7 @@
 //! block per channel up front), which matters at tens of thousands of idle connections.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -22,12 +22,23 @@ struct Queue {
     bytes: usize,
 }
 
+/// Why a connection was asked to close, where the close code alone does not say: the code
+/// 4000 both sends a draining node's clients away and moves clients off a busy node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseCause {
+    /// The code says it all.
+    Code = 0,
+    /// The cluster is evened out (`rebalance`): the client resumes on whichever node it reaches.
+    Rebalance = 1,
+}
+
 /// State shared between a connection's task and everyone who queues to it.
 pub struct ConnSignal {
     queue: Mutex<Queue>,
     max_frames: usize,
     max_bytes: usize,
-    close_code: AtomicU16,
+    /// The requested close: its code in the low 16 bits, its [`CloseCause`] above.
+    close_request: AtomicU32,
     /// Set once a frame was refused: the client has not seen everything it was sent.
     lost: AtomicBool,
     /// Wakes the connection's task: frames were queued or a close was requested.
@@ -42,15 +53,32 @@ impl ConnSignal {
 
     /// Asks the connection to close with `code`; the first request wins.
     pub fn close(&self, code: u16) {
-        if self.close_code.compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        self.close_for(code, CloseCause::Code);
+    }
+
+    /// Asks the connection to close with `code` for `cause`; true if this request won (the
+    /// connection was not asked to close before).
+    pub fn close_for(&self, code: u16, cause: CloseCause) -> bool {
+        let request = u32::from(code) | (cause as u32) << 16;
+        let won = self.close_request.compare_exchange(0, request, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        if won {
             self.wake.notify_one();
         }
+        won
     }
 
     pub fn close_requested(&self) -> Option<u16> {
-        match self.close_code.load(Ordering::Acquire) {
+        match self.close_request.load(Ordering::Acquire) & 0xffff {
             0 => None,
-            code => Some(code),
+            code => Some(code as u16),
+        }
+    }
+
+    /// Why the requested close was asked for.
+    pub fn close_cause(&self) -> CloseCause {
+        match self.close_request.load(Ordering::Acquire) >> 16 {
+            1 => CloseCause::Rebalance,
+            _ => CloseCause::Code,
         }
     }
 
@@ -90,7 +118,7 @@ pub fn outbox(max_frames: usize, max_bytes: usize, metrics: Arc<Metrics>) -> (Ou
         queue: Mutex::new(Queue { frames: VecDeque::new(), bytes: 0 }),
         max_frames,
         max_bytes,
-        close_code: AtomicU16::new(0),
+        close_request: AtomicU32::new(0),
         lost: AtomicBool::new(false),
         wake: Notify::new(),
         metrics,

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use tokio::time::{Instant, MissedTickBehavior, interval_at};
 
 use super::log::{Command, Reply};
-use super::outbox::{Inbox, Outbox, Wake, outbox};
+use super::outbox::{CloseCause, Inbox, Outbox, Wake, outbox};
 use super::room::{JoinOutcome, LocalPresence, Room, encode, new_epoch};
 use super::sessions::SessionRecord;
 use super::{Hub, Permit, unix_millis};
@@ -37,13 +37,15 @@ pub(super) async fn run<C: Connection>(
 ) {
     let limits = &hub.config.limits;
     let (out, mut inbox) = outbox(limits.outbound_queue_frames, limits.outbound_queue_bytes, hub.metrics.clone());
-    let conn_id = hub.register(out.signal().clone(), &identity.user.id);
     let resumed = resume.and_then(|id| hub.sessions.get(&id, &identity.user.id));
+    let moved = resumed.as_ref().is_some_and(|r| r.moved);
+    let conn_id = hub.register(out.signal().clone(), &identity.user.id, moved);
     let session_id = resumed.as_ref().map_or_else(|| format!("{:032x}", rand::random::<u128>()), |r| r.id.clone());
     let mut session = Session {
         hub: &hub,
         conn_id,
         session_id,
+        moved,
         identity,
         outbox: out,
         rooms: HashMap::new(),
@@ -63,6 +65,8 @@ struct Session<'h> {
     conn_id: u64,
     /// The token a reconnecting client presents to get its rooms back.
     session_id: String,
+    /// This session was moved off a busy node once (`rebalance`), and is never moved again.
+    moved: bool,
     identity: Identity,
     outbox: Outbox,
     /// Joined rooms, with the position the connection joined them at.
@@ -92,6 +96,9 @@ enum End {
     Close(u16),
     Gone(u16),
 }
+
+/// The close reason of a connection moved off a busy node (close code 4000).
+pub const REBALANCE_REASON: &str = "rebalance";
 
 fn close_reason(code: u16) -> &'static str {
     match code {
@@ -213,6 +220,8 @@ impl Session<'_> {
                 None => continue,
                 Some(End::Gone(code)) => return code,
                 Some(End::Close(code)) => {
+                    let rebalanced = self.outbox.signal().close_cause() == CloseCause::Rebalance;
+                    self.moved |= rebalanced;
                     // Leaving first fixes each room's position: everything up to it is queued
                     // already, and goes out before the close.
                     let positions = self.leave_all();
@@ -225,8 +234,18 @@ impl Session<'_> {
                     // which may linger.
                     if !self.outbox.signal().lost_frames() {
                         self.save(&positions);
+                        if code == close::RECONNECT_ELSEWHERE {
+                            // The client reconnects at once, likely to another node: its record
+                            // must be there first, or it would resume from an older one (and
+                            // get messages twice) or not at all (and a moved one move again).
+                            self.hub.log.send_sessions_now().await;
+                        }
                     }
-                    let _ = tokio::time::timeout(self.write_timeout(), conn.close(code, close_reason(code))).await;
+                    let reason = if rebalanced { REBALANCE_REASON } else { close_reason(code) };
+                    let closed = tokio::time::timeout(self.write_timeout(), conn.close(code, reason)).await;
+                    if rebalanced && closed.is_ok() {
+                        self.hub.metrics.rebalance_shed.inc();
+                    }
                     return code;
                 }
             }
@@ -389,6 +408,7 @@ impl Session<'_> {
             user_id: self.identity.user.id.clone(),
             rooms,
             updated: unix_millis(),
+            moved: self.moved,
         };
         self.hub.log.session_changed(&record);
         self.hub.sessions.merge(record);

@@ -17,6 +17,9 @@ pub struct SessionRecord {
     pub rooms: Vec<(String, Option<StreamPosition>)>,
     /// Unix milliseconds of the last update, for expiry.
     pub updated: u64,
+    /// The session was moved to another node once to even out the cluster; it is not moved again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub moved: bool,
 }
 
 /// How long a session outlives its last update (milliseconds).
@@ -67,6 +70,7 @@ mod tests {
             user_id: "u1".into(),
             rooms: rooms.iter().map(|r| (r.to_string(), None)).collect(),
             updated,
+            moved: false,
         }
     }
 

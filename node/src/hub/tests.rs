@@ -500,3 +500,72 @@ async fn a_flood_of_websocket_pings_spends_the_budget_and_closes_4003() {
     assert!(frames.is_empty(), "pings over the budget get no error frames: {frames:?}");
     assert_eq!(hub.metrics().rate_limited.get(), 5);
 }
+
+/// The close the server sent (code and reason), skipping frames and pings.
+async fn close_of(client: &mut MemoryClient) -> Option<(u16, String)> {
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(item) = client.outbound.recv().await {
+            if let crate::transport::memory::ToClient::Close(code, reason) = item {
+                return Some((code, reason));
+            }
+        }
+        None
+    });
+    closed.await.ok().flatten()
+}
+
+/// A connection of `user` resuming `session` (`None`: a new session), and its `welcome`.
+async fn connect_resuming(hub: &Arc<Hub>, user: &str, session: Option<String>) -> (MemoryClient, Value) {
+    let (conn, mut client) = pair(64);
+    let permit = hub.admit(None).unwrap();
+    tokio::spawn(hub.clone().serve(conn, identity(user, &[]), session, permit));
+    let welcome = client.next_json().await.unwrap();
+    (client, welcome)
+}
+
+#[tokio::test]
+async fn a_shed_connection_resumes_exactly_and_is_never_shed_again() {
+    let hub = hub(config());
+    let (mut ann, welcome) = connect_resuming(&hub, "ann", None).await;
+    let session = welcome["session_id"].as_str().unwrap().to_owned();
+    join(&mut ann, "r").await;
+    let mut bob = connect(&hub, "bob").await;
+    join(&mut bob, "r").await;
+    expect(&mut ann, "user_joined").await;
+    send(&bob, json!({"type": "publish", "room": "r", "body": "one"})).await;
+    assert_eq!(expect(&mut ann, "message").await["offset"], 1);
+
+    // Connections younger than the minimum age stay.
+    assert_eq!(hub.shed(10, Duration::from_secs(3600)), 0);
+    assert_eq!(hub.shed(10, Duration::ZERO), 2, "both are old enough");
+    assert_eq!(hub.shed(10, Duration::ZERO), 0, "a connection asked to close is not asked again");
+    assert_eq!(close_of(&mut ann).await, Some((close::RECONNECT_ELSEWHERE, "rebalance".to_owned())));
+    assert_eq!(close_of(&mut bob).await.map(|c| c.0), Some(close::RECONNECT_ELSEWHERE));
+
+    // Back through "another node" (here the same hub): the session resumes where it was.
+    let (mut ann, welcome) = connect_resuming(&hub, "ann", Some(session)).await;
+    assert_eq!(welcome["resumed"], true);
+    let rejoined = expect(&mut ann, "joined").await;
+    assert_eq!((rejoined["offset"].as_u64(), rejoined["recovered"].as_bool()), (Some(1), Some(true)));
+    let mut cat = connect(&hub, "cat").await;
+    join(&mut cat, "r").await;
+    send(&cat, json!({"type": "publish", "room": "r", "body": "two"})).await;
+    let next = loop {
+        let frame = next(&mut ann).await;
+        if frame["type"] == "message" {
+            break frame;
+        }
+    };
+    assert_eq!((next["offset"].as_u64(), next["body"].as_str()), (Some(2), Some("two")), "no message twice or lost");
+
+    // The moved session is never moved again; cat, never moved, is.
+    assert_eq!(hub.shed(10, Duration::ZERO), 1);
+    assert_eq!(close_of(&mut cat).await.map(|c| c.0), Some(close::RECONNECT_ELSEWHERE));
+    for _ in 0..100 {
+        if hub.metrics().rebalance_shed.get() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(hub.metrics().rebalance_shed.get(), 3, "every close sent is counted");
+}

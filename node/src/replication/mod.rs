@@ -34,6 +34,7 @@ use crate::hub::room::{RoomCapture, RoomImage};
 use crate::hub::sessions::SessionRecord;
 use crate::metrics::Metrics;
 use crate::protocol::{ErrorCode, UserInfo};
+use crate::rebalance::{LoadReport, LoadSource, NodeLoad, REPORT_STALE};
 use crate::transport::Frame;
 
 use disk::{Disk, DiskError, Loaded};
@@ -45,6 +46,8 @@ use wire::{MemberInfo, RaftReply, RaftRpc, ReplicaFrame};
 
 /// How often membership, readiness and waiting publishes are looked after.
 pub const TICK: Duration = Duration::from_millis(100);
+/// How long a client told to reconnect at once waits for its session record to reach the peers.
+const SESSION_FLUSH_BOUND: Duration = Duration::from_millis(500);
 /// A waiting publish is proposed again at once when its group's leader changes, the link to it
 /// drops or it reports a failure; otherwise only after half of `publish_timeout_ms` (a proposal
 /// lost some other way). Each proposal is appended to the log again, and dedupe only covers a
@@ -130,6 +133,8 @@ pub struct ReplicatedLog {
     presence_out: Mutex<BTreeMap<(String, String), (UserInfo, bool)>>,
     /// Session records changed since the last tick, the latest of each session.
     sessions_out: Mutex<BTreeMap<String, SessionRecord>>,
+    /// The peers' latest load reports, with when each arrived.
+    loads: Mutex<HashMap<String, (LoadReport, std::time::Instant)>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -199,6 +204,7 @@ impl ReplicatedLog {
             failure: tokio::sync::watch::Sender::new(None),
             presence_out: Mutex::default(),
             sessions_out: Mutex::default(),
+            loads: Mutex::default(),
         });
         let handler: Weak<dyn PeerHandler> = log.this.clone() as _;
         cluster.set_handler(handler);
@@ -299,6 +305,20 @@ impl ReplicatedLog {
             for room in hub.rooms_awaiting_stream() {
                 self.open(&room);
             }
+            self.report_load(&hub);
+        }
+    }
+
+    /// Tells the peers that take it this node's load (every second: `rebalance::REPORT_EVERY`).
+    fn report_load(&self, hub: &Hub) {
+        let peers: Vec<String> =
+            self.members().iter().filter(|(_, m)| m.reports_load).map(|(name, _)| name.clone()).collect();
+        if peers.is_empty() {
+            return;
+        }
+        let frame = ReplicaFrame::Load(hub.load_report()).encode();
+        for peer in peers {
+            self.cluster.send(&peer, frame.clone());
         }
     }
 
@@ -310,6 +330,10 @@ impl ReplicatedLog {
         for ((room, _), (user, present)) in changes {
             self.cluster.broadcast(ReplicaFrame::Presence { room, user, present }.encode());
         }
+        self.send_sessions();
+    }
+
+    fn send_sessions(&self) {
         let sessions = std::mem::take(&mut *lock(&self.sessions_out));
         self.metrics.session_records_sent.inc_by(sessions.len() as u64);
         for session in sessions.into_values() {
@@ -402,6 +426,7 @@ impl ReplicatedLog {
             leaving: self.leaving.load(Ordering::Acquire),
             initialized,
             forgets_rooms: true,
+            reports_load: true,
         }
     }
 
@@ -620,6 +645,9 @@ impl ReplicatedLog {
             ReplicaFrame::Session { session } => {
                 self.metrics.session_records_received.inc();
                 hub.sessions().merge(session);
+            }
+            ReplicaFrame::Load(report) => {
+                lock(&self.loads).insert(peer.to_owned(), (report, std::time::Instant::now()));
             }
             ReplicaFrame::Disconnect { user_id, code } => {
                 let closed = hub.disconnect_user(&user_id, code);
@@ -846,6 +874,11 @@ impl RoomLog for ReplicatedLog {
         lock(&self.sessions_out).insert(record.id.clone(), record.clone());
     }
 
+    fn send_sessions_now(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        self.send_sessions();
+        Box::pin(self.cluster.written_so_far(SESSION_FLUSH_BOUND))
+    }
+
     fn keeps_streams(&self) -> bool {
         true
     }
@@ -869,6 +902,22 @@ impl RoomLog for ReplicatedLog {
     }
 }
 
+impl LoadSource for ReplicatedLog {
+    fn size(&self) -> usize {
+        ReplicatedLog::size(self)
+    }
+
+    fn peer_loads(&self, now: std::time::Instant) -> Vec<NodeLoad> {
+        let mut loads: Vec<NodeLoad> = lock(&self.loads)
+            .iter()
+            .filter(|(_, (_, at))| now.saturating_duration_since(*at) < REPORT_STALE)
+            .map(|(node, (report, _))| NodeLoad { node: node.clone(), report: report.clone() })
+            .collect();
+        loads.sort_by(|a, b| a.node.cmp(&b.node));
+        loads
+    }
+}
+
 impl PeerHandler for ReplicatedLog {
     fn on_link_up(&self, peer: &str) {
         self.cluster.send(peer, ReplicaFrame::Member(self.member_info()).encode());
@@ -888,6 +937,7 @@ impl PeerHandler for ReplicatedLog {
             }
         }
         self.calls.fail_peer(peer);
+        lock(&self.loads).remove(peer);
         if let Some(hub) = self.hub() {
             hub.replace_remote_presence(peer, Vec::new());
         }

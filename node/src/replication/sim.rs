@@ -183,10 +183,13 @@ impl Sim {
             let mut delays = StdRng::seed_from_u64(self.rng.random());
             let max_delay = self.rng.random_range(1..20u64);
             let counter = queued.clone();
+            let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let written_count = written.clone();
             // FIFO like a WebSocket: a frame never overtakes the one before it.
             let pump = tokio::spawn(async move {
                 let mut last = Instant::now();
                 while let Some(text) = rx.recv().await {
+                    written_count.fetch_add(1, Ordering::AcqRel);
                     counter.fetch_sub(1, Ordering::AcqRel);
                     let at = last.max(Instant::now() + Duration::from_millis(delays.random_range(0..max_delay)));
                     tokio::time::sleep_until(at).await;
@@ -194,7 +197,8 @@ impl Sim {
                     receiver.on_frame(&sender, &text);
                 }
             });
-            let generation = source.cluster.register(&target.name, "simulated".into(), Arc::default(), tx, queued);
+            let generation =
+                source.cluster.register(&target.name, "simulated".into(), Arc::default(), tx, queued, written);
             self.links.insert((from, to), Link { generation, pump });
         }
     }

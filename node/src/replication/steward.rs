@@ -63,9 +63,14 @@ fn has_quorum(log: &ReplicatedLog) -> bool {
 }
 
 pub fn votes_anywhere(log: &ReplicatedLog) -> bool {
-    log.groups()
-        .iter()
-        .any(|raft| raft.metrics().borrow().membership_config.membership().voter_ids().any(|id| id == log.raft_id))
+    log.groups().iter().any(|raft| {
+        let metrics = raft.metrics().borrow().clone();
+        let config = &metrics.membership_config;
+        // A membership without this node counts only once this node applied it (so it is
+        // committed): until then the previous one, with this node, may still be the group's.
+        let settled = config.log_id().map(|id| id.index) <= metrics.last_applied.map(|id| id.index);
+        !settled || config.membership().voter_ids().any(|id| id == log.raft_id)
+    })
 }
 
 pub fn tend(log: &ReplicatedLog) {

@@ -17,6 +17,7 @@ use super::types::TypeConfig;
 use crate::hub::log::Command;
 use crate::hub::sessions::SessionRecord;
 use crate::protocol::UserInfo;
+use crate::rebalance::LoadReport;
 
 /// Who a node is in the cluster, as its peers need to know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +32,9 @@ pub struct MemberInfo {
     /// upgrade from such a build, idle rooms are kept until every node has it).
     #[serde(default)]
     pub forgets_rooms: bool,
+    /// It takes `ReplicaFrame::Load` (older builds would log each one as malformed).
+    #[serde(default)]
+    pub reports_load: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -107,6 +111,8 @@ pub enum ReplicaFrame {
     Session {
         session: SessionRecord,
     },
+    /// The sender's load, every `rebalance::REPORT_EVERY`.
+    Load(LoadReport),
     /// The server API disconnected this user: close its connections here too.
     Disconnect {
         user_id: String,

@@ -7,6 +7,7 @@
 //! headless peer Service's A records, see [`dns`]).
 
 mod atomic;
+mod balance;
 pub mod dns;
 pub mod manifest;
 mod node;
@@ -191,7 +192,9 @@ pub async fn run(
         status: String::new(),
         on_delete_noted: None,
         force,
+        balance: Arc::default(),
     };
+    tokio::spawn(supervisor.balance.clone().run(stop.clone()));
     supervisor.write_shared_files(None)?;
     let result = supervisor.run(options.poll_interval, stop).await;
     supervisor.stop_all().await;
@@ -282,6 +285,8 @@ struct Supervisor {
     on_delete_noted: Option<String>,
     /// Set when draining nodes are to be killed at once.
     force: watch::Receiver<bool>,
+    /// Asks the nodes whether they are rebalancing.
+    balance: Arc<balance::BalanceWatch>,
 }
 
 impl Supervisor {
@@ -550,7 +555,7 @@ impl Supervisor {
         let launch = Launch {
             binary: &self.binary,
             args: plan::node_args(&desired.container, &self.layout, &name),
-            env: plan::node_env(&desired.container, &name, &desired.namespace, addr.ip),
+            env: plan::node_env(&desired.container, &name, &desired.namespace, addr.ip, &desired.revision),
             log: self.layout.node_log(&name),
         };
         append_log_marker(&launch.log, &format!("starting {name}, revision {}", desired.revision));
@@ -666,6 +671,15 @@ impl Supervisor {
                 _ => None,
             })
             .collect();
+        let admins = self
+            .slots
+            .values()
+            .filter_map(|s| match s {
+                Slot::Running(n) if n.is_ready() => Some(n.addr.admin),
+                _ => None,
+            })
+            .collect();
+        self.balance.set_nodes(admins, self.desired.config.rebalance.enabled);
         if ready.len() != self.desired.replicas as usize || ready == self.printed {
             return;
         }
@@ -722,6 +736,7 @@ impl Supervisor {
             dns: self.dns.as_ref().map(|d| d.addr().to_string()),
             dns_records: self.dns.as_ref().map(|d| d.records().iter().map(IpAddr::to_string).collect()),
             nodes,
+            rebalancing: self.balance.rebalancing(),
         };
         let text = serde_json::to_string_pretty(&status).unwrap_or_default();
         if text == self.status {
@@ -753,6 +768,9 @@ struct Status {
     dns: Option<String>,
     dns_records: Option<Vec<String>>,
     nodes: Vec<NodeStatus>,
+    /// Whether the nodes are moving connections to even out (as the operator's
+    /// `status.rebalancing`); absent until two nodes are ready and answer.
+    rebalancing: Option<bool>,
 }
 
 #[derive(Serialize)]

@@ -287,8 +287,15 @@ pub fn needs_restart(started: &NodeConfig, wanted: &NodeConfig) -> bool {
 }
 
 /// The container's environment for one node, with the downward API resolved as the kubelet
-/// would: pod name, namespace and IP.
-pub fn node_env(container: &Container, node: &str, namespace: &str, ip: IpAddr) -> Vec<(String, String)> {
+/// would: pod name, namespace, IP and revision (the local rollout's, in place of the
+/// StatefulSet controller's hash).
+pub fn node_env(
+    container: &Container,
+    node: &str,
+    namespace: &str,
+    ip: IpAddr,
+    revision: &str,
+) -> Vec<(String, String)> {
     let env: &[EnvVar] = container.env.as_deref().unwrap_or_default();
     env.iter()
         .filter_map(|var| {
@@ -298,6 +305,7 @@ pub fn node_env(container: &Container, node: &str, namespace: &str, ip: IpAddr) 
                     "metadata.name" => node.to_owned(),
                     "metadata.namespace" => namespace.to_owned(),
                     "status.podIP" => ip.to_string(),
+                    crate::resources::REVISION_FIELD => revision.to_owned(),
                     other => {
                         tracing::warn!(var = %var.name, field = other, "no local value for this downward-API field");
                         return None;
@@ -399,10 +407,11 @@ mod tests {
         assert_eq!(cfg.cluster.dns_name, None);
         assert!(Addressing::SharedIp { ip: Ipv4Addr::LOCALHOST, base_port: 65534 }.node(1).is_none());
 
-        let env = node_env(&d.container, "chat-2", "default", "127.0.0.12".parse().unwrap());
+        let env = node_env(&d.container, "chat-2", "default", "127.0.0.12".parse().unwrap(), "r1");
         let env: BTreeMap<_, _> = env.into_iter().collect();
         assert_eq!(env["POD_NAME"], "chat-2");
         assert_eq!(env["POD_IP"], "127.0.0.12");
+        assert_eq!(env["CHAT_CLUSTER__REVISION"], "r1");
         assert_eq!(env["CHAT_PEER_DNS"], "chat-peers.default.svc.cluster.local");
         assert_eq!(node_args(&d.container, &layout, "chat-2"), ["--config", "/state/nodes/chat-2/node.toml"]);
     }

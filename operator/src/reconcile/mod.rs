@@ -1,6 +1,7 @@
 //! The reconcile loop: dereference → validate → build → apply → delete unwanted → status.
 
 pub mod apply;
+pub mod balance;
 pub mod dereference;
 pub mod scale;
 pub mod status;
@@ -68,6 +69,8 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// DNS domain of the Kubernetes cluster (`--cluster-domain`).
     pub cluster_domain: String,
+    /// Asks nodes about their rebalancing (none unless the operator reaches the pods).
+    pub probe: Arc<dyn balance::NodeProbe>,
 }
 
 impl Context {
@@ -80,7 +83,14 @@ impl Context {
             retry: RetryPolicy::default(),
             failures: Mutex::new(HashMap::new()),
             cluster_domain: resources::DEFAULT_CLUSTER_DOMAIN.to_owned(),
+            probe: Arc::new(balance::NoProbe),
         }
+    }
+
+    /// Asks the nodes about their rebalancing with `probe` (the operator's run loop: HTTP).
+    pub fn with_node_probe(mut self, probe: Arc<dyn balance::NodeProbe>) -> Self {
+        self.probe = probe;
+        self
     }
 
     /// The Kubernetes cluster's DNS domain, when it is not `cluster.local`.
@@ -197,11 +207,39 @@ async fn reconcile_owned(cluster: &ChatCluster, owner: &Owner, ctx: &Context) ->
     for object in apply::delete_unwanted(ctx, owner, &children, had_api).await? {
         ctx.event(cluster, EventType::Normal, "Deleted", format!("deleted {object}: no longer wanted")).await;
     }
-    let new = status::observed(cluster, &plan, &applied.statefulset, &applied.client_service, now());
+    let mut new = status::observed(cluster, &plan, &applied.statefulset, &applied.client_service, now());
     announce(ctx, cluster, &new).await;
+    let balance = watch_balance(ctx, cluster, owner, &mut new).await;
     status::write(ctx, cluster, owner, new).await?;
     let scaling_down = plan.replicas > cluster.spec.replicas;
-    Ok(Action::requeue(jittered(if scaling_down { SCALE_DOWN_RECHECK } else { RESYNC })))
+    let recheck = if scaling_down {
+        SCALE_DOWN_RECHECK
+    } else if balance.is_some_and(|b| b.rebalancing || b.may_start_soon()) {
+        balance::RECHECK
+    } else {
+        RESYNC
+    };
+    Ok(Action::requeue(jittered(recheck)))
+}
+
+/// Asks a node whether the cluster is rebalancing: sets `status.rebalancing` and announces a
+/// start or an end. Nothing is asked of a cluster of one or with rebalancing off.
+async fn watch_balance(
+    ctx: &Context,
+    cluster: &ChatCluster,
+    owner: &Owner,
+    new: &mut crate::crd::ChatClusterStatus,
+) -> Option<balance::Balance> {
+    if !cluster.spec.rebalance.enabled || new.ready_replicas < 2 {
+        new.rebalancing = None;
+        return None;
+    }
+    let balance = balance::observe(ctx.probe.as_ref(), owner, new.ready_replicas).await?;
+    if let Some((reason, note)) = balance::transition(new.rebalancing, &balance) {
+        ctx.event(cluster, EventType::Normal, reason, note).await;
+    }
+    new.rebalancing = Some(balance.rebalancing);
+    Some(balance)
 }
 
 /// Events for significant changes, found by comparing with the previous status.

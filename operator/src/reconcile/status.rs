@@ -91,6 +91,8 @@ pub fn observed(
         }),
         phase: Some(if progress.is_none() { "Running" } else { "Progressing" }.to_owned()),
         conditions,
+        // What the nodes say is added by `balance`; until then, what they said last.
+        rebalancing: old.rebalancing,
     }
 }
 

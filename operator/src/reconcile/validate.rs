@@ -250,6 +250,16 @@ pub fn render_config(cluster: &ChatCluster, peer_dns: &str) -> Result<NodeConfig
         }
         cfg.auth.rooms = spec.auth.rooms.clone();
     }
+    if cfg.rebalance != Default::default() {
+        return Err(invalid("OperatorOwnedField", "spec.config.rebalance is set by the operator: use spec.rebalance"));
+    }
+    if cfg.cluster.revision.is_some() {
+        return Err(invalid(
+            "OperatorOwnedField",
+            "spec.config.cluster.revision is set by the operator (each pod's controller-revision-hash)",
+        ));
+    }
+    cfg.rebalance = spec.rebalance.node_config();
     cfg.drain = DrainConfig {
         lb_grace_secs: spec.drain.lb_grace_seconds,
         rate_per_sec: spec.drain.rate_per_second,

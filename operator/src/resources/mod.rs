@@ -20,7 +20,7 @@ pub use configmap::{CONFIG_KEY, assets, config, files as config_map_files};
 pub use pdb::pdb;
 pub use secret::{PEER_KEY, peer_secret};
 pub use service::{api_service, client_service, peer_service};
-pub use statefulset::statefulset;
+pub use statefulset::{REVISION_FIELD, statefulset};
 
 /// The one field manager for every server-side apply of the operator.
 pub const FIELD_MANAGER: &str = "chat-operator";

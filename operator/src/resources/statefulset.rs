@@ -176,6 +176,8 @@ fn container(cluster: &ChatCluster, plan: &Plan) -> Container {
             field_env("POD_NAME", "metadata.name"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
             field_env("POD_IP", "status.podIP"),
+            // Nodes on different revisions are mid-rollout: they hold off rebalancing.
+            field_env("CHAT_CLUSTER__REVISION", REVISION_FIELD),
             EnvVar { name: "CHAT_PEER_DNS".to_owned(), value: Some(plan.owner.peer_dns()), ..EnvVar::default() },
         ]),
         // Starting can take a while with disk storage (the room logs are read back); the
@@ -285,6 +287,9 @@ fn port(name: &str, number: i32) -> ContainerPort {
         ..ContainerPort::default()
     }
 }
+
+/// The pod's StatefulSet revision, set by the StatefulSet controller on every pod it creates.
+pub const REVISION_FIELD: &str = "metadata.labels['controller-revision-hash']";
 
 fn field_env(name: &str, path: &str) -> EnvVar {
     EnvVar {

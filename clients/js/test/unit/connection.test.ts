@@ -74,6 +74,26 @@ test("4000 (node draining): reconnect at once with 0–1 s jitter, whatever the 
   assert.equal(await nextDelay(h, 4000), 0.999 * 1000);
 });
 
+test("4000 rebalance: a planned move that resumes the session at once, with no error", async (t) => {
+  const h = harness(t);
+  await h.connect();
+  h.setRandom(0.5);
+  h.socket.serverClose(4000, "rebalance");
+  await flush();
+  const reconnecting = h.of("reconnecting").at(-1);
+  assert.deepEqual(reconnecting, { attempt: 1, delayMs: 500, moving: true, reason: "rebalance" });
+  assert.equal(h.of("disconnected").at(-1)?.willReconnect, true);
+  h.tick(500);
+  await flush();
+  assert.equal(h.sockets.length, 2);
+  assert.equal(h.socket.query("session"), "s1", "resumes the moved session");
+  assert.equal(h.of("error").length, 0, "a move is not an error");
+  // A failure is not a move.
+  h.socket.serverClose(1011, "boom");
+  await flush();
+  assert.equal(h.of("reconnecting").at(-1)?.moving, false);
+});
+
 test("1000: no reconnect", async (t) => {
   const h = harness(t);
   await h.connect();

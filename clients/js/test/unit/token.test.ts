@@ -29,7 +29,7 @@ test("reconnects with a fresh token a minute before exp, resuming the session", 
   assert.equal(h.socket.query("token"), second);
   assert.equal(h.socket.query("session"), "s1");
   assert.deepEqual(h.of("disconnected"), [{ code: 1000, reason: "token refresh", willReconnect: true }]);
-  assert.deepEqual(h.of("reconnecting"), [{ attempt: 1, delayMs: 0 }]);
+  assert.deepEqual(h.of("reconnecting"), [{ attempt: 1, delayMs: 0, moving: false, reason: "token refresh" }]);
 });
 
 test("a short-lived token is refreshed halfway through its lifetime", async (t) => {
