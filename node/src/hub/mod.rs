@@ -32,6 +32,8 @@ pub(crate) fn unix_millis() -> u64 {
 pub enum Refusal {
     #[error("the node is draining; connect to another node")]
     Draining,
+    #[error("the node is starting and not caught up with the cluster yet; connect to another node")]
+    Starting,
     #[error("the node holds its maximum number of connections")]
     Full,
     #[error("this user holds its maximum of {0} connections on this node")]
@@ -44,6 +46,7 @@ impl Refusal {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Draining => "draining",
+            Self::Starting => "starting",
             Self::Full => "too_many_connections",
             Self::UserFull(_) => "too_many_connections_for_user",
             Self::AddressFull(_) => "too_many_connections_from_address",
@@ -54,7 +57,7 @@ impl Refusal {
     /// enough connections (429).
     pub fn http_status(&self) -> u16 {
         match self {
-            Self::Draining | Self::Full => 503,
+            Self::Draining | Self::Starting | Self::Full => 503,
             Self::UserFull(_) | Self::AddressFull(_) => 429,
         }
     }
@@ -98,6 +101,10 @@ pub struct Hub {
     open: AtomicUsize,
     clients: Mutex<ClientCounts>,
     draining: AtomicBool,
+    /// Set once the node was ready: before that it is catching up with the cluster (its rooms'
+    /// streams and the session records arrive), and a client let in then would be replayed what
+    /// it already has, or not find its session.
+    started: AtomicBool,
     /// Orders and stores the rooms' streams: at once alone, through Raft in a cluster.
     log: Arc<dyn RoomLog>,
     sessions: Sessions,
@@ -170,6 +177,7 @@ impl Hub {
             open: AtomicUsize::new(0),
             clients: Mutex::default(),
             draining: AtomicBool::new(false),
+            started: AtomicBool::new(false),
             log: log.unwrap_or_else(|| Arc::new(LocalLog::default())),
             sessions: Sessions::default(),
             boot: crate::random::random(),
@@ -213,6 +221,12 @@ impl Hub {
     pub fn admit(self: &Arc<Self>, address: Option<std::net::IpAddr>) -> Result<Permit, Refusal> {
         if self.is_draining() {
             return Err(Refusal::Draining);
+        }
+        if !self.started.load(Ordering::Acquire) {
+            if !self.is_ready() {
+                return Err(Refusal::Starting);
+            }
+            self.started.store(true, Ordering::Release);
         }
         let max = self.config.limits.max_connections;
         self.open

@@ -569,3 +569,42 @@ async fn a_shed_connection_resumes_exactly_and_is_never_shed_again() {
     }
     assert_eq!(hub.metrics().rebalance_shed.get(), 3, "every close sent is counted");
 }
+
+/// A log that is not ready until told (a cluster node catching up), else a node on its own.
+#[derive(Default)]
+struct CatchingUp {
+    local: super::log::LocalLog,
+    ready: std::sync::atomic::AtomicBool,
+}
+
+impl super::log::RoomLog for CatchingUp {
+    fn attach(&self, hub: std::sync::Weak<Hub>) {
+        self.local.attach(hub);
+    }
+
+    fn publish(&self, command: super::log::Command, reply: super::log::Reply) -> Option<crate::transport::Frame> {
+        self.local.publish(command, reply)
+    }
+
+    fn open(&self, room: &str) {
+        self.local.open(room);
+    }
+
+    fn ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+#[tokio::test]
+async fn a_node_lets_clients_in_only_once_it_was_ready() {
+    let log = Arc::new(CatchingUp::default());
+    let hub = Hub::new("test-node".into(), config(), Arc::new(Metrics::new()), Some(log.clone() as _)).unwrap();
+    let refused = hub.admit(None).err();
+    assert_eq!(refused, Some(super::Refusal::Starting));
+    assert_eq!(refused.map(|r| r.http_status()), Some(503));
+    log.ready.store(true, std::sync::atomic::Ordering::Release);
+    let _ann = connect(&hub, "ann").await;
+    // Later losses of readiness (quorum, a partition) keep the node open to its clients.
+    log.ready.store(false, std::sync::atomic::Ordering::Release);
+    assert!(hub.admit(None).is_ok());
+}
