@@ -60,6 +60,8 @@ pub struct Observation {
     /// The cluster's intended size (`cluster.size`).
     pub size: usize,
     pub own: NodeLoad,
+    /// This node's connections that may move (old enough, never moved, not closing).
+    pub movable: u64,
     /// The peers whose reports are fresh.
     pub peers: Vec<NodeLoad>,
 }
@@ -110,8 +112,11 @@ pub enum Hold {
     Changing,
     /// A round of shedding ended moments ago; the moved clients are still arriving.
     Cooldown,
-    /// This node is within tolerance of the mean.
+    /// Every node is within the tolerance, or this one is at or below the mean.
     Balanced,
+    /// This node is above the mean, but every connection it holds is too young or was moved
+    /// here before: nothing may move.
+    NothingToMove,
 }
 
 /// What the node should do now.
@@ -252,6 +257,9 @@ impl Planner {
         if even || own <= target {
             return Some(Hold::Balanced);
         }
+        if obs.movable == 0 {
+            return Some(Hold::NothingToMove);
+        }
         tracing::info!(
             connections = own,
             mean = format!("{mean:.1}"),
@@ -352,6 +360,7 @@ pub async fn run(hub: Arc<crate::hub::Hub>, source: Arc<dyn LoadSource>) {
             now,
             size: source.size(),
             own: NodeLoad { node: hub.node_id().to_owned(), report: hub.load_report() },
+            movable: hub.movable_connections(min_age) as u64,
             peers: source.peer_loads(now),
         };
         let was_shedding = planner.shedding();

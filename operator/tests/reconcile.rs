@@ -668,6 +668,25 @@ async fn a_rebalance_is_announced_when_it_starts_and_when_it_ends() {
     assert_eq!(stored(&fake, "demo").status.unwrap().rebalancing, None);
 }
 
+#[tokio::test]
+async fn turning_rebalancing_off_mid_rebalance_announces_its_end() {
+    let (fake, ctx) = setup(minimal("demo"));
+    let probe = Arc::new(ScriptedProbe::default());
+    let mut with_probe =
+        Context::new(fake.client(), ctx.metrics.clone(), None).with_node_probe(probe.clone() as Arc<_>);
+    with_probe.retry = ctx.retry;
+    let ctx = Arc::new(with_probe);
+    run(&fake, &ctx, "demo").await.unwrap();
+    fake.settle_statefulset(NAMESPACE, "demo");
+    *probe.answer.lock().unwrap() = Some(balance(true, false, None));
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert!(fake.events().contains(&("Normal".into(), "RebalanceStarted".into())));
+    fake.edit::<ChatCluster>(NAMESPACE, "demo", |c| c["spec"]["rebalance"] = json!({"enabled": false}));
+    run(&fake, &ctx, "demo").await.unwrap();
+    assert!(fake.events().contains(&("Normal".into(), "RebalanceFinished".into())), "{:?}", fake.events());
+    assert_eq!(stored(&fake, "demo").status.unwrap().rebalancing, None);
+}
+
 /// The delay of a requeue (`Action` shows it only through `Debug`).
 fn action_delay(action: &kube::runtime::controller::Action) -> std::time::Duration {
     let text = format!("{action:?}");

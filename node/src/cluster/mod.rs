@@ -57,8 +57,12 @@ impl Link {
         if self.queued.load(Ordering::Acquire) >= MAX_QUEUED_FRAMES {
             return false;
         }
+        // Counted before it can be written, so the writer's decrement never runs first.
+        self.queued.fetch_add(1, Ordering::AcqRel);
         let queued = self.outbound.send(text).is_ok();
-        self.queued.fetch_add(usize::from(queued), Ordering::AcqRel);
+        if !queued {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
         queued
     }
 }
@@ -273,7 +277,10 @@ impl Cluster {
             .links
             .iter()
             .map(|(id, l)| {
-                let target = l.written.load(Ordering::Acquire) + l.queued.load(Ordering::Acquire) as u64;
+                // `queued` first: a batch written between the two loads then counts twice
+                // (a later target, a little more waiting), never zero times.
+                let queued = l.queued.load(Ordering::Acquire) as u64;
+                let target = l.written.load(Ordering::Acquire) + queued;
                 (id.clone(), l.generation, l.written.clone(), target)
             })
             .collect();

@@ -343,10 +343,11 @@ pub struct RebalanceConfig {
     #[schemars(range(min = 1))]
     pub connections_per_sec: u32,
     /// Connections younger than this are never shed, so a client does not bounce between nodes.
+    #[schemars(range(max = 86400))]
     pub min_connection_age_secs: u64,
     /// Seconds a node waits after a round of shedding (so the moved clients reconnect and every
     /// node reports its new count) and, doubled, after the cluster's membership changed.
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 3600))]
     pub cooldown_secs: u64,
 }
 
@@ -656,8 +657,15 @@ impl NodeConfig {
                 format!("must be greater than limits.ping_interval_secs ({})", l.ping_interval_secs),
             ));
         }
-        if self.rebalance.tolerance_percent > 1000 {
-            return Err(invalid("rebalance.tolerance_percent", "must be at most 1000"));
+        let r = &self.rebalance;
+        for (field, value, max) in [
+            ("rebalance.tolerance_percent", u64::from(r.tolerance_percent), 1000),
+            ("rebalance.cooldown_secs", r.cooldown_secs, 3600),
+            ("rebalance.min_connection_age_secs", r.min_connection_age_secs, 86_400),
+        ] {
+            if value > max {
+                return Err(invalid(field, format!("must be at most {max}")));
+            }
         }
         if self.history.size > 100_000 {
             return Err(invalid("history.size", "must be at most 100000"));

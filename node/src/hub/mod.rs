@@ -112,6 +112,9 @@ pub struct Hub {
     boot: u64,
     next_key: AtomicU64,
     balance: crate::rebalance::Status,
+    /// Connections asked to close for a rebalance and not gone yet (they finish their writes
+    /// and the close handshake first): the planner does not count them as staying.
+    leaving: AtomicUsize,
 }
 
 /// An open connection, as the hub knows it.
@@ -183,6 +186,7 @@ impl Hub {
             boot: crate::random::random(),
             next_key: AtomicU64::new(1),
             balance: crate::rebalance::Status::default(),
+            leaving: AtomicUsize::new(0),
         });
         hub.log.attach(Arc::downgrade(&hub));
         Ok(hub)
@@ -480,7 +484,19 @@ impl Hub {
     }
 
     fn unregister(&self, id: u64) {
-        self.connections().remove(&id);
+        let gone = self.connections().remove(&id);
+        if gone.is_some_and(|c| c.signal.close_cause() == outbox::CloseCause::Rebalance) {
+            self.leaving.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    fn movable(c: &Registered, min_age: Duration) -> bool {
+        !c.moved && c.opened.elapsed() >= min_age && c.signal.close_requested().is_none()
+    }
+
+    /// Connections that [`Hub::shed`] could move now.
+    pub fn movable_connections(&self, min_age: Duration) -> usize {
+        self.connections().values().filter(|c| Self::movable(c, min_age)).count()
     }
 
     /// Moves up to `count` connections off this node (close code 4000, reason `rebalance`):
@@ -489,20 +505,21 @@ impl Hub {
     /// Returns how many were asked to close.
     pub fn shed(&self, count: usize, min_age: Duration) -> usize {
         let connections = self.connections();
-        let eligible = connections
-            .values()
-            .filter(|c| !c.moved && c.opened.elapsed() >= min_age && c.signal.close_requested().is_none());
+        let eligible = connections.values().filter(|c| Self::movable(c, min_age));
         // Map order is arbitrary per process: the connections shed are a spread of them.
-        eligible
+        let asked = eligible
             .take(count)
             .filter(|c| c.signal.close_for(crate::protocol::close::RECONNECT_ELSEWHERE, outbox::CloseCause::Rebalance))
-            .count()
+            .count();
+        self.leaving.fetch_add(asked, Ordering::AcqRel);
+        asked
     }
 
     /// What this node tells its peers about its load.
     pub fn load_report(&self) -> crate::rebalance::LoadReport {
         crate::rebalance::LoadReport {
-            connections: self.open_connections() as u64,
+            // Those on their way out already count where they land.
+            connections: self.open_connections().saturating_sub(self.leaving.load(Ordering::Acquire)) as u64,
             revision: self.config.cluster.revision.clone().unwrap_or_default(),
             ready: self.is_ready(),
             rebalancing: self.balance.rebalancing(),

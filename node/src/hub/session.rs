@@ -175,6 +175,9 @@ impl Session<'_> {
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_seen = Instant::now();
         let mut outgoing = Vec::new();
+        // The close was asked for from outside (drain, rebalance, the server API), not caused
+        // by this connection (idle, limits, protocol errors).
+        let mut asked_to_close = false;
         loop {
             let end = tokio::select! {
                 inbound = conn.recv() => {
@@ -201,7 +204,10 @@ impl Session<'_> {
                 }
                 wake = inbox.wait(&mut outgoing, FORWARD_BATCH) => match wake {
                     Wake::Frames => self.write(conn, &mut outgoing).await.err().map(End::Gone),
-                    Wake::Close(code) => Some(End::Close(code)),
+                    Wake::Close(code) => {
+                        asked_to_close = true;
+                        Some(End::Close(code))
+                    }
                 },
                 _ = heartbeat.tick() => {
                     if last_seen.elapsed() >= idle_timeout {
@@ -220,7 +226,7 @@ impl Session<'_> {
                 None => continue,
                 Some(End::Gone(code)) => return code,
                 Some(End::Close(code)) => {
-                    let rebalanced = self.outbox.signal().close_cause() == CloseCause::Rebalance;
+                    let rebalanced = asked_to_close && self.outbox.signal().close_cause() == CloseCause::Rebalance;
                     self.moved |= rebalanced;
                     // Leaving first fixes each room's position: everything up to it is queued
                     // already, and goes out before the close.

@@ -145,23 +145,25 @@ impl Sim {
                 (self.now - at < REPORT_STALE).then(|| NodeLoad { node: self.nodes[j].name.clone(), report })
             })
             .collect();
+        let movable = self.clients.iter().filter(|c| self.may_move(c, i)).count() as u64;
         Observation {
             now: self.now,
             size: self.size,
             own: NodeLoad { node: self.nodes[i].name.clone(), report: self.report(i) },
+            movable,
             peers,
         }
+    }
+
+    fn may_move(&self, client: &Client, node: usize) -> bool {
+        client.node == Some(node) && !client.moved && self.now - client.since >= self.min_age
     }
 
     /// Closes up to `asked` eligible clients of node `i`, chosen at random, as `Hub::shed` does.
     fn shed(&mut self, i: usize, asked: usize) -> usize {
         let now = self.now;
-        let mut eligible: Vec<usize> = (0..self.clients.len())
-            .filter(|&c| {
-                let client = &self.clients[c];
-                client.node == Some(i) && !client.moved && now - client.since >= self.min_age
-            })
-            .collect();
+        let mut eligible: Vec<usize> =
+            (0..self.clients.len()).filter(|&c| self.may_move(&self.clients[c], i)).collect();
         let mut closed = 0;
         while closed < asked && !eligible.is_empty() {
             let pick = eligible.swap_remove(self.rng.random_range(0..eligible.len()));
@@ -368,6 +370,7 @@ fn only_a_node_beyond_the_tolerance_sheds_and_only_down_to_the_mean() {
         now: at,
         size: 3,
         own: load("a", own),
+        movable: own,
         peers: vec![load("b", others[0]), load("c", others[1])],
     };
     // The same counts for a while: the membership settled and the total is steady.
@@ -446,11 +449,39 @@ fn clients_pouring_in_are_not_taken_for_an_excess() {
 }
 
 #[test]
+fn a_node_with_nothing_it_may_move_holds_without_empty_rounds() {
+    let start = Instant::now();
+    let mut planner = Planner::new(config(), start);
+    let mut at = start;
+    let mut steps = Vec::new();
+    // 130 against a mean of 110 for a minute, every connection young or moved here before.
+    while at < start + Duration::from_secs(60) {
+        let obs = Observation {
+            now: at,
+            size: 3,
+            own: load("a", 130),
+            movable: 0,
+            peers: vec![load("b", 100), load("c", 100)],
+        };
+        steps.push(planner.step(&obs));
+        assert!(!planner.rebalancing(at), "an empty round reads as a rebalance");
+        at += STEP_EVERY;
+    }
+    assert_eq!(steps.last(), Some(&Step::Hold(Hold::NothingToMove)));
+    assert!(steps.iter().all(|s| !matches!(s, Step::Shed(_))));
+}
+
+#[test]
 fn a_disabled_planner_holds() {
     let now = Instant::now();
     let mut planner = Planner::new(RebalanceConfig { enabled: false, ..config() }, now);
-    let obs =
-        Observation { now: now + Duration::from_secs(60), size: 2, own: load("a", 100), peers: vec![load("b", 0)] };
+    let obs = Observation {
+        now: now + Duration::from_secs(60),
+        size: 2,
+        own: load("a", 100),
+        movable: 100,
+        peers: vec![load("b", 0)],
+    };
     assert_eq!(planner.step(&obs), Step::Hold(Hold::Disabled));
     assert!((obs.spread_percent() - 100.0).abs() < 1e-9);
 }

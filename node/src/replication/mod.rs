@@ -334,7 +334,10 @@ impl ReplicatedLog {
     }
 
     fn send_sessions(&self) {
-        let sessions = std::mem::take(&mut *lock(&self.sessions_out));
+        // Held while the records are queued too: a caller that then waits for the links'
+        // writes (`send_sessions_now`) must not find them taken by the tick but not yet queued.
+        let mut out = lock(&self.sessions_out);
+        let sessions = std::mem::take(&mut *out);
         self.metrics.session_records_sent.inc_by(sessions.len() as u64);
         for session in sessions.into_values() {
             self.cluster.broadcast(ReplicaFrame::Session { session }.encode());

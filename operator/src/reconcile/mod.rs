@@ -231,6 +231,14 @@ async fn watch_balance(
     new: &mut crate::crd::ChatClusterStatus,
 ) -> Option<balance::Balance> {
     if !cluster.spec.rebalance.enabled || new.ready_replicas < 2 {
+        if new.rebalancing == Some(true) {
+            let why = if cluster.spec.rebalance.enabled {
+                "fewer than two nodes are ready"
+            } else {
+                "spec.rebalance.enabled is false"
+            };
+            ctx.event(cluster, EventType::Normal, "RebalanceFinished", format!("no longer watched: {why}")).await;
+        }
         new.rebalancing = None;
         return None;
     }
