@@ -610,6 +610,15 @@ impl chat_operator::reconcile::balance::NodeProbe for ScriptedProbe {
     }
 }
 
+/// `ctx` with a [`ScriptedProbe`] asking the nodes.
+fn with_scripted_probe(fake: &FakeApi, ctx: &Arc<Context>) -> (Arc<ScriptedProbe>, Arc<Context>) {
+    let probe = Arc::new(ScriptedProbe::default());
+    let mut with_probe =
+        Context::new(fake.client(), ctx.metrics.clone(), None).with_node_probe(probe.clone() as Arc<_>);
+    with_probe.retry = ctx.retry;
+    (probe, Arc::new(with_probe))
+}
+
 fn balance(rebalancing: bool, even: bool, hold: Option<&str>) -> chat_operator::reconcile::balance::Balance {
     chat_operator::reconcile::balance::Balance {
         rebalancing,
@@ -623,11 +632,7 @@ fn balance(rebalancing: bool, even: bool, hold: Option<&str>) -> chat_operator::
 #[tokio::test]
 async fn a_rebalance_is_announced_when_it_starts_and_when_it_ends() {
     let (fake, ctx) = setup(minimal("demo"));
-    let probe = Arc::new(ScriptedProbe::default());
-    let mut with_probe =
-        Context::new(fake.client(), ctx.metrics.clone(), None).with_node_probe(probe.clone() as Arc<_>);
-    with_probe.retry = ctx.retry;
-    let ctx = Arc::new(with_probe);
+    let (probe, ctx) = with_scripted_probe(&fake, &ctx);
     let reconcile_once = async || {
         let cluster = fake.get::<ChatCluster>(NAMESPACE, "demo").unwrap();
         reconcile(Arc::new(cluster), ctx.clone()).await.unwrap()
@@ -671,11 +676,7 @@ async fn a_rebalance_is_announced_when_it_starts_and_when_it_ends() {
 #[tokio::test]
 async fn turning_rebalancing_off_mid_rebalance_announces_its_end() {
     let (fake, ctx) = setup(minimal("demo"));
-    let probe = Arc::new(ScriptedProbe::default());
-    let mut with_probe =
-        Context::new(fake.client(), ctx.metrics.clone(), None).with_node_probe(probe.clone() as Arc<_>);
-    with_probe.retry = ctx.retry;
-    let ctx = Arc::new(with_probe);
+    let (probe, ctx) = with_scripted_probe(&fake, &ctx);
     run(&fake, &ctx, "demo").await.unwrap();
     fake.settle_statefulset(NAMESPACE, "demo");
     *probe.answer.lock().unwrap() = Some(balance(true, false, None));
